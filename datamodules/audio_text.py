@@ -1,0 +1,76 @@
+"""Speech/audio-text shards: ``.flac``/``.wav`` + ``.txt`` + ``.json`` (onsets, voice, ...)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+
+from .base import StreamingDataModule
+from .image_text import read_json
+
+AUDIO_EXTS = ("flac", "wav")
+
+
+def decode_audio_bytes(data: bytes, sample_rate: int) -> torch.Tensor:
+    """Mono float32 waveform at ``sample_rate`` (polyphase resampling when the file differs)."""
+    import soundfile as sf
+
+    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if sr != sample_rate:
+        from math import gcd
+
+        from scipy.signal import resample_poly
+
+        g = gcd(sr, sample_rate)
+        wave = resample_poly(wave, sample_rate // g, sr // g).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(wave))
+
+
+class AudioTextDataModule(StreamingDataModule):
+    """Batches: ``audio`` (B,T) zero-padded, ``audio_lengths`` (B,), ``text`` list, ``tokens`` when a
+    tokenizer is linked, ``key``, ``meta``.
+
+    Bad clips (empty, silent, non-finite, longer than ``max_seconds``, unreadable) are skipped
+    and counted like any corrupt sample.
+
+    Args:
+        sample_rate: Rate every clip is resampled to.
+        max_seconds: Longest clip accepted.
+        silence_threshold: Peak amplitude under which a clip counts as silent.
+        **kwargs: See ``StreamingDataModule``.
+    """
+
+    required = (AUDIO_EXTS, ("txt",))
+
+    def __init__(self, *args, sample_rate: int = 16000, max_seconds: float = 10.0,
+                 silence_threshold: float = 1e-4, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sample_rate, self.max_seconds, self.silence_threshold = sample_rate, max_seconds, silence_threshold
+
+    def decode(self, sample: dict, train: bool) -> dict:
+        from mmalign.speech.features import check_clip
+
+        data = next((sample[e] for e in AUDIO_EXTS if e in sample), None)
+        if data is None:
+            raise KeyError("no .flac/.wav member")
+        wave = decode_audio_bytes(data, self.sample_rate)
+        check_clip(wave, self.sample_rate, self.max_seconds, self.silence_threshold)
+        text = sample["txt"].decode("utf-8").strip()
+        if not text:
+            raise ValueError("empty transcript")
+        return {"audio": wave, "text": text, "key": sample["__key__"], "meta": read_json(sample)}
+
+    def collate(self, samples: list[dict]) -> dict:
+        lengths = torch.tensor([len(s["audio"]) for s in samples], dtype=torch.long)
+        audio = torch.zeros(len(samples), int(lengths.max()))
+        for i, s in enumerate(samples):
+            audio[i, : len(s["audio"])] = s["audio"]
+        texts = [s["text"] for s in samples]
+        batch = {"audio": audio, "audio_lengths": lengths, "text": texts,
+                 "key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples]}
+        if self.preprocess.tokenizer is not None:
+            batch["tokens"] = self.preprocess.tokenizer(texts)
+        return batch

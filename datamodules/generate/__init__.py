@@ -1,0 +1,127 @@
+"""Built-in datasets that mmalign writes itself, so every workflow runs with no download.
+
+``generate_dataset(name, root, **kwargs)`` writes ``root/<split>/shard-XXXXXX.tar`` plus a
+``sizes.json`` per split, ``root/classes*.json`` (class names and prompt templates for zero-shot)
+and ``root/info.json``. It writes into a temporary sibling folder and renames it into place, so
+an interrupted generation never leaves a half dataset that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "info.json"
+
+
+def _shapes(root: str, **kw):
+    from .shapes import generate
+
+    return generate(root, **kw)
+
+
+def _digits(root: str, **kw):
+    from .digits import generate
+
+    return generate(root, **kw)
+
+
+GENERATORS: dict[str, Callable[..., dict]] = {"shapes": _shapes, "digits": _digits}
+
+
+def write_split(out_dir: str, samples: Iterable[dict], shard_size: int) -> int:
+    """Write ``samples`` (dicts with ``__key__`` and ext -> bytes/str) as tar shards; returns the count."""
+    from webdataset import TarWriter
+
+    os.makedirs(out_dir, exist_ok=True)
+    sizes: dict[str, int] = {}
+    writer, name, n = None, None, 0
+    for i, sample in enumerate(samples):
+        if i % shard_size == 0:
+            if writer is not None:
+                writer.close()
+            name = f"shard-{i // shard_size:06d}.tar"
+            writer = TarWriter(os.path.join(out_dir, name))
+            sizes[name] = 0
+        writer.write(sample)
+        sizes[name] += 1
+        n += 1
+    if writer is not None:
+        writer.close()
+    with open(os.path.join(out_dir, "sizes.json"), "w") as f:
+        json.dump(sizes, f, indent=1)
+    return n
+
+
+def is_complete(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, INFO_FILE))
+
+
+def generate_dataset(name: str, root: str, **kwargs) -> dict:
+    """Create dataset ``name`` under ``root`` unless it is already there; returns its info."""
+    if name not in GENERATORS:
+        raise ValueError(f"unknown built-in dataset '{name}'; choose one of {sorted(GENERATORS)}.")
+    root = os.path.normpath(root)
+    if is_complete(root):
+        with open(os.path.join(root, INFO_FILE)) as f:
+            info = json.load(f)
+        if info.get("dataset") != name:
+            raise ValueError(f"'{root}' already holds dataset '{info.get('dataset')}', not '{name}'.")
+        return info
+    if os.path.exists(root) and os.listdir(root):
+        raise FileExistsError(f"'{root}' exists but holds no complete generated dataset ({INFO_FILE} missing). "
+                              "Remove it (an earlier generation was interrupted) or point the shards elsewhere.")
+    parent = os.path.dirname(root) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}-", dir=parent)
+    log.warning("generating built-in dataset '%s' into %s (first use; this happens once)", name, root)
+    try:
+        info = GENERATORS[name](tmp, **kwargs)
+        info = {"dataset": name, **info}
+        with open(os.path.join(tmp, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        if os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not is_complete(root):  # another node won the race only if it finished
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.warning("generated '%s' at %s: %s", name, root, {k: v for k, v in info.items() if k == "splits"})
+    return info
+
+
+def encode_image(img, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        img.save(buf, format="JPEG", quality=95)
+    else:
+        img.save(buf, format=fmt.upper())
+    return buf.getvalue()
+
+
+def write_class_spec(root: str, name: str, classnames: list[str], templates: list[str]) -> None:
+    with open(os.path.join(root, name), "w") as f:
+        json.dump({"classnames": classnames, "templates": templates}, f, indent=1)
+
+
+def chunks(it: Iterable, n: int) -> Iterator[list]:
+    buf: list = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf

@@ -1,0 +1,74 @@
+"""Image classification shards: an image plus its label in ``.cls`` or in a ``.json`` field."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .image_text import IMAGE_EXTS, find_image, read_json
+from .shards import ShardIndex, decode_image_bytes
+from .stream import DataConfigError
+from .base import StreamingDataModule
+from .transforms import default_image_transform
+
+
+class ImageLabelDataModule(StreamingDataModule):
+    """Batches: ``image`` (B,3,H,W), ``label`` (B,) long, ``key``, ``meta``.
+
+    Args:
+        label_key: ``cls`` to read ``.cls``, or the name of a field of the ``.json``.
+        num_classes: When set, every label is checked against ``[0, num_classes)`` — at set-up for
+            indexed local shards, else when a sample is decoded; normally linked from the model.
+        image_size: Side of the default transform's output when the model supplies none.
+        **kwargs: See ``StreamingDataModule``.
+    """
+
+    index_read = ("cls", "json")
+
+    def __init__(self, *args, label_key: str = "cls", num_classes: int | None = None, image_size: int = 64,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.label_key, self.num_classes, self.image_size = label_key, num_classes, image_size
+        self.required = (IMAGE_EXTS, ("cls",) if label_key == "cls" else ("json",))
+
+    def _label(self, cls_text: str | None, meta_text: str | None, where: str) -> int:
+        if self.label_key == "cls":
+            if cls_text is None:
+                raise KeyError("no .cls member")
+            value = cls_text.strip()
+        else:
+            meta = json.loads(meta_text) if meta_text else {}
+            if self.label_key not in meta:
+                raise KeyError(f"json has no field '{self.label_key}'")
+            value = meta[self.label_key]
+        label = int(value)
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            raise DataConfigError(f"{where}: label {label} is outside [0, {self.num_classes}). Set num_classes "
+                                  f"to cover the data (labels run 0..C-1) or fix label_key ('{self.label_key}').")
+        return label
+
+    def check_index(self, index: ShardIndex) -> None:
+        for key, members in index.texts.items():
+            if self.label_key == "cls" and "cls" not in members:
+                continue  # a sample without label is skipped (and counted) when streamed
+            try:
+                self._label(members.get("cls"), members.get("json"), f"{index.url}:{key}")
+            except DataConfigError:
+                raise
+            except (KeyError, ValueError):
+                continue
+
+    def decode(self, sample: dict, train: bool) -> dict:
+        chosen = self.preprocess.train_transform if train else self.preprocess.eval_transform
+        transform = chosen or default_image_transform(self.image_size, train)
+        image = transform(decode_image_bytes(find_image(sample)))
+        cls_text = sample["cls"].decode("utf-8") if "cls" in sample else None
+        meta = read_json(sample)
+        label = self._label(cls_text, json.dumps(meta) if meta else None, f"{sample['__url__']}:{sample['__key__']}")
+        return {"image": image, "label": label, "key": sample["__key__"], "meta": meta}
+
+    def collate(self, samples: list[dict]) -> dict:
+        return {"image": torch.stack([s["image"] for s in samples]),
+                "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+                "key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples]}

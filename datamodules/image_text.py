@@ -1,0 +1,70 @@
+"""Image-text pairs in the img2dataset layout: ``.jpg``/``.png``/``.webp`` + ``.txt`` (+ ``.json``)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from .base import StreamingDataModule
+from .shards import decode_image_bytes
+from .transforms import default_image_transform
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def find_image(sample: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"no image member ({'/'.join(IMAGE_EXTS)}); members: {sorted(k for k in sample if not k.startswith('__'))}")
+
+
+def read_json(sample: dict) -> dict:
+    return json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
+
+
+class ImageTextDataModule(StreamingDataModule):
+    """Image-caption pairs. Batches: ``image`` (B,3,H,W), ``text`` (list[str]), ``tokens`` (B,L) when
+    a tokenizer is linked, ``key``, ``meta`` (parsed json or {}).
+
+    Args:
+        image_size: Side of the default transform's output when the model supplies none.
+        caption_key: Member holding the caption (``txt``) or ``json:<field>`` to take it from the json.
+        **kwargs: See ``StreamingDataModule``.
+    """
+
+    required = (IMAGE_EXTS, ("txt",))
+
+    def __init__(self, *args, image_size: int = 64, caption_key: str = "txt", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_size, self.caption_key = image_size, caption_key
+        if caption_key != "txt":
+            if not caption_key.startswith("json:"):
+                raise ValueError(f"caption_key must be 'txt' or 'json:<field>', got {caption_key!r}.")
+            self.required = (IMAGE_EXTS, ("json",))
+
+    def _transform(self, train: bool):
+        chosen = self.preprocess.train_transform if train else self.preprocess.eval_transform
+        if chosen is None:
+            chosen = default_image_transform(self.image_size, train)
+        return chosen
+
+    def decode(self, sample: dict, train: bool) -> dict:
+        image = self._transform(train)(decode_image_bytes(find_image(sample)))
+        meta = read_json(sample)
+        if self.caption_key == "txt":
+            text = sample["txt"].decode("utf-8").strip()
+        else:
+            text = str(meta[self.caption_key[5:]]).strip()
+        if not text:
+            raise ValueError("empty caption")
+        return {"image": image, "text": text, "key": sample["__key__"], "meta": meta}
+
+    def collate(self, samples: list[dict]) -> dict:
+        texts = [s["text"] for s in samples]
+        batch = {"image": torch.stack([s["image"] for s in samples]), "text": texts,
+                 "key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples]}
+        if self.preprocess.tokenizer is not None:
+            batch["tokens"] = self.preprocess.tokenizer(texts)
+        return batch

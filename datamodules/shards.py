@@ -1,0 +1,158 @@
+"""Finding, checking and reading webdataset shards.
+
+A shard spec may be a brace pattern (``data/train-{000..009}.tar``), a list of specs, a directory
+(every ``*.tar`` in it, sorted), a glob, a ``pipe:`` command or several specs joined with ``::``
+(webdataset's convention). Local shards are indexed once at set-up: sample counts, which members
+each sample carries and, on request, the small text members (labels). That index is what lets the
+stream hand every rank the same number of batches and lets bad configs fail before training.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import braceexpand
+
+SIZES_FILE = "sizes.json"  # webdataset/img2dataset-style {shard basename: sample count}
+
+
+class ShardError(ValueError):
+    """A shard spec or shard content that cannot be used; the message says what to change."""
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_shards(spec: str | Sequence[str] | None, what: str = "shards") -> list[str]:
+    """Turn a shard spec into an explicit list of shard URLs, checking that local files exist."""
+    if spec is None or (isinstance(spec, (list, tuple)) and len(spec) == 0) or spec == "":
+        raise ShardError(f"{what}: the shard list is empty. Set it to a directory, a brace pattern "
+                         "like 'data/train-{000000..000009}.tar', a list of paths or a 'pipe:' command.")
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    missing: list[str] = []
+    for item in specs:
+        for part in str(item).split("::"):
+            if _is_remote(part):
+                urls.append(part)
+                continue
+            for path in braceexpand.braceexpand(os.path.expanduser(part)):
+                if os.path.isdir(path):
+                    found = sorted(glob.glob(os.path.join(path, "*.tar")))
+                    if not found:
+                        raise ShardError(f"{what}: directory '{path}' holds no *.tar shards.")
+                    urls.extend(found)
+                elif any(c in path for c in "*?["):
+                    found = sorted(glob.glob(path))
+                    if not found:
+                        missing.append(path)
+                    urls.extend(found)
+                elif os.path.isfile(path):
+                    urls.append(path)
+                else:
+                    missing.append(path)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ShardError(f"{what}: {len(missing)} shard path(s) do not exist: {shown}. Check the path "
+                         "and brace range, or enable generation (generate: shapes|digits) for the "
+                         "built-in datasets.")
+    if not urls:
+        raise ShardError(f"{what}: the spec {spec!r} matched no shards.")
+    return urls
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``dir/abc.001.jpg`` -> (``dir/abc``, ``001.jpg``): webdataset keys end at the first dot of
+    the basename, so multi-dot extensions like ``seg.png`` stay with their sample."""
+    directory, base = os.path.split(name)
+    stem, _, ext = base.partition(".")
+    return os.path.join(directory, stem) if directory else stem, ext.lower()
+
+
+@dataclass
+class ShardIndex:
+    url: str
+    num_samples: int
+    ext_counts: Counter = field(default_factory=Counter)
+    texts: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> {ext: text} for read_exts
+
+
+def index_shard(url: str, read_exts: Sequence[str] = ()) -> ShardIndex:
+    """Scan a local tar's headers (seeking over payloads) and read the small members in ``read_exts``."""
+    keys: dict[str, set[str]] = {}
+    texts: dict[str, dict[str, str]] = {}
+    try:
+        with tarfile.open(url, "r:") as tf:
+            for member in tf:
+                if not member.isreg() or os.path.basename(member.name).startswith("__"):
+                    continue
+                key, ext = split_key(member.name)
+                keys.setdefault(key, set()).add(ext)
+                if ext in read_exts:
+                    texts.setdefault(key, {})[ext] = tf.extractfile(member).read().decode("utf-8", "replace")
+    except (tarfile.TarError, OSError) as exc:
+        raise ShardError(f"shard '{url}' is not a readable tar file ({exc}). Re-create or remove it.") from exc
+    counts = Counter(ext for exts in keys.values() for ext in exts)
+    return ShardIndex(url, len(keys), counts, texts)
+
+
+def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:
+    """Sample counts from ``sizes.json`` files next to the shards, when present."""
+    sizes: dict[str, int] = {}
+    for directory in {os.path.dirname(u) for u in urls if not _is_remote(u)}:
+        path = os.path.join(directory, SIZES_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                for name, n in json.load(f).items():
+                    sizes[os.path.join(directory, name)] = int(n)
+    return sizes
+
+
+def iter_tar_samples(url: str, errors: list[str]) -> Iterator[dict]:
+    """Yield samples ``{"__key__", "__url__", ext: bytes, ...}`` from one shard, streaming.
+
+    A truncated or unreadable tar ends that shard early: the failure is appended to ``errors`` (the
+    caller counts it) instead of killing the run, because one bad file in a 10k-shard set must not
+    cost a day of training.
+    """
+    from webdataset.gopen import gopen
+
+    current: dict | None = None
+    try:
+        stream = gopen(url, "rb")
+        with tarfile.open(fileobj=stream, mode="r|*") as tf:
+            for member in tf:
+                if not member.isreg():
+                    continue
+                key, ext = split_key(member.name)
+                if os.path.basename(key).startswith("__"):
+                    continue
+                data = tf.extractfile(member).read()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        errors.append(f"{url}: unreadable after key {current['__key__'] if current else '-'} ({exc})")
+        current = None  # a sample cut by the truncation is incomplete; drop it
+    if current is not None:
+        yield current
+
+
+def decode_image_bytes(data: bytes):
+    """PIL image in RGB, fully decoded now so a corrupt payload fails here and not in a transform."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("RGB")

@@ -1,0 +1,99 @@
+"""Loading weights from local files, with errors that say exactly which keys do not fit.
+
+Every path that can take pretrained weights (timm, open_clip, teachers) goes through here so
+that offline use — a local ``.pt``/``.pth``/``.ckpt``/``.safetensors`` file — behaves the same way
+everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_WRAPPER_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not fit the architecture."""
+
+
+def read_state_dict(path: str, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, unwrapped from Lightning/timm/DDP containers.
+
+    Args:
+        path: Local file (``.safetensors`` or anything ``torch.load`` reads).
+        prefix: Keep only keys under this prefix (stripped), e.g. ``model.`` for a Lightning
+            checkpoint of a module whose network is ``self.model``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist. Give a local weights file "
+                                "(no download happens at run time).")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in _WRAPPER_KEYS:
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointMismatchError(f"checkpoint '{path}' holds no state dict of tensors.")
+    if prefix is not None:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointMismatchError(f"checkpoint '{path}' has no key under prefix '{prefix}'.")
+    return sd
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[str, torch.Tensor]:
+    # DDP ("module."), torch.compile ("_orig_mod.") and wrappers ("model.") add prefixes the bare
+    # model lacks; strip one only when that makes more keys match.
+    for p in _PREFIXES:
+        stripped = {k[len(p):] if k.startswith(p) else k: v for k, v in sd.items()}
+        if len(model_keys & stripped.keys()) > len(model_keys & sd.keys()):
+            sd = stripped
+    return sd
+
+
+def _short(keys: Iterable[str], n: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, path: str, *, strict: bool = True, drop: Iterable[str] = (),
+                 prefix: str | None = None) -> dict[str, list[str]]:
+    """Load ``path`` into ``model``; raise one error listing every missing/unexpected/mis-shaped key.
+
+    Args:
+        drop: Key prefixes to leave at their fresh initialisation (e.g. a classifier head whose
+            class count differs); reported, never an error.
+        strict: When False, missing and unexpected keys are reported instead of raised.
+    Returns:
+        ``{"missing": [...], "unexpected": [...], "dropped": [...]}``.
+    """
+    own = model.state_dict()
+    sd = _strip_prefixes(read_state_dict(path, prefix), set(own))
+    dropped = [k for k in sd if any(k.startswith(d) for d in drop)]
+    sd = {k: v for k, v in sd.items() if k not in dropped}
+    shape_bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd and not any(k.startswith(d) for d in drop)]
+    unexpected = [k for k in sd if k not in own]
+    if shape_bad or (strict and (missing or unexpected)):
+        parts = []
+        if shape_bad:
+            parts.append(f"{len(shape_bad)} shape mismatch(es): {_short(shape_bad, 5)}")
+        if strict and missing:
+            parts.append(f"{len(missing)} key(s) missing from the checkpoint: {_short(missing)}")
+        if strict and unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_short(unexpected)}")
+        raise CheckpointMismatchError(f"checkpoint '{path}' does not fit {type(model).__name__}: "
+                                      + "; ".join(parts) + ". Check the model name/config matches the checkpoint.")
+    model.load_state_dict(sd, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "dropped": dropped}
