@@ -61,6 +61,9 @@ class StreamingDataModule(pl.LightningDataModule):
         preprocess: Transforms and tokenizer; normally linked from the model by the CLI.
         pin_memory: Pin host memory of batches (useful on GPU).
         data_root: Directory that relative local shard specs are resolved against.
+        extra_val_shards: More named validation sets, e.g. ``{heldout: shapes/heldout}``; each
+            gets its own dataloader and its metrics are logged under its name (the main one is
+            ``val``).
     """
 
     #: member-extension alternatives every sample must have, e.g. (("jpg", "png", "webp"), ("txt",))
@@ -88,6 +91,7 @@ class StreamingDataModule(pl.LightningDataModule):
         preprocess: Preprocess | None = None,
         pin_memory: bool = False,
         data_root: str | None = None,
+        extra_val_shards: dict[str, str | list[str]] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -104,6 +108,11 @@ class StreamingDataModule(pl.LightningDataModule):
         self.data_root = data_root
         self.shards = {"fit": self._rooted(train_shards), "validate": self._rooted(val_shards),
                        "test": self._rooted(test_shards)}
+        for name, spec in (extra_val_shards or {}).items():
+            if name in ("val", "fit", "validate", "test"):
+                raise ValueError(f"extra_val_shards: '{name}' is reserved; pick another name.")
+            self.shards[f"validate:{name}"] = self._rooted(spec)
+        self.val_names = ["val"] + list(extra_val_shards or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.resampled, self.samples_per_epoch, self.drop_last = resampled, samples_per_epoch, drop_last
@@ -201,7 +210,8 @@ class StreamingDataModule(pl.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer, seed=self.seed, resampled=self.resampled,
                 rank=rank, world_size=world)
             log.info("train stream: %d shards, %d samples, %d batches/rank", len(urls), total, n_batches)
-        for split in ("validate",) if stage in ("fit", "validate") else (stage,):
+        evals = [k for k in self.shards if k.startswith("validate")] if stage in ("fit", "validate") else [stage]
+        for split in evals:
             if split in self._eval or split not in self.shards:
                 continue
             spec = self.shards[split]
@@ -246,7 +256,9 @@ class StreamingDataModule(pl.LightningDataModule):
                           pin_memory=self.pin_memory)
 
     def val_dataloader(self):
-        return self._eval_loader("validate")
+        if len(self.val_names) == 1:
+            return self._eval_loader("validate")
+        return [self._eval_loader("validate")] + [self._eval_loader(f"validate:{n}") for n in self.val_names[1:]]
 
     def test_dataloader(self):
         return self._eval_loader("test")

@@ -34,8 +34,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Modules that register LightningModules/DataModules (for short class_path names) and subcommands.
 # They must import nothing heavy at top level (no open_clip, diffusers, timm).
-BUILTIN_MODULES = ["mmalign.classify"]
-BUILTIN_SUBCOMMANDS: list[str] = []
+BUILTIN_MODULES = ["mmalign.classify", "mmalign.contrastive", "mmalign.tta", "mmalign.repa", "mmalign.speech"]
+BUILTIN_SUBCOMMANDS = ["mmalign.contrastive.zeroshot_command", "mmalign.tta.adapt_command"]
 ENTRY_POINT_GROUP = "mmalign.subcommands"
 
 
@@ -68,8 +68,15 @@ def register_subcommand(name: str, help: str | None = None):
 
 
 def _load_plugins() -> None:
+    from importlib.util import find_spec
+
     for mod in BUILTIN_MODULES + BUILTIN_SUBCOMMANDS:
-        importlib.import_module(mod)
+        try:
+            present = find_spec(mod) is not None
+        except ModuleNotFoundError:  # its parent package is absent (a method deleted from the tree)
+            present = False
+        if present:
+            importlib.import_module(mod)
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -304,3 +304,21 @@ def ring_exchange_bidir_with_grad(
     if not is_dist() or get_world_size() == 1:
         return to_left, to_right
     return _BidirWithGrad.apply(to_left, to_right)
+
+
+def average_gradients_(params) -> None:
+    """Average ``.grad`` of ``params`` over ranks in place (one flat all-reduce), as DDP would.
+
+    For manual gradient accumulation that bypasses DDP's hooks (the feature-cache path)."""
+    if not is_dist():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()

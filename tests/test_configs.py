@@ -13,14 +13,29 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recurs
 GPU_ONLY = {"vitb32_laion_ddp.yaml", "vitb32_laion_fsdp.yaml"}
 
 
+MARK = "# mmalign-test:"
+QUICK = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+         "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0", "--trainer.enable_model_summary=false"]
+
+
+def test_command(config: str) -> list[str]:
+    """A config may say how to run it quickly in a first-lines comment, e.g.
+    ``# mmalign-test: adapt --max_batches=2`` (subcommand, then its own overrides); default ``fit``."""
+    with open(config) as f:
+        for line in f.readlines()[:10]:
+            if line.startswith(MARK):
+                sub, *extra = line[len(MARK):].split()
+                return [sub, "-c", config, *extra, *([] if sub != "fit" else QUICK)]
+    return ["fit", "-c", config, *QUICK]
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[os.path.relpath(c, ROOT) for c in CONFIGS])
 def test_config_runs_two_steps(config, in_tmp):
-    args = ["fit", "-c", config, "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
-            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-            "--data.init_args.num_workers=0", "--trainer.enable_model_summary=false"]
+    args = test_command(config)
     if os.path.basename(config) in GPU_ONLY:
         c = cli.main(args, run=False)
         assert c.model is not None
         return
     c = cli.main(args)
-    assert c.trainer.global_step == 2
+    if args[0] == "fit":
+        assert c.trainer.global_step == 2

