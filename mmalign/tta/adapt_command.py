@@ -1,0 +1,84 @@
+"""``python -m mmalign adapt -c CONFIG``: test-time adaptation along a shifted test stream.
+
+Kept light at import (the CLI imports it to build ``--help``): everything heavy is imported inside
+the command.
+"""
+
+from __future__ import annotations
+
+from mmalign.cli import register_subcommand
+
+
+@register_subcommand("adapt")
+def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 1, out_dir: str = "runs/adapt",
+          save_adapted: bool = False, max_batches: int | None = None, plot: bool = True) -> dict:
+    """Adapt a trained classifier at test time (source/norm/tent/tent_filter/cafa) over a corruption stream.
+
+    The adaptation loop runs here, not in a Lightning loop: Lightning evaluates under
+    ``torch.inference_mode``, which forbids the gradient steps TENT and CAFA take on test data.
+    The command enables gradients itself (``inference_mode(False)`` + ``enable_grad``) around each
+    step, on the device the trainer picked (``trainer.accelerator``); other trainer options do not
+    apply. Outputs in ``out_dir``: ``results.json``, ``errors.csv``, ``error_stream.png`` and,
+    with ``save_adapted``, ``adapted_<method>.ckpt`` (the source checkpoint is never written).
+
+    Args:
+        setting: ``continual`` (never reset), ``reset`` (reset at every domain shift) or
+            ``episodic`` (reset before every batch).
+        rounds: Passes over the whole stream (long-term adaptation when > 1).
+        out_dir: Output folder.
+        save_adapted: Save each adapting method's final weights as an ImageClassifier checkpoint.
+        max_batches: Cap on batches per domain (smoke tests).
+        plot: Write the PNG plot of error along the stream.
+    """
+    import os
+
+    import torch
+
+    from .cafa_stats import SourceStats, compute_source_stats
+    from .module import TTAModel
+    from .report import error_table, write_outputs
+    from .stream import CorruptionStream, run_stream
+
+    if not isinstance(model, TTAModel):
+        raise TypeError(f"adapt needs model.class_path: mmalign.tta.module.TTAModel, got {type(model).__name__}.")
+    if not isinstance(datamodule, CorruptionStream):
+        raise TypeError("adapt needs data.class_path: mmalign.tta.stream.CorruptionStream, got "
+                        f"{type(datamodule).__name__}.")
+    device = trainer.strategy.root_device
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    stats = None
+    if "cafa" in model.hparams.methods:
+        path = model.stats_path(out_dir)
+        if os.path.isfile(path):
+            stats = SourceStats.load(path)
+            print(f"[adapt] CAFA statistics from {path}")
+        else:
+            stats = compute_source_stats(model.source, datamodule.source_batches(), model.num_classes,
+                                         model.hparams.cafa_covariance, model.hparams.cafa_shrinkage,
+                                         datamodule.source_max_samples, device)
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            stats.save(path)
+            print(f"[adapt] CAFA statistics ({stats.covariance}, {stats.meta['num_samples']} samples) -> {path}")
+    methods = {n: m.to(device) for n, m in model.build_methods(stats).items()}
+    result = run_stream(methods, datamodule, setting, rounds, max_batches, device, log=print)
+    print(error_table(result))
+    tput = result.throughput()
+    if "source" in tput:
+        print("throughput (images/s): " + ", ".join(f"{m} {v:.0f} ({v / tput['source']:.2f}x source)"
+                                                     for m, v in tput.items()))
+    extra = {"updates": {n: m.updates for n, m in methods.items()},
+             "skipped_updates": {n: m.skipped for n, m in methods.items()},
+             "source_checkpoint": model.hparams.source_checkpoint}
+    paths = write_outputs(result, out_dir, plot, extra)
+    if save_adapted:
+        src = os.path.realpath(model.hparams.source_checkpoint) if model.hparams.source_checkpoint else None
+        for name, m in methods.items():
+            if m.trains:
+                dst = os.path.join(out_dir, f"adapted_{name}.ckpt")
+                if src is not None and os.path.realpath(dst) == src:
+                    raise ValueError(f"refusing to overwrite the source checkpoint {src}; choose another out_dir.")
+                torch.save(model.adapted_checkpoint(m), dst)
+                paths[f"adapted_{name}"] = dst
+    print("[adapt] wrote " + ", ".join(paths.values()))
+    return {"result": result, "paths": paths}

@@ -1,0 +1,97 @@
+"""The model interface test-time adaptation needs, and loading of source classifiers.
+
+A TTA model is anything that maps images to logits and can also return its penultimate features
+(CAFA's Gaussians live in that space). ``FeatureClassifier`` is that interface; ``TimmClassifier``
+adapts any timm model (ResNets, ViTs...) and ``SplitClassifier`` any ``backbone`` + ``head`` pair,
+so an open_clip zero-shot classifier can later plug in with a linear head of class embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class FeatureClassifier(nn.Module):
+    """``forward(x) -> logits``; ``forward_with_features(x) -> (logits, penultimate features)``."""
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+
+class TimmClassifier(FeatureClassifier):
+    """A timm classifier: features = ``forward_head(forward_features(x), pre_logits=True)`` (after
+    pooling and, for ViTs, ``fc_norm``); logits = the classifier applied to them, which equals
+    ``net(x)`` in eval mode (head dropout is the only layer between them)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        for attr in ("forward_features", "forward_head", "get_classifier"):
+            if not hasattr(net, attr):
+                raise TypeError(f"{type(net).__name__} is not a timm classifier (no {attr}); wrap it in "
+                                "SplitClassifier(backbone, head) instead.")
+        self.net = net
+
+    def forward_with_features(self, x):
+        feats = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        return self.net.get_classifier()(feats), feats
+
+
+class SplitClassifier(FeatureClassifier):
+    """Any ``backbone: images -> (B, d) features`` followed by ``head: (B, d) -> logits``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward_with_features(self, x):
+        feats = self.backbone(x)
+        return self.head(feats), feats
+
+
+def load_source(checkpoint: str | None, model_name: str | None = None, num_classes: int | None = None,
+                model_kwargs: dict[str, Any] | None = None) -> tuple[TimmClassifier, dict[str, Any]]:
+    """Build the source classifier; returns ``(model, hparams)``.
+
+    ``checkpoint`` may be an ``ImageClassifier`` Lightning checkpoint (its hyper-parameters rebuild
+    the timm model; ``model_name`` etc. must then be unset or agree) or plain weights for the timm
+    model named by ``model_name``. ``checkpoint=None`` builds randomly initialised weights: only
+    useful for smoke tests, and said so on stderr.
+    """
+    hparams: dict[str, Any] = {}
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"source_checkpoint {checkpoint!r} does not exist. Train one with "
+                                    "`python -m mmalign fit -c configs/classify/digits.yaml` and point "
+                                    "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+        if hp and "model_name" in hp:
+            for key, given in (("model_name", model_name), ("num_classes", num_classes)):
+                if given is not None and given != hp[key]:
+                    raise ValueError(f"{key}={given!r} disagrees with the checkpoint's {hp[key]!r}; "
+                                     f"leave {key} unset when source_checkpoint is an ImageClassifier checkpoint.")
+            from mmalign.classify import ImageClassifier
+
+            module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
+            # the checkpoint's own hparams: under LightningCLI, module.hparams would be the *outer*
+            # model's config (Lightning's given-hyperparameters context leaks into nested modules)
+            return TimmClassifier(module.model), dict(hp)
+    if model_name is None or num_classes is None:
+        raise ValueError("set model_name and num_classes: the source checkpoint is not an ImageClassifier "
+                         "checkpoint (or none was given), so they cannot be read from it.")
+    from mmalign.models.timm_models import create_timm_model
+
+    if checkpoint is None:
+        import sys
+
+        print("[tta] source_checkpoint is null: using RANDOM weights (smoke test only).", file=sys.stderr)
+    net = create_timm_model(model_name, num_classes, False, checkpoint, **(model_kwargs or {}))
+    hparams.update(model_name=model_name, num_classes=num_classes, model_kwargs=model_kwargs or {})
+    return TimmClassifier(net), hparams

@@ -1,0 +1,51 @@
+"""``python -m mmalign adapt`` end to end on a real ImageClassifier checkpoint (tiny data)."""
+
+import hashlib
+import json
+import os
+
+import lightning
+import torch
+
+from mmalign import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_checkpoint(path):
+    from mmalign.classify import ImageClassifier
+
+    m = ImageClassifier("resnet18", num_classes=10, image_size=32,
+                        model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+
+
+def test_adapt_cli_outputs_and_source_untouched(in_tmp):
+    ckpt = str(in_tmp / "source.ckpt")
+    _tiny_checkpoint(ckpt)
+    digest = hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
+    cli.main(["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"),
+              f"--model.init_args.source_checkpoint={ckpt}", "--model.init_args.methods=[source,tent_filter,cafa]",
+              "--data.init_args.corruptions=[gaussian_noise,contrast]", "--data.init_args.domains_dir=digits-c-cli",
+              "--data.init_args.source_max_samples=50", "--data.init_args.num_workers=0",
+              "--data.init_args.batch_size=8", "--max_batches=2", "--setting=reset", "--save_adapted=true",
+              "--out_dir=out", "--trainer.enable_progress_bar=false"])
+    assert hashlib.sha256(open(ckpt, "rb").read()).hexdigest() == digest
+    assert os.path.isfile(in_tmp / "source.cafa_stats.pt")  # stored next to the checkpoint
+    res = json.load(open(in_tmp / "out" / "results.json"))
+    assert res["methods"] == ["source", "tent_filter", "cafa"] and res["setting"] == "reset"
+    errs = res["error_by_round_domain"][0]
+    assert set(errs["cafa"]) == {"gaussian_noise/5", "contrast/5"}
+    assert res["updates"]["cafa"] == 4 and res["updates"]["source"] == 0
+    assert res["throughput_vs_source"]["source"] == 1.0
+    assert os.path.getsize(in_tmp / "out" / "error_stream.png") > 1000
+    rows = open(in_tmp / "out" / "errors.csv").read().splitlines()
+    assert rows[0] == "method,round,domain,error_pct,n" and len(rows) == 1 + 3 * 2
+    from mmalign.classify import ImageClassifier
+
+    adapted = ImageClassifier.load_from_checkpoint(str(in_tmp / "out" / "adapted_cafa.ckpt"), map_location="cpu")
+    source = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    assert not torch.equal(adapted.model.bn1.weight, source.model.bn1.weight)  # norm affine adapted
+    assert torch.equal(adapted.model.conv1.weight, source.model.conv1.weight)  # everything else frozen
+    assert torch.equal(adapted.model.bn1.running_mean, source.model.bn1.running_mean)
