@@ -126,6 +126,7 @@ def iter_tar_samples(url: str, errors: list[str]) -> Iterator[dict]:
     from webdataset.gopen import gopen
 
     current: dict | None = None
+    stream = None
     try:
         stream = gopen(url, "rb")
         with tarfile.open(fileobj=stream, mode="r|*") as tf:
@@ -145,6 +146,9 @@ def iter_tar_samples(url: str, errors: list[str]) -> Iterator[dict]:
     except (tarfile.TarError, OSError, EOFError) as exc:
         errors.append(f"{url}: unreadable after key {current['__key__'] if current else '-'} ({exc})")
         current = None  # a sample cut by the truncation is incomplete; drop it
+    finally:
+        if stream is not None:  # tarfile does not close a file object it was handed
+            stream.close()
     if current is not None:
         yield current
 

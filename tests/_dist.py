@@ -37,7 +37,7 @@ def _worker(rank, world_size, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0) -> list:
+def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 600.0) -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()

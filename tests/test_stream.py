@@ -112,3 +112,24 @@ def test_tokenizer_and_transform_come_from_preprocess(tmp_path):
     b = next(iter(dm.train_dataloader()))
     assert b["image"].shape == (2, 3, 5, 5) and b["tokens"].tolist() == [[len(t)] for t in b["text"]]
     random.seed(0)
+
+
+def test_fit_reports_skipped_samples_once_per_epoch(tmp_path, recwarn):
+    import lightning.pytorch as pl
+
+    from datamodules import ImageLabelDataModule
+    from mmalign.callbacks import DataHealthMonitor
+    from mmalign.classify import ImageClassifier
+
+    write_shards(str(tmp_path), [6, 6], corrupt={"k00000", "k00006"})
+    dm = ImageLabelDataModule(train_shards=str(tmp_path), batch_size=5, num_workers=0, num_classes=3)
+    model = ImageClassifier(model_name="resnet18", num_classes=3, image_size=8,
+                            model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    dm.preprocess = model.preprocess
+    health = DataHealthMonitor()
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[health])
+    trainer.fit(model, dm)
+    assert health.totals["train"] == 4  # 2 corrupt samples, read once in each of 2 epochs
+    msgs = [str(w.message) for w in recwarn if "skipped" in str(w.message)]
+    assert len(msgs) == 2 and "k00000" in msgs[0]

@@ -1,0 +1,57 @@
+import hashlib
+import json
+import os
+import tarfile
+
+import pytest
+
+from datamodules.generate import generate_dataset
+
+
+def _digest(path):
+    with tarfile.open(path) as tf:  # member payloads only: tar headers carry write times
+        return hashlib.sha1(b"".join(tf.extractfile(m).read() for m in tf if m.isreg())).hexdigest()
+
+
+def _attrs(directory):
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(directory, name)) as tf:
+                out += [json.loads(tf.extractfile(m).read()) for m in tf if m.name.endswith(".json")]
+    return out
+
+
+def test_shapes_deterministic_and_heldout_disjoint(tmp_path):
+    kw = dict(num_train=60, num_val=10, num_test=10, num_heldout=30, shard_size=30, image_size=32)
+    a = generate_dataset("shapes", str(tmp_path / "a"), seed=3, **kw)
+    generate_dataset("shapes", str(tmp_path / "b"), seed=3, **kw)
+    c = generate_dataset("shapes", str(tmp_path / "c"), seed=4, **kw)
+    shard = "train/shard-000000.tar"
+    assert _digest(tmp_path / "a" / shard) == _digest(tmp_path / "b" / shard)
+    assert _digest(tmp_path / "a" / shard) != _digest(tmp_path / "c" / shard)
+    held = {(x["shape"], x["color"]) for x in _attrs(tmp_path / "a" / "heldout")}
+    seen = {(x["shape"], x["color"]) for s in ("train", "val", "test") for x in _attrs(tmp_path / "a" / s)}
+    assert held and not held & seen
+    assert sorted(f"{c} {s}" for s, c in held) == sorted(a["heldout_combos"])
+    # one held-out combination per shape and per colour: both still occur in training
+    assert len({s for s, _ in held}) == len(held) == len({c for _, c in held})
+    classes = json.loads((tmp_path / "a" / "classes.json").read_text())
+    x = _attrs(tmp_path / "a" / "heldout")[0]
+    assert classes["classnames"][x["combo_id"]] == f"{x['color']} {x['shape']}"
+
+
+def test_digits_split_is_stratified_and_deterministic(tmp_path):
+    info = generate_dataset("digits", str(tmp_path / "d"), image_size=16)
+    assert info["splits"] == {"train": 1259, "val": 179, "test": 359}
+    again = generate_dataset("digits", str(tmp_path / "e"), image_size=16)
+    assert _digest(tmp_path / "d/test/shard-000000.tar") == _digest(tmp_path / "e/test/shard-000000.tar")
+    labels = [x["label"] for x in _attrs(tmp_path / "d" / "test")]
+    assert sorted(set(labels)) == list(range(10)) and again["splits"] == info["splits"]
+
+
+def test_interrupted_generation_is_not_mistaken_for_data(tmp_path):
+    (tmp_path / "shapes").mkdir()
+    (tmp_path / "shapes" / "junk").write_text("x")
+    with pytest.raises(FileExistsError, match="interrupted"):
+        generate_dataset("shapes", str(tmp_path / "shapes"))
