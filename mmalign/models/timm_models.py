@@ -64,6 +64,6 @@ def create_timm_model(name: str, num_classes: int | None = None, pretrained: boo
             if not head:
                 raise
             load_weights(model, checkpoint_path, drop=head)  # retry without the head; still strict elsewhere
-            log.warning("loaded %s into %s except the classifier head %s (class count differs): it starts fresh",
+            log.warning("loaded %s into %s except the classifier %s (class count differs): it starts fresh",
                         checkpoint_path, name, head[0].rstrip("."))
     return model

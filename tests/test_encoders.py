@@ -1,0 +1,90 @@
+"""Teacher registry: every kind gives patch tokens on the asked grid, frozen, from local checkpoints."""
+
+import pytest
+import torch
+
+from mmalign.encoders import GridMismatchError, build_teacher, teacher_kinds
+
+VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+RESNET = {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 32], "stem_width": 8}
+CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+SPECS = {
+    "timm_vit": ("timm", "vit_tiny_patch16_224", {"model_kwargs": VIT}),
+    "timm_resnet": ("timm", "resnet18", {"model_kwargs": RESNET, "input_size": 32}),
+    "open_clip": ("open_clip", "ViT-B-32", {"model_kwargs": CLIP}),
+}
+
+
+def test_registry_covers_kinds():
+    assert set(teacher_kinds()) >= {"timm", "open_clip"}
+    assert {s[0] for s in SPECS.values()} == set(teacher_kinds())
+    with pytest.raises(ValueError, match="registered kinds"):
+        build_teacher("nope", "x")
+
+
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("grid", [4, 8])
+def test_tokens_on_requested_grid(spec, grid):
+    kind, name, kw = SPECS[spec]
+    t = build_teacher(kind, name, grid=grid, **kw)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    tok = t.encode(x)
+    assert t.grid_size == grid and tok.shape == (3, grid * grid, t.embed_dim)
+    assert t(x.add(1).div(2)).shape == (3, t.embed_dim)  # pooled FD features
+    # frozen: no grads, eval even after .train()
+    assert not any(p.requires_grad for p in t.parameters())
+    t.train()
+    assert not t.training and not any(m.training for m in t.modules())
+
+
+def test_vit_drops_prefix_and_uses_final_norm():
+    t = build_teacher("timm", "vit_tiny_patch16_224", model_kwargs=VIT)
+    x = torch.randn(2, 3, 32, 32)
+    ref = t.model.forward_features(x)  # (B, 1 + 64, D), final norm applied by timm
+    assert torch.allclose(t.forward_tokens(x), ref[:, 1:])
+    tok = t.forward_tokens(x)  # LayerNorm without affine shift at init: per-token mean ~ 0
+    assert tok.mean(-1).abs().max() < 1e-4
+
+
+def test_cnn_feature_map_flattened_as_tokens():
+    t = build_teacher("timm", "resnet18", model_kwargs=RESNET, input_size=64)
+    fmap = t.model.forward_features(torch.randn(2, 3, 64, 64))
+    assert t.forward_tokens(torch.randn(2, 3, 64, 64)).shape == (2, fmap.shape[2] * fmap.shape[3], fmap.shape[1])
+
+
+def test_interpolated_tokens_option():
+    t = build_teacher("timm", "vit_tiny_patch16_224", model_kwargs=VIT)
+    assert t.encode(torch.rand(2, 3, 32, 32), grid=16).shape == (2, 256, 32) and t.grid_size == 8
+
+
+def test_timm_local_checkpoint(tmp_path):
+    import timm
+
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=5, **VIT)
+    path = str(tmp_path / "vit.pt")
+    torch.save(src.state_dict(), path)
+    t = build_teacher("timm", "vit_tiny_patch16_224", path, model_kwargs=VIT)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(t.forward_tokens(x), src.forward_features(x)[:, 1:], atol=1e-5)
+    assert path in t.describe()
+
+
+def test_open_clip_checkpoint_file(tmp_path):
+    import open_clip
+
+    clip = open_clip.create_model("ViT-B-32", pretrained=None, **CLIP)
+    path = str(tmp_path / "clip.pt")
+    torch.save({"state_dict": {"module." + k: v for k, v in clip.state_dict().items()}}, path)
+    t = build_teacher("open_clip", "ViT-B-32", path, model_kwargs=CLIP)
+    x = torch.randn(2, 3, 32, 32)
+    clip.visual.output_tokens = True
+    _, ref = clip.visual(x)
+    assert torch.allclose(t.forward_tokens(x), ref, atol=1e-5)
+
+
+def test_fixed_grid_teacher_errors():
+    t = build_teacher("timm", "vit_tiny_patch16_224", model_kwargs=VIT)
+    t.resizable = False
+    with pytest.raises(GridMismatchError, match="teacher_interpolate_tokens"):
+        t.set_grid(16)
