@@ -61,6 +61,9 @@ class AudioTextDataModule(StreamingDataModule):
         text = sample["txt"].decode("utf-8").strip()
         if not text:
             raise ValueError("empty transcript")
+        validate = getattr(self.preprocess.tokenizer, "validate", None)
+        if validate is not None:  # per sample, so a bad transcript skips one clip, not the whole batch
+            validate(text)
         return {"audio": wave, "text": text, "key": sample["__key__"], "meta": read_json(sample)}
 
     def collate(self, samples: list[dict]) -> dict:

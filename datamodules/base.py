@@ -56,7 +56,7 @@ class StreamingDataModule(pl.LightningDataModule):
         validate_shards: Index local shards at set-up: counts, required members, label range.
         max_eval_samples: Cap on samples loaded per evaluation split.
         generate: Built-in dataset to create when the configured shard directories do not exist
-            (``shapes`` or ``digits``). The shard specs must then be ``<root>/<split>`` directories.
+            (``shapes``, ``digits`` or ``spoken``). The shard specs must then be ``<root>/<split>`` directories.
         generate_kwargs: Extra arguments of the generator (sizes, image size, seed...).
         preprocess: Transforms and tokenizer; normally linked from the model by the CLI.
         pin_memory: Pin host memory of batches (useful on GPU).

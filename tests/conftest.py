@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
-    """Small versions of the built-in datasets, shared by the config and CLI tests.
+    """Small versions of the built-in datasets (shapes, digits, spoken), shared by config and CLI tests.
 
     Configs read ``${oc.env:MMALIGN_DATA,data}``; tests point MMALIGN_DATA here so the datamodules
     find complete datasets and skip generation.
@@ -22,6 +22,7 @@ def data_root(tmp_path_factory):
     generate_dataset("digits", str(root / "digits"))
     generate_dataset("shapes", str(root / "shapes"), num_train=400, num_val=64, num_test=64, num_heldout=64,
                      shard_size=50)
+    generate_dataset("spoken", str(root / "spoken"), num_train=32, num_test=8, shard_size=8)
     return str(root)
 
 

@@ -32,7 +32,13 @@ def _digits(root: str, **kw):
     return generate(root, **kw)
 
 
-GENERATORS: dict[str, Callable[..., dict]] = {"shapes": _shapes, "digits": _digits}
+def _spoken(root: str, **kw):
+    from .spoken import generate
+
+    return generate(root, **kw)
+
+
+GENERATORS: dict[str, Callable[..., dict]] = {"shapes": _shapes, "digits": _digits, "spoken": _spoken}
 
 
 def write_split(out_dir: str, samples: Iterable[dict], shard_size: int) -> int:
