@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,18 +13,7 @@ from datamodules.base import Preprocess
 from datamodules.stream import EMPTY
 from datamodules.transforms import default_image_transform
 from mmalign.models.timm_models import check_timm_name, create_timm_model
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """LR multiplier: linear warm-up, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
+from mmalign.optim import warmup_cosine
 
 
 class ImageClassifier(pl.LightningModule):

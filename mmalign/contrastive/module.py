@@ -16,7 +16,7 @@ import torch
 
 from datamodules.base import Preprocess
 from datamodules.stream import EMPTY
-from mmalign.classify.module import warmup_cosine
+from mmalign.optim import warmup_cosine
 from mmalign.distributed import average_gradients_
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from datamodules.base import Preprocess
 from datamodules.stream import EMPTY
-from mmalign.classify.module import warmup_cosine
+from mmalign.optim import warmup_cosine
 from mmalign.distributed import get_rank, get_world_size
 
 from .alignment import MANIFOLD_MODES, AlignmentHead, HookCapture, manifold_loss, repa_cosine_loss

@@ -305,7 +305,7 @@ class SpeechTextAligner(pl.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        from mmalign.classify.module import warmup_cosine
+        from mmalign.optim import warmup_cosine
 
         decay, no_decay = [], []
         for n, p in self.named_parameters():
