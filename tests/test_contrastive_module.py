@@ -172,3 +172,16 @@ def test_zeroshot_subcommand_matches_hand_computation(in_tmp, data_root):
             hits += int((pred == b["label"]).sum())
             n += len(pred)
     assert report["num_classes"] == 36 and report["top1"] == pytest.approx(hits / n)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        m = tiny(grad_checkpointing=ckpt)
+        m.train()
+        loss = m.training_step(batch(4), 0)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
