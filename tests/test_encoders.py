@@ -88,3 +88,21 @@ def test_fixed_grid_teacher_errors():
     t.resizable = False
     with pytest.raises(GridMismatchError, match="teacher_interpolate_tokens"):
         t.set_grid(16)
+
+
+def test_mmalign_clip_checkpoint_teaches(tmp_path):
+    """An mmalign CLIP checkpoint with an inline architecture works as a REPA teacher."""
+    from mmalign.contrastive import CLIP
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
+           "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    clip = CLIP(model_name="mmalign-teacher-tiny", model_cfg=cfg)
+    path = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, path)
+    t = build_teacher("open_clip", "mmalign-teacher-tiny", str(path))
+    tokens = t.forward_tokens(torch.randn(2, 3, 16, 16))
+    assert tokens.shape == (2, 16, 32)  # 4x4 grid, prefix token dropped, width 32
+    visual = dict(clip.model.visual.named_parameters())
+    assert all(torch.equal(p, visual[n]) for n, p in t.model.named_parameters() if n in visual)

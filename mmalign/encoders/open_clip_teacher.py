@@ -31,6 +31,8 @@ class OpenClipTeacher(TeacherEncoder):
         super().__init__()
         import open_clip
 
+        if name not in open_clip.list_models() and checkpoint_path:
+            _register_from_mmalign_checkpoint(name, checkpoint_path)
         if name not in open_clip.list_models():
             from mmalign.models.timm_models import close_matches
 
@@ -81,3 +83,16 @@ class OpenClipTeacher(TeacherEncoder):
         v.grid_size = (new, new)
         v.image_size = (input_size, input_size)
         assert math.isqrt(v.positional_embedding.shape[0] - 1) == new
+
+
+def _register_from_mmalign_checkpoint(name: str, path: str) -> None:
+    """An mmalign CLIP/SigLIP checkpoint carries its (possibly inline) architecture in its
+    hyper-parameters: register it so its image tower can teach."""
+    import torch
+
+    from mmalign.contrastive.openclip_models import register_model_config, resolve_text_paths
+
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    hp = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}
+    if hp.get("model_name") == name and hp.get("model_cfg"):
+        register_model_config(name, resolve_text_paths(hp["model_cfg"]))

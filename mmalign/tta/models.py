@@ -55,13 +55,64 @@ class SplitClassifier(FeatureClassifier):
         return self.head(feats), feats
 
 
+class ImageTower(nn.Module):
+    """The image tower of an open_clip model, L2-normalised (keeps the whole CLIP model so the
+    adapted weights save as a loadable CLIP checkpoint)."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.clip.encode_image(x), dim=-1)
+
+
+class ZeroShotHead(nn.Module):
+    """Logits ``scale * f @ W.T`` from class embeddings ``W`` built from prompt templates."""
+
+    def __init__(self, class_weights: torch.Tensor, scale: float = 100.0) -> None:
+        super().__init__()
+        self.register_buffer("weights", class_weights)
+        self.scale = scale
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.scale * feats @ self.weights.T
+
+
+def load_open_clip_zeroshot(checkpoint: str, hp: dict[str, Any], classes: str | None) -> tuple[SplitClassifier, dict]:
+    """A CLIP/SigLIP checkpoint of mmalign as a zero-shot classifier over ``classes`` (a class-spec
+    file): image tower -> normalised features -> text-derived class weights."""
+    if classes is None:
+        raise ValueError("source_checkpoint is a CLIP/SigLIP checkpoint: set zeroshot_classes to a class-spec file "
+                         "({'classnames': [...], 'templates': [...]}) whose class order matches the labels.")
+    import open_clip
+
+    from mmalign.contrastive.openclip_models import create_open_clip, open_clip_transforms
+    from mmalign.evaluation import build_zeroshot_weights, load_class_spec
+    from mmalign.models.checkpoints import load_weights
+
+    clip = create_open_clip(hp["model_name"], hp.get("model_cfg"))
+    load_weights(clip, checkpoint, prefix="model.")
+    clip.eval()
+    spec = load_class_spec(classes)
+    weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(hp["model_name"]), spec.classnames,
+                                     spec.templates)
+    _, eval_transform = open_clip_transforms(clip, hp.get("image_size"))
+    info = {"kind": "open_clip_zeroshot", "model_name": hp["model_name"], "model_cfg": hp.get("model_cfg"),
+            "num_classes": spec.num_classes, "classes": classes, "eval_transform": eval_transform,
+            "contrastive_hparams": {k: v for k, v in hp.items() if not k.startswith("_")}}
+    return SplitClassifier(ImageTower(clip), ZeroShotHead(weights)), info
+
+
 def load_source(checkpoint: str | None, model_name: str | None = None, num_classes: int | None = None,
-                model_kwargs: dict[str, Any] | None = None) -> tuple[TimmClassifier, dict[str, Any]]:
+                model_kwargs: dict[str, Any] | None = None,
+                zeroshot_classes: str | None = None) -> tuple[FeatureClassifier, dict[str, Any]]:
     """Build the source classifier; returns ``(model, hparams)``.
 
     ``checkpoint`` may be an ``ImageClassifier`` Lightning checkpoint (its hyper-parameters rebuild
-    the timm model; ``model_name`` etc. must then be unset or agree) or plain weights for the timm
-    model named by ``model_name``. ``checkpoint=None`` builds randomly initialised weights: only
+    the timm model; ``model_name`` etc. must then be unset or agree), an mmalign CLIP/SigLIP
+    checkpoint (adapted as a zero-shot classifier over ``zeroshot_classes``), or plain weights for
+    the timm model named by ``model_name``. ``checkpoint=None`` builds randomly initialised weights: only
     useful for smoke tests, and said so on stderr.
     """
     hparams: dict[str, Any] = {}
@@ -72,6 +123,8 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
                                     "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
         raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
         hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+        if hp and hp.get("loss") in ("clip", "siglip"):
+            return load_open_clip_zeroshot(checkpoint, hp, zeroshot_classes)
         if hp and "model_name" in hp:
             for key, given in (("model_name", model_name), ("num_classes", num_classes)):
                 if given is not None and given != hp[key]:

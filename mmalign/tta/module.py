@@ -42,6 +42,9 @@ class TTAModel(pl.LightningModule):
         cafa_shrinkage: Shrinkage towards a scaled identity, in [0, 1].
         cafa_denominator: ``all`` (sum over every class) or ``others`` (c != y); unverified in
             the paper, "all" by default.
+        zeroshot_classes: With a CLIP/SigLIP ``source_checkpoint``: the class-spec file whose
+            prompts build the zero-shot head (class order = label order). Adapt its LayerNorms
+            with ``adapt_norms: layernorm``.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class TTAModel(pl.LightningModule):
         cafa_covariance: str = "auto",
         cafa_shrinkage: float = 0.1,
         cafa_denominator: str = "all",
+        zeroshot_classes: str | None = None,
     ) -> None:
         super().__init__()
         check_methods(methods)
@@ -70,7 +74,8 @@ class TTAModel(pl.LightningModule):
                              cafa_denominator=cafa_denominator, small_batch=small_batch)
         from .models import load_source
 
-        self.source, self.source_hparams = load_source(source_checkpoint, model_name, num_classes, model_kwargs)
+        self.source, self.source_hparams = load_source(source_checkpoint, model_name, num_classes, model_kwargs,
+                                                       zeroshot_classes)
         self.source.eval()
         self.num_classes = int(self.source_hparams["num_classes"])
         hp = self.source_hparams
@@ -79,6 +84,9 @@ class TTAModel(pl.LightningModule):
 
     @property
     def preprocess(self) -> Preprocess:
+        if "eval_transform" in self.source_hparams:  # open_clip: the model's own preprocessing
+            t = self.source_hparams["eval_transform"]
+            return Preprocess(train_transform=t, eval_transform=t)
         size, mean, std = self._transform
         t = default_image_transform(size, False, mean, std)
         return Preprocess(train_transform=t, eval_transform=t)  # source data for CAFA stats: no augmentation
@@ -102,6 +110,12 @@ class TTAModel(pl.LightningModule):
         """An ``ImageClassifier``-loadable checkpoint of a method's adapted weights."""
         import lightning
 
+        if self.source_hparams.get("kind") == "open_clip_zeroshot":  # loads with ContrastiveModule
+            sd = {"model." + k.removeprefix("backbone.clip."): v for k, v in method.adapted_state_dict().items()
+                  if k.startswith("backbone.clip.")}
+            hp = dict(self.source_hparams["contrastive_hparams"])
+            return {"state_dict": sd, "hyper_parameters": hp, "tta": {"method": method.name,
+                    "updates": method.updates, "source_checkpoint": self.hparams.source_checkpoint}}
         sd = {"model." + k.removeprefix("net."): v for k, v in method.adapted_state_dict().items()}
         hp = {k: v for k, v in self.source_hparams.items()}
         hp.update(pretrained=False, checkpoint_path=None)
