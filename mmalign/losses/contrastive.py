@@ -145,6 +145,17 @@ def _as_scalar(value: torch.Tensor | float, name: str, who: str) -> torch.Tensor
     return value
 
 
+def _ranks(check: bool, local_only: bool, image_features: torch.Tensor, text_features: torch.Tensor, who: str,
+           no_negatives_why: str) -> tuple[int, int]:
+    """(rank, world) a loss call computes over: (0, 1) for ``local_only`` (no collective), else the
+    process group's, validated on every rank first when ``check`` is on."""
+    if local_only:
+        return 0, 1
+    if check:
+        return _check_features(image_features, text_features, who, no_negatives_why=no_negatives_why)
+    return get_rank(), get_world_size()
+
+
 class ClipLoss(nn.Module):
     """Symmetric InfoNCE of CLIP: cross-entropy over ``t * img @ txt.T`` in both directions.
 
@@ -205,13 +216,11 @@ class ClipLoss(nn.Module):
         different batch counts and a collective would wait forever."""
         who = type(self).__name__
         logit_scale = _as_scalar(logit_scale, "logit_scale", who)
-        rank, world = (0, 1) if local_only else (get_rank(), get_world_size())
-        if self.check_inputs and not local_only:
-            rank, world = _check_features(
-                image_features, text_features, who,
-                no_negatives_why="with a single pair there are no negatives, the softmax over one candidate is "
-                "identically 1, so InfoNCE is 0 with zero gradient and nothing can be learned.",
-            )
+        rank, world = _ranks(
+            self.check_inputs, local_only, image_features, text_features, who,
+            "with a single pair there are no negatives, the softmax over one candidate is identically 1, so "
+            "InfoNCE is 0 with zero gradient and nothing can be learned.",
+        )
         b = image_features.shape[0]
         all_image = self._global(image_features, rank, world)
         all_text = self._global(text_features, rank, world)
@@ -273,13 +282,11 @@ class SigLipLoss(nn.Module):
         who = type(self).__name__
         logit_scale = _as_scalar(logit_scale, "logit_scale", who)
         logit_bias = _as_scalar(logit_bias, "logit_bias", who)
-        rank, world = (0, 1) if local_only else (get_rank(), get_world_size())
-        if self.check_inputs and not local_only:
-            rank, world = _check_features(
-                image_features, text_features, who,
-                no_negatives_why="with a single pair there are no negatives, so the sigmoid loss only pushes "
-                "that one similarity and the bias up and learns to call every pair a match.",
-            )
+        rank, world = _ranks(
+            self.check_inputs, local_only, image_features, text_features, who,
+            "with a single pair there are no negatives, so the sigmoid loss only pushes that one similarity "
+            "and the bias up and learns to call every pair a match.",
+        )
         b = image_features.shape[0]
         if world == 1 or self.exchange == "gather":
             all_text = text_features if world == 1 else all_gather_with_grad(text_features,
