@@ -199,6 +199,15 @@ def _mask_padding(C: Tensor, tl: Tensor, ul: Tensor) -> Tensor:
     return torch.where(valid, C, torch.zeros((), dtype=C.dtype, device=C.device))
 
 
+def _masked_cost(x: Tensor, y: Tensor, x_lengths: Tensor | None, y_lengths: Tensor | None,
+                 cost: Cost) -> tuple[Tensor, Tensor, Tensor]:
+    """Pairwise cost ``(B, T, U)`` with padding masked, plus the valid lengths of x and y."""
+    C = pairwise_cost(x, y, cost)
+    tl = _as_lengths(x_lengths, x.shape[0], x.shape[1], "x_lengths", x.device)
+    ul = _as_lengths(y_lengths, y.shape[0], y.shape[1], "y_lengths", y.device)
+    return _mask_padding(C, tl, ul), tl, ul
+
+
 def dtw(
     x: Tensor,
     y: Tensor,
@@ -209,10 +218,8 @@ def dtw(
     return_path: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Hard DTW between ``x (B, T, D)`` and ``y (B, U, D)``; see ``dtw_from_cost``."""
-    C = pairwise_cost(x, y, cost)
-    tl = _as_lengths(x_lengths, x.shape[0], x.shape[1], "x_lengths", x.device)
-    ul = _as_lengths(y_lengths, y.shape[0], y.shape[1], "y_lengths", y.device)
-    return dtw_from_cost(_mask_padding(C, tl, ul), tl, ul, normalize, return_path)
+    C, tl, ul = _masked_cost(x, y, x_lengths, y_lengths, cost)
+    return dtw_from_cost(C, tl, ul, normalize, return_path)
 
 
 def soft_dtw(
@@ -225,10 +232,8 @@ def soft_dtw(
     normalize: bool = False,
 ) -> Tensor:
     """Soft-DTW between ``x (B, T, D)`` and ``y (B, U, D)``, ``(B,)``; see ``soft_dtw_from_cost``."""
-    C = pairwise_cost(x, y, cost)
-    tl = _as_lengths(x_lengths, x.shape[0], x.shape[1], "x_lengths", x.device)
-    ul = _as_lengths(y_lengths, y.shape[0], y.shape[1], "y_lengths", y.device)
-    return soft_dtw_from_cost(_mask_padding(C, tl, ul), tl, ul, gamma, normalize)
+    C, tl, ul = _masked_cost(x, y, x_lengths, y_lengths, cost)
+    return soft_dtw_from_cost(C, tl, ul, gamma, normalize)
 
 
 def soft_dtw_divergence(
