@@ -4,9 +4,12 @@ Arms (same data, steps, seeds and FD network):
   dit_none    DiT, no alignment            dit_repa    DiT + REPA cosine at transformer_blocks.1
   unet_none   UNet2DModel, no alignment    unet_urepa  UNet + U-REPA (cosine + 3 x manifold, mid_block)
   unet_cos    UNet + mid_block cosine only (manifold_weight 0)
-Teacher and FD network: a tiny ViT trained here on the 36 shapes classes (configs/repa/teacher_vit_shapes.yaml),
-or --teacher-ckpt. Reports FD at each eval step (mean over seeds), steps for each aligned arm to reach
-its baseline's final FD, and the training-step time of each aligned arm over its baseline (overhead ratio).
+Teacher (--teacher): a tiny ViT (configs/repa/teacher_vit_shapes.yaml) or a small dilated ResNet
+(configs/repa/teacher_resnet_shapes.yaml), trained here on the 36 shapes classes, or --teacher-ckpt. FD network: the teacher by default; --fd-ckpt takes the ResNet of configs/classify/shapes.yaml
+instead, so FD is not measured in the feature space the aligned arms were pulled towards.
+Reports FD at each eval step (mean over seeds), the steps each aligned arm needs to reach its baseline's
+final FD, and the training-step overhead of alignment: optimizer steps (forward, backward, AdamW) of
+each aligned arm and its baseline timed interleaved on the same batches in this process, as a ratio.
 
     python scripts/bench_repa.py --steps 2000 --eval-every 500 --seeds 0 1 --fd-samples 1000 --out bench.json
 """
@@ -29,8 +32,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import lightning.pytorch as pl  # noqa: E402
 
 VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
-TEACHER = dict(teacher_kind="timm", teacher_name="vit_tiny_patch16_224",
-               teacher_kwargs={"model_kwargs": VIT, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+RESNET = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
+TEACHERS = {  # name -> (config that trains it, FlowMatchingDiffusion teacher arguments)
+    "vit": ("configs/repa/teacher_vit_shapes.yaml",
+            dict(teacher_kind="timm", teacher_name="vit_tiny_patch16_224",
+                 teacher_kwargs={"model_kwargs": VIT, **IMAGENET})),
+    # 4x4 map at 32 px (output_stride 8), its tokens upsampled to the student's 8x8 grid
+    "resnet": ("configs/repa/teacher_resnet_shapes.yaml",
+               dict(teacher_kind="timm", teacher_name="resnet18", teacher_interpolate_tokens=True,
+                    teacher_kwargs={"model_kwargs": {**RESNET, "output_stride": 8}, "input_size": 32, **IMAGENET})),
+}
 DIT = {"num_layers": 6, "patch_size": 4, "num_attention_heads": 4, "attention_head_dim": 32}
 UNET = {"block_out_channels": [32, 64, 64, 128]}
 ARMS = {
@@ -43,6 +55,8 @@ ARMS = {
                      manifold_weight=0.0),
 }
 BASELINE = {"dit_repa": "dit_none", "unet_urepa": "unet_none", "unet_cos": "unet_none"}
+# the ResNet of configs/classify/shapes.yaml, as an FD network independent of the teacher
+FD_RESNET = dict(fd_kind="timm", fd_name="resnet18", fd_kwargs={"model_kwargs": RESNET, "input_size": 32, **IMAGENET})
 
 
 class Recorder(pl.Callback):
@@ -80,7 +94,7 @@ def train_teacher(args) -> str:
     from mmalign import cli
 
     out = os.path.join(args.work_dir, "teacher")
-    c = cli.main(["fit", "-c", os.path.join(ROOT, "configs/repa/teacher_vit_shapes.yaml"),
+    c = cli.main(["fit", "-c", os.path.join(ROOT, TEACHERS[args.teacher][0]),
                   f"--trainer.max_epochs={args.teacher_epochs}", f"--trainer.default_root_dir={out}",
                   "--trainer.enable_progress_bar=false", f"--data.init_args.num_workers={args.workers}",
                   f"--data.init_args.data_root={args.data_root}"])
@@ -89,14 +103,55 @@ def train_teacher(args) -> str:
     return c.trainer.checkpoint_callback.last_model_path
 
 
-def run_arm(name: str, seed: int, args, teacher_ckpt: str) -> dict:
+def build_arm(name: str, args, teacher_ckpt: str, fd_samples: int):
     from mmalign.repa import FlowMatchingDiffusion
 
+    fd = dict(FD_RESNET, fd_checkpoint=args.fd_ckpt) if args.fd_ckpt else {}
+    arm = dict(ARMS[name])
+    arm["backbone_kwargs"] = {**arm["backbone_kwargs"], **json.loads(args.dit_kwargs if arm["backbone"] == "dit"
+                                                                     else args.unet_kwargs)}
+    return FlowMatchingDiffusion(num_classes=36, image_size=32, projector_dim=512, align_lambda=0.5, lr=args.lr,
+                                 warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, fd_num_samples=fd_samples,
+                                 fd_sample_steps=args.fd_steps, teacher_checkpoint=teacher_ckpt, **TEACHERS[args.teacher][1], **fd,
+                                 **arm)
+
+
+def measure_overhead(args, teacher_ckpt: str, reps: int) -> dict:
+    """Median optimizer-step time of every arm, timed round-robin on the same real batches, so load
+    changes on a shared machine hit all arms alike; ratios are aligned arm / its baseline."""
+    pl.seed_everything(0)
+    models = {a: build_arm(a, args, teacher_ckpt, 0) for a in args.arms}
+    dm = datamodule(args, next(iter(models.values())))
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    batches = [next(it) for _ in range(3)]
+    opts = {}
+    for a, m in models.items():
+        m.log = lambda *a_, **k_: None  # no trainer attached
+        m._aux_to_device()
+        opts[a] = m.configure_optimizers()["optimizer"]
+    times = {a: [] for a in models}
+    for r in range(reps + 2):  # the first two rounds warm up allocators and caches
+        for a, m in models.items():
+            batch = batches[r % len(batches)]
+            t0 = time.perf_counter()
+            loss = m.training_step(batch, r)
+            opts[a].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.trainable_parameters(), m.hparams.grad_clip)
+            opts[a].step()
+            m.ema.update(m.backbone, r)
+            if r >= 2:
+                times[a].append(time.perf_counter() - t0)
+    med = {a: statistics.median(v) for a, v in times.items()}
+    ratio = {a: med[a] / med[b] for a, b in BASELINE.items() if a in med and b in med}
+    print("step time, interleaved (s): " + ", ".join(f"{a} {v:.4f}" for a, v in med.items()), flush=True)
+    return {"step_s": med, "ratio": ratio, "reps": reps, "batch_size": args.batch_size}
+
+
+def run_arm(name: str, seed: int, args, teacher_ckpt: str) -> dict:
     pl.seed_everything(seed, workers=True)
-    model = FlowMatchingDiffusion(num_classes=36, image_size=32, projector_dim=512, align_lambda=0.5, lr=args.lr,
-                                  warmup_steps=100, ema_decay=0.999, fd_num_samples=args.fd_samples,
-                                  fd_sample_steps=args.fd_steps, teacher_checkpoint=teacher_ckpt, **TEACHER,
-                                  **ARMS[name])
+    model = build_arm(name, args, teacher_ckpt, args.fd_samples)
     rec = Recorder(skip=min(10, args.steps // 5))
     trainer = pl.Trainer(max_steps=args.steps, val_check_interval=args.eval_every, check_val_every_n_epoch=None,
                          limit_val_batches=max(1, args.fd_samples // args.batch_size + 1), num_sanity_val_steps=0,
@@ -112,7 +167,7 @@ def run_arm(name: str, seed: int, args, teacher_ckpt: str) -> dict:
     return res
 
 
-def summarise(results: list[dict]) -> dict:
+def summarise(results: list[dict], overhead: dict | None) -> dict:
     arms = sorted({r["arm"] for r in results}, key=list(ARMS).index)
     curve, step_s = {}, {}
     for a in arms:
@@ -131,7 +186,8 @@ def summarise(results: list[dict]) -> dict:
         reach = next((s for s in sorted(curve[a]) if curve[a][s][0] <= target), None)
         summary["speedup"][a] = {"baseline": base, "target_fd": target, "baseline_steps": final_step,
                                  "arm_steps": reach, "ratio": final_step / reach if reach else None}
-        summary["overhead"][a] = step_s[a] / step_s[base]
+        # the interleaved measurement when there is one: per-run medians come from different moments
+        summary["overhead"][a] = overhead["ratio"][a] if overhead else step_s[a] / step_s[base]
     return summary
 
 
@@ -159,9 +215,17 @@ def main() -> None:
     p.add_argument("--fd-steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--fd-ckpt", default=None,
+                   help="ResNet ckpt of configs/classify/shapes.yaml as FD network (default: the teacher)")
+    p.add_argument("--dit-kwargs", default="{}", help='JSON overrides of the DiT size, e.g. \'{"num_layers": 4}\'')
+    p.add_argument("--unet-kwargs", default="{}", help="JSON overrides of the UNet size")
+    p.add_argument("--overhead-reps", type=int, default=20, help="interleaved timing rounds; 0 = skip")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--accelerator", default="auto")
-    p.add_argument("--teacher-ckpt", default=None, help="Lightning ckpt of teacher_vit_shapes.yaml; default: train one")
+    p.add_argument("--teacher", default="vit", choices=list(TEACHERS))
+    p.add_argument("--teacher-ckpt", default=None, help="Lightning ckpt of the teacher's config; default: train one")
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--data-root", default=os.environ.get("MMALIGN_DATA", "data"))
     p.add_argument("--work-dir", default="bench_repa_work")
@@ -169,17 +233,18 @@ def main() -> None:
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
     teacher = args.teacher_ckpt or train_teacher(args)
+    overhead = measure_overhead(args, teacher, args.overhead_reps) if args.overhead_reps else None
     results = []
     for s in args.seeds:
         for a in args.arms:
             results.append(run_arm(a, s, args, teacher))
             with open(args.out + ".partial", "w") as f:  # survives a run cut off by a time limit
-                json.dump({"teacher_checkpoint": teacher, "results": results}, f)
-    summary = summarise(results)
+                json.dump({"teacher_checkpoint": teacher, "overhead": overhead, "results": results}, f)
+    summary = summarise(results, overhead)
     print_table(summary)
     out = {"args": vars(args), "teacher_checkpoint": teacher, "fd_network": results[0]["fd_network"],
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "results": results,
-           "summary": summary}
+           "overhead": overhead, "summary": summary}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
