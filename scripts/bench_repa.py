@@ -5,7 +5,8 @@ Arms (same data, steps, seeds and FD network):
   unet_none   UNet2DModel, no alignment    unet_urepa  UNet + U-REPA (cosine + 3 x manifold, mid_block)
   unet_cos    UNet + mid_block cosine only (manifold_weight 0)
 Teacher (--teacher): a tiny ViT (configs/repa/teacher_vit_shapes.yaml) or a small dilated ResNet
-(configs/repa/teacher_resnet_shapes.yaml), trained here on the 36 shapes classes, or --teacher-ckpt. FD network: the teacher by default; --fd-ckpt takes the ResNet of configs/classify/shapes.yaml
+(configs/repa/teacher_resnet_shapes.yaml), trained here on the 36 shapes classes, or --teacher-ckpt.
+FD network: the teacher by default; --fd-ckpt takes the ResNet of configs/classify/shapes.yaml
 instead, so FD is not measured in the feature space the aligned arms were pulled towards.
 Reports FD at each eval step (mean over seeds), the steps each aligned arm needs to reach its baseline's
 final FD, and the training-step overhead of alignment: optimizer steps (forward, backward, AdamW) of
@@ -112,8 +113,8 @@ def build_arm(name: str, args, teacher_ckpt: str, fd_samples: int):
                                                                      else args.unet_kwargs)}
     return FlowMatchingDiffusion(num_classes=36, image_size=32, projector_dim=512, align_lambda=0.5, lr=args.lr,
                                  warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, fd_num_samples=fd_samples,
-                                 fd_sample_steps=args.fd_steps, teacher_checkpoint=teacher_ckpt, **TEACHERS[args.teacher][1], **fd,
-                                 **arm)
+                                 fd_sample_steps=args.fd_steps, teacher_checkpoint=teacher_ckpt,
+                                 **TEACHERS[args.teacher][1], **fd, **arm)
 
 
 def measure_overhead(args, teacher_ckpt: str, reps: int) -> dict:
@@ -183,9 +184,16 @@ def summarise(results: list[dict], overhead: dict | None) -> dict:
             continue
         final_step = max(curve[base])
         target = curve[base][final_step][0]
-        reach = next((s for s in sorted(curve[a]) if curve[a][s][0] <= target), None)
+        pts = sorted(curve[a])
+        reach = next((s for s in pts if curve[a][s][0] <= target), None)
+        interp = reach
+        if reach is not None and pts.index(reach) > 0:  # linear in FD between the two evaluations around it
+            s0 = pts[pts.index(reach) - 1]
+            f0, f1 = curve[a][s0][0], curve[a][reach][0]
+            interp = s0 + (reach - s0) * (f0 - target) / (f0 - f1)
         summary["speedup"][a] = {"baseline": base, "target_fd": target, "baseline_steps": final_step,
-                                 "arm_steps": reach, "ratio": final_step / reach if reach else None}
+                                 "arm_steps": reach, "arm_steps_interpolated": interp,
+                                 "ratio": final_step / interp if interp else None}
         # the interleaved measurement when there is one: per-run medians come from different moments
         summary["overhead"][a] = overhead["ratio"][a] if overhead else step_s[a] / step_s[base]
     return summary
@@ -202,7 +210,21 @@ def print_table(summary: dict) -> None:
     for a, s in summary["speedup"].items():
         r = f"{s['ratio']:.2f}x" if s["ratio"] else "not reached"
         print(f"{a}: reaches {s['baseline']}'s final FD {s['target_fd']:.3f} (step {s['baseline_steps']}) at step "
-              f"{s['arm_steps']} -> speed-up {r}; step-time overhead {summary['overhead'][a]:.2f}x")
+              f"{s['arm_steps']} (interpolated {s['arm_steps_interpolated'] or 0:.0f}) -> speed-up {r}; "
+              f"step-time overhead {summary['overhead'][a]:.2f}x")
+
+
+def merge(paths: list[str], out_path: str) -> None:
+    runs = [json.load(open(p)) for p in paths]
+    results = list({(r["arm"], r["seed"]): r for run in runs for r in run["results"]}.values())
+    overhead = next((run["overhead"] for run in runs if run.get("overhead")), None)
+    summary = summarise(results, overhead)
+    print_table(summary)
+    with open(out_path, "w") as f:
+        json.dump({"merged": paths, "fd_network": results[0]["fd_network"],
+                   "teacher": next((r["teacher"] for r in results if r["teacher"]), None), "results": results,
+                   "overhead": overhead, "summary": summary}, f, indent=1)
+    print(f"wrote {out_path}")
 
 
 def main() -> None:
@@ -230,7 +252,12 @@ def main() -> None:
     p.add_argument("--data-root", default=os.environ.get("MMALIGN_DATA", "data"))
     p.add_argument("--work-dir", default="bench_repa_work")
     p.add_argument("--out", default="bench_repa.json")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="summarise the results of earlier runs (final or .partial files, e.g. one seed per "
+                        "process) instead of training")
     args = p.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_float32_matmul_precision("high")
     teacher = args.teacher_ckpt or train_teacher(args)
     overhead = measure_overhead(args, teacher, args.overhead_reps) if args.overhead_reps else None
