@@ -246,7 +246,7 @@ def main() -> None:
     p.add_argument("--overhead-reps", type=int, default=20, help="interleaved timing rounds; 0 = skip")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--accelerator", default="auto")
-    p.add_argument("--teacher", default="vit", choices=list(TEACHERS))
+    p.add_argument("--teacher", default="resnet", choices=list(TEACHERS))
     p.add_argument("--teacher-ckpt", default=None, help="Lightning ckpt of the teacher's config; default: train one")
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--data-root", default=os.environ.get("MMALIGN_DATA", "data"))
