@@ -210,7 +210,7 @@ def print_table(summary: dict) -> None:
     for a, s in summary["speedup"].items():
         r = f"{s['ratio']:.2f}x" if s["ratio"] else "not reached"
         print(f"{a}: reaches {s['baseline']}'s final FD {s['target_fd']:.3f} (step {s['baseline_steps']}) at step "
-              f"{s['arm_steps']} (interpolated {s['arm_steps_interpolated'] or 0:.0f}) -> speed-up {r}; "
+              f"{s['arm_steps']} (interpolated {s['arm_steps_interpolated'] or float('nan'):.0f}) -> speed-up {r}; "
               f"step-time overhead {summary['overhead'][a]:.2f}x")
 
 
