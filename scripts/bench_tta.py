@@ -61,7 +61,9 @@ def run_dataset(name, ckpt, args, log):
         out.append({"seed": seed, "error_by_round": rounds, "images_per_s": res.throughput(),
                     "domain_errors_round1": res.domain_errors(0),
                     "domain_errors_last": res.domain_errors(args.rounds - 1),
-                    "skipped_updates": {n: m.skipped for n, m in methods.items()}, "seconds": time.time() - t0})
+                    "skipped_updates": {n: m.skipped for n, m in methods.items()},
+                    "filter_kept_fraction": {n: m.kept_fraction for n, m in methods.items()
+                                             if hasattr(m, "kept_fraction")}, "seconds": time.time() - t0})
         log(f"{name} seed {seed} ({time.time() - t0:.0f}s): " + "  ".join(
             f"{m} {r[0]:.1f}->{r[-1]:.1f}" for m, r in rounds.items()))
     n_images = sum(len(stream._decoded[d][1]) for d in stream.domain_names)

@@ -84,6 +84,7 @@ def test_empty_filter_selection_no_update_no_nan():
     logits = method(torch.randn(4, 3, 5, 5))
     assert torch.isfinite(logits).all()
     assert method.updates == 0 and method.skipped == 1 and method.last["kept"] == 0.0
+    assert (method.kept, method.seen, method.kept_fraction) == (0, 4, 0.0)
     for p, p0 in zip(method.params, before):
         assert torch.equal(p, p0)
 

@@ -39,6 +39,8 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp):
     assert set(errs["cafa"]) == {"gaussian_noise/5", "contrast/5"}
     assert res["updates"]["cafa"] == 4 and res["updates"]["source"] == 0
     assert res["throughput_vs_source"]["source"] == 1.0
+    kept = res["filter_kept_fraction"]
+    assert set(kept) == {"tent_filter"} and 0.0 <= kept["tent_filter"] <= 1.0
     assert os.path.getsize(in_tmp / "out" / "error_stream.png") > 1000
     rows = open(in_tmp / "out" / "errors.csv").read().splitlines()
     assert rows[0] == "method,round,domain,error_pct,n" and len(rows) == 1 + 3 * 2

@@ -67,9 +67,12 @@ def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 
     if "source" in tput:
         print("throughput (images/s): " + ", ".join(f"{m} {v:.0f} ({v / tput['source']:.2f}x source)"
                                                      for m, v in tput.items()))
+    kept = {n: m.kept_fraction for n, m in methods.items() if hasattr(m, "kept_fraction")}
+    if kept:
+        print("filter kept: " + ", ".join(f"{n} {100 * v:.1f}% of samples" for n, v in kept.items()))
     extra = {"updates": {n: m.updates for n, m in methods.items()},
              "skipped_updates": {n: m.skipped for n, m in methods.items()},
-             "source_checkpoint": model.hparams.source_checkpoint}
+             "filter_kept_fraction": kept, "source_checkpoint": model.hparams.source_checkpoint}
     paths = write_outputs(result, out_dir, plot, extra)
     if save_adapted:
         src = os.path.realpath(model.hparams.source_checkpoint) if model.hparams.source_checkpoint else None

@@ -148,6 +148,11 @@ class TentFilter(TTAMethod):
     def __init__(self, model, cfg=None):
         super().__init__(model, cfg)
         self.original = copy.deepcopy(self.model).requires_grad_(False)
+        self.kept, self.seen = 0, 0  # samples the filter kept / saw, over the whole stream
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.seen if self.seen else float("nan")
 
     def to(self, device):
         self.original.to(device)
@@ -159,6 +164,8 @@ class TentFilter(TTAMethod):
             p_orig = self.original(images).softmax(-1)
         keep = crowd_filter_mask(logits.detach().softmax(-1), p_orig)
         self.last["kept"] = float(keep.float().mean())
+        self.kept += int(keep.sum())
+        self.seen += keep.numel()
         self._update(filtered_entropy_loss(logits, keep, self.cfg.filter_alpha))
         return logits.detach()
 
