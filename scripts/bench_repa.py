@@ -109,8 +109,8 @@ def build_arm(name: str, args, teacher_ckpt: str, fd_samples: int):
 
     fd = dict(FD_RESNET, fd_checkpoint=args.fd_ckpt) if args.fd_ckpt else {}
     arm = dict(ARMS[name])
-    arm["backbone_kwargs"] = {**arm["backbone_kwargs"], **json.loads(args.dit_kwargs if arm["backbone"] == "dit"
-                                                                     else args.unet_kwargs)}
+    arm["backbone_kwargs"] = {**arm["backbone_kwargs"],
+                              **(args.dit_kwargs if arm["backbone"] == "dit" else args.unet_kwargs)}
     return FlowMatchingDiffusion(num_classes=36, image_size=32, projector_dim=512, align_lambda=0.5, lr=args.lr,
                                  warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, fd_num_samples=fd_samples,
                                  fd_sample_steps=args.fd_steps, teacher_checkpoint=teacher_ckpt,
@@ -141,7 +141,7 @@ def measure_overhead(args, teacher_ckpt: str, reps: int) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.trainable_parameters(), m.hparams.grad_clip)
             opts[a].step()
-            m.ema.update(m.backbone, r)
+            m.on_train_batch_end(loss, batch, r)  # the EMA update
             if r >= 2:
                 times[a].append(time.perf_counter() - t0)
     med = {a: statistics.median(v) for a, v in times.items()}
@@ -215,7 +215,10 @@ def print_table(summary: dict) -> None:
 
 
 def merge(paths: list[str], out_path: str) -> None:
-    runs = [json.load(open(p)) for p in paths]
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs.append(json.load(f))
     results = list({(r["arm"], r["seed"]): r for run in runs for r in run["results"]}.values())
     overhead = next((run["overhead"] for run in runs if run.get("overhead")), None)
     summary = summarise(results, overhead)
@@ -241,8 +244,8 @@ def main() -> None:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--fd-ckpt", default=None,
                    help="ResNet ckpt of configs/classify/shapes.yaml as FD network (default: the teacher)")
-    p.add_argument("--dit-kwargs", default="{}", help='JSON overrides of the DiT size, e.g. \'{"num_layers": 4}\'')
-    p.add_argument("--unet-kwargs", default="{}", help="JSON overrides of the UNet size")
+    p.add_argument("--dit-kwargs", type=json.loads, default="{}", help='JSON overrides of the DiT size, e.g. \'{"num_layers": 4}\'')
+    p.add_argument("--unet-kwargs", type=json.loads, default="{}", help="JSON overrides of the UNet size")
     p.add_argument("--overhead-reps", type=int, default=20, help="interleaved timing rounds; 0 = skip")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--accelerator", default="auto")
