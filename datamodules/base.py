@@ -158,7 +158,7 @@ class StreamingDataModule(pl.LightningDataModule):
             generate_dataset(self.generate, root, **self.generate_kwargs)
 
     def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer  # set by Lightning when the datamodule is attached
         if trainer is not None:
             return trainer.global_rank, trainer.world_size
         return get_rank(), get_world_size()
@@ -235,7 +235,7 @@ class StreamingDataModule(pl.LightningDataModule):
 
     # ---- loaders ------------------------------------------------------------------------------
     def _epoch(self) -> int:
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.trainer  # set by Lightning when the datamodule is attached
         return trainer.current_epoch if trainer is not None else 0
 
     def train_dataloader(self) -> StreamingLoader:
