@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 
-from mmalign.distributed import batches_per_rank, get_rank, get_world_size
-
+from .health import DataHealth
 from .shards import ShardError, ShardIndex, _is_remote, expand_shards, index_shard, read_sizes_file
-from .stream import EvalCollate, InMemoryDataset, StreamingDataset, StreamingLoader, UnpaddedDistributedSampler
+from .slots import batches_per_rank, get_rank, get_world_size
+from .stream import EvalLoader, InMemoryDataset, StreamingDataset, StreamingLoader, UnpaddedDistributedSampler
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class StreamingDataModule(pl.LightningDataModule):
         train_shards: Training shards: a directory, brace pattern, glob, list, or ``pipe:`` command.
         val_shards: Validation shards (loaded into memory, every sample evaluated once).
         test_shards: Test shards (same as validation).
+        predict_shards: Shards for ``predict`` (every sample once, like test; default: the
+            ``test_shards``). Models that make their own inputs (REPA's class labels) need none.
         batch_size: Per-process batch size.
         eval_batch_size: Per-process evaluation batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes per rank.
@@ -64,6 +66,9 @@ class StreamingDataModule(pl.LightningDataModule):
         extra_val_shards: More named validation sets, e.g. ``{heldout: shapes/heldout}``; each
             gets its own dataloader and its metrics are logged under its name (the main one is
             ``val``).
+        max_skip_fraction: Largest fraction of unusable samples (corrupt, or lacking a required
+            member) a shard or reader may have before set-up or training stops with an error;
+            below it, skipped samples are counted and reported.
     """
 
     #: member-extension alternatives every sample must have, e.g. (("jpg", "png", "webp"), ("txt",))
@@ -76,6 +81,7 @@ class StreamingDataModule(pl.LightningDataModule):
         train_shards: ShardSpec = None,
         val_shards: ShardSpec = None,
         test_shards: ShardSpec = None,
+        predict_shards: ShardSpec = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -92,12 +98,15 @@ class StreamingDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         data_root: str | None = None,
         extra_val_shards: dict[str, str | list[str]] | None = None,
+        max_skip_fraction: float = 0.5,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}.")
         if resampled and not samples_per_epoch:
             raise ValueError("resampled: true needs samples_per_epoch (the global number of samples per epoch).")
         if generate is not None:
@@ -107,7 +116,7 @@ class StreamingDataModule(pl.LightningDataModule):
                 raise ValueError(f"generate: unknown dataset '{generate}'. Choose one of {sorted(GENERATORS)}.")
         self.data_root = data_root
         self.shards = {"fit": self._rooted(train_shards), "validate": self._rooted(val_shards),
-                       "test": self._rooted(test_shards)}
+                       "test": self._rooted(test_shards), "predict": self._rooted(predict_shards)}
         for name, spec in (extra_val_shards or {}).items():
             if name in ("val", "fit", "validate", "test"):
                 raise ValueError(f"extra_val_shards: '{name}' is reserved; pick another name.")
@@ -120,7 +129,11 @@ class StreamingDataModule(pl.LightningDataModule):
         self.generate, self.generate_kwargs = generate, dict(generate_kwargs or {})
         self.preprocess = preprocess or Preprocess()
         self.pin_memory = pin_memory
+        self.max_skip_fraction = max_skip_fraction
+        self.health = DataHealth()  # skipped samples per stage; reported by mmalign's DataHealthMonitor
         self._train: StreamingDataset | None = None
+        self._train_loader: StreamingLoader | None = None
+        self._stream_state: dict | None = None
         self._eval: dict[str, InMemoryDataset] = {}
 
     def _rooted(self, spec: ShardSpec) -> ShardSpec:
@@ -141,12 +154,33 @@ class StreamingDataModule(pl.LightningDataModule):
 
     # ---- preparation --------------------------------------------------------------------------
     def _generated_roots(self) -> set[str]:
+        """Roots of the built-in dataset to create: the parents of configured split folders that do
+        not exist. A missing folder is only generated when it can be what the generator writes: its
+        root is named after the dataset (``.../shapes``, ``.../shapes32``) and the split is one the
+        generator knows; anything else is a typo and fails instead of silently creating a dataset."""
+        from .generate import SPLITS
+
         roots = set()
-        for spec in self.shards.values():
+        for key, spec in self.shards.items():
             for s in [spec] if isinstance(spec, str) else (spec or []):
-                if not _is_remote(s) and not os.path.exists(s):
-                    roots.add(os.path.dirname(os.path.normpath(s)))
+                if _is_remote(s) or os.path.exists(s):
+                    continue
+                root, split = os.path.split(os.path.normpath(s))
+                what = self._spec_name(key)
+                if not os.path.basename(root).startswith(self.generate):
+                    raise ShardError(f"{what}: '{s}' does not exist, and generate: {self.generate} only writes into a "
+                                     f"folder named after the dataset ('.../{self.generate}/{split}'), so this looks "
+                                     f"like a typo in the path. Fix the path, or name the folder '{self.generate}*'.")
+                if split not in SPLITS[self.generate]:
+                    raise ShardError(f"{what}: '{s}' does not exist and '{split}' is not a split of the built-in "
+                                     f"'{self.generate}' dataset ({', '.join(SPLITS[self.generate])}). Fix the split name.")
+                roots.add(root)
         return roots
+
+    @staticmethod
+    def _spec_name(key: str) -> str:
+        names = {"fit": "train_shards", "validate": "val_shards", "test": "test_shards", "predict": "predict_shards"}
+        return names.get(key, f"extra_val_shards.{key.partition(':')[2]}")
 
     def prepare_data(self) -> None:
         """Create the built-in dataset on first use (local rank 0 only; Lightning then barriers)."""
@@ -163,33 +197,43 @@ class StreamingDataModule(pl.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return get_rank(), get_world_size()
 
-    def _count(self, urls: list[str], what: str) -> int:
+    def _index(self, urls: list[str], what: str) -> dict[str, int]:
+        """Sample counts per shard (``sizes.json``, overridden by the index of local shards when
+        ``validate_shards``); the index also checks members and labels."""
         sizes = read_sizes_file(urls)
-        local = [u for u in urls if not _is_remote(u)]
-        total = 0
-        if self.validate_shards and local:
-            for url in local:
-                index = index_shard(url, self.index_read)
-                self._check_required(index)
+        if self.validate_shards:
+            for url in (u for u in urls if not _is_remote(u)):
+                index = index_shard(url, self.index_read, self.required)
+                self._check_required(index, what)
                 self.check_index(index)
                 sizes[url] = index.num_samples
-        for url in urls:
-            if url not in sizes:
-                if self.samples_per_epoch:
-                    return self.samples_per_epoch
-                raise ShardError(f"{what}: cannot count samples of '{url}' (remote or unindexed, no "
-                                 "sizes.json). Set samples_per_epoch, or validate_shards: true for local shards.")
-            total += sizes[url]
-        return self.samples_per_epoch or total
+        return sizes
 
-    def _check_required(self, index: ShardIndex) -> None:
+    def _count(self, urls: list[str], sizes: dict[str, int], what: str) -> int:
+        if self.samples_per_epoch:
+            return self.samples_per_epoch
+        unknown = [u for u in urls if u not in sizes]
+        if unknown:
+            raise ShardError(f"{what}: cannot count samples of '{unknown[0]}' (remote or unindexed, no "
+                             "sizes.json). Set samples_per_epoch, or validate_shards: true for local shards.")
+        return sum(sizes[u] for u in urls)
+
+    def _check_required(self, index: ShardIndex, what: str = "shards") -> None:
         if index.num_samples == 0:
-            raise ShardError(f"shard '{index.url}' holds no samples. Remove it from the shard list.")
+            raise ShardError(f"{what}: shard '{index.url}' holds no samples. Remove it from the shard list.")
         for alternatives in self.required:
             have = sum(index.ext_counts.get(ext, 0) for ext in alternatives)
             if have == 0:
-                raise ShardError(f"shard '{index.url}' has no sample with a {'/'.join('.' + e for e in alternatives)} "
-                                 f"member (members seen: {sorted(index.ext_counts)}). Wrong shard or wrong datamodule?")
+                raise ShardError(f"{what}: shard '{index.url}' has no sample with a "
+                                 f"{'/'.join('.' + e for e in alternatives)} member (members seen: "
+                                 f"{sorted(index.ext_counts)}). Wrong shard or wrong datamodule?")
+        missing = index.num_samples - index.complete
+        if self.required and missing > self.max_skip_fraction * index.num_samples:
+            need = " + ".join("/".join("." + e for e in alt) for alt in self.required)
+            raise ShardError(f"{what}: {missing} of the {index.num_samples} samples of shard '{index.url}' lack a "
+                             f"required member ({need}; e.g. {index.incomplete_keys}), more than max_skip_fraction="
+                             f"{self.max_skip_fraction}. Batches would repeat the few complete samples. Fix the "
+                             "shard, point caption_key/label_key at the right member, or raise max_skip_fraction.")
 
     def setup(self, stage: str) -> None:
         rank, world = self._world()
@@ -200,32 +244,40 @@ class StreamingDataModule(pl.LightningDataModule):
                                  f"{max(1, self.num_workers)} worker(s): every reader needs its own shard. "
                                  "Re-shard into more files, lower num_workers, or set resampled: true with "
                                  "samples_per_epoch.")
-            total = self._count(urls, "train_shards")
+            sizes = self._index(urls, "train_shards")
+            total = self._count(urls, sizes, "train_shards")
             n_batches = batches_per_rank(total, world, self.batch_size, self.drop_last)
             if n_batches == 0:
                 raise ShardError(f"train_shards: {total} samples cannot fill one batch of {self.batch_size} "
                                  f"on each of {world} rank(s). Lower batch_size or add data.")
             self._train = StreamingDataset(
-                urls, self._decode_train, self.collate, self.batch_size, n_batches,
+                urls, self._decode_train, self.collate, self.batch_size, n_batches, sizes=sizes,
                 shuffle_buffer=self.shuffle_buffer, seed=self.seed, resampled=self.resampled,
-                rank=rank, world_size=world)
+                rank=rank, world_size=world, max_skip_fraction=self.max_skip_fraction)
             log.info("train stream: %d shards, %d samples, %d batches/rank", len(urls), total, n_batches)
-        evals = [k for k in self.shards if k.startswith("validate")] if stage in ("fit", "validate") else [stage]
+        if stage in ("fit", "validate"):
+            evals = [k for k in self.shards if k.startswith("validate")]
+        elif stage == "predict":
+            evals = ["predict"] if self.shards.get("predict") is not None else []
+        else:
+            evals = [stage]
         for split in evals:
             if split in self._eval or split not in self.shards:
                 continue
             spec = self.shards[split]
             if spec is None:
                 if split == stage:
-                    raise ShardError(f"{split}: no {'val' if split == 'validate' else split}_shards configured.")
+                    raise ShardError(f"{split}: no {self._spec_name(split)} configured.")
                 continue
-            urls = expand_shards(spec, f"{split} shards")
-            if self.validate_shards:
-                for url in (u for u in urls if not _is_remote(u)):
-                    index = index_shard(url, self.index_read)
-                    self._check_required(index)
-                    self.check_index(index)
-            self._eval[split] = InMemoryDataset(urls, self._decode_eval, self.max_eval_samples)
+            what = self._spec_name(split)
+            urls = expand_shards(spec, what)
+            sizes = self._index(urls, what)
+            self._eval[split] = InMemoryDataset(urls, self._decode_eval, self.max_eval_samples, sizes)
+            self.health.add(self._stage_name(split), self._eval[split].load_report)
+
+    @staticmethod
+    def _stage_name(split: str) -> str:
+        return {"validate": "val"}.get(split.partition(":")[0], split.partition(":")[0])
 
     def _decode_train(self, sample: dict) -> dict:
         return self.decode(sample, train=True)
@@ -235,24 +287,41 @@ class StreamingDataModule(pl.LightningDataModule):
 
     # ---- loaders ------------------------------------------------------------------------------
     def _epoch(self) -> int:
-        trainer = self.trainer  # set by Lightning when the datamodule is attached
-        return trainer.current_epoch if trainer is not None else 0
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _progress(self) -> int | None:
+        """Batches of the current epoch the training loop has consumed (for the saved stream position)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> StreamingLoader:
         if self._train is None:
             raise RuntimeError("train_dataloader() before setup('fit'): no train_shards were set up.")
-        return StreamingLoader(self._train, epoch_fn=self._epoch, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory)
+        loader = StreamingLoader(self._train, epoch_fn=self._epoch,
+                                 progress_fn=self._progress if self.trainer is not None else None,
+                                 health=self.health, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        if self._stream_state is not None:
+            loader.load_state_dict(self._stream_state)
+        self._train_loader = loader
+        return loader
+
+    # ---- exact resume -------------------------------------------------------------------------
+    # The position within an epoch travels in the checkpoint as the datamodule's state: Lightning
+    # restores it before it builds the train loader (the loader's own state would be restored too
+    # late when ``configure_optimizers`` already counted batches through it).
+    def state_dict(self) -> dict:
+        loader = getattr(self, "_train_loader", None)
+        return {"stream": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._stream_state = state.get("stream")
 
     def _eval_loader(self, split: str):
         if split not in self._eval:
             return []
         ds = self._eval[split]
         rank, world = self._world()
-        from torch.utils.data import DataLoader
-
-        return DataLoader(ds, batch_size=self.eval_batch_size, sampler=UnpaddedDistributedSampler(ds, world, rank),
-                          num_workers=self.num_workers, collate_fn=EvalCollate(self.collate),
+        return EvalLoader(ds, self.collate, self._stage_name(split), self.health, batch_size=self.eval_batch_size,
+                          sampler=UnpaddedDistributedSampler(ds, world, rank), num_workers=self.num_workers,
                           pin_memory=self.pin_memory)
 
     def val_dataloader(self):
@@ -263,8 +332,22 @@ class StreamingDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._eval_loader("test")
 
-    def eval_load_errors(self) -> dict[str, list[str]]:
-        return {k: v.load_errors for k, v in self._eval.items() if v.load_errors}
+    def predict_dataloader(self):
+        """``predict_shards`` when configured; else the model's own ``predict_dataloader`` (a generative
+        model makes its own inputs, e.g. class labels to sample); else the ``test_shards``."""
+        if "predict" in self._eval:
+            return self._eval_loader("predict")
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        own = getattr(type(model), "predict_dataloader", None) if model is not None else None
+        if own is not None and own is not pl.LightningModule.predict_dataloader:
+            return model.predict_dataloader()
+        if self.shards.get("test") is None:
+            raise ShardError("predict: set data.init_args.predict_shards (or test_shards) to the shards to predict on "
+                             f"({type(model).__name__ if model is not None else 'this model'} makes no inputs of its "
+                             "own).")
+        self.shards["predict"] = self.shards["test"]
+        self.setup("predict")
+        return self._eval_loader("predict")
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:

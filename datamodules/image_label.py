@@ -49,6 +49,7 @@ class ImageLabelDataModule(StreamingDataModule):
         return label
 
     def check_index(self, index: ShardIndex) -> None:
+        missing, fields = [], set()
         for key, members in index.texts.items():
             if self.label_key == "cls" and "cls" not in members:
                 continue  # a sample without label is skipped (and counted) when streamed
@@ -57,7 +58,16 @@ class ImageLabelDataModule(StreamingDataModule):
             except DataConfigError:
                 raise
             except (KeyError, ValueError):
-                continue
+                missing.append(key)
+                try:
+                    fields.update(json.loads(members.get("json") or "{}"))
+                except ValueError:
+                    pass
+        if missing and len(missing) > self.max_skip_fraction * max(1, index.num_samples):
+            where = "a readable .cls" if self.label_key == "cls" else f"json field '{self.label_key}'"
+            raise DataConfigError(f"{index.url}: {len(missing)} of {index.num_samples} samples have no {where} "
+                                  f"(e.g. {missing[:3]}; json fields seen: {sorted(fields)[:12]}). Set label_key to "
+                                  "the member or json field that holds the class index.")
 
     def decode(self, sample: dict, train: bool) -> dict:
         chosen = self.preprocess.train_transform if train else self.preprocess.eval_transform

@@ -83,10 +83,15 @@ class ShardIndex:
     num_samples: int
     ext_counts: Counter = field(default_factory=Counter)
     texts: dict[str, dict[str, str]] = field(default_factory=dict)  # key -> {ext: text} for read_exts
+    complete: int = 0  # samples carrying every required member group
+    incomplete_keys: list[str] = field(default_factory=list)  # a few examples of the others
 
 
-def index_shard(url: str, read_exts: Sequence[str] = ()) -> ShardIndex:
-    """Scan a local tar's headers (seeking over payloads) and read the small members in ``read_exts``."""
+def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequence[str]] = ()) -> ShardIndex:
+    """Scan a local tar's headers (seeking over payloads) and read the small members in ``read_exts``.
+
+    ``required`` lists member alternatives every usable sample needs (e.g. ``(("jpg", "png"), ("txt",))``);
+    the index counts the samples that have them all."""
     keys: dict[str, set[str]] = {}
     texts: dict[str, dict[str, str]] = {}
     try:
@@ -101,7 +106,8 @@ def index_shard(url: str, read_exts: Sequence[str] = ()) -> ShardIndex:
     except (tarfile.TarError, OSError) as exc:
         raise ShardError(f"shard '{url}' is not a readable tar file ({exc}). Re-create or remove it.") from exc
     counts = Counter(ext for exts in keys.values() for ext in exts)
-    return ShardIndex(url, len(keys), counts, texts)
+    bad = [k for k, exts in keys.items() if not all(exts & set(group) for group in required)]
+    return ShardIndex(url, len(keys), counts, texts, len(keys) - len(bad), bad[:3])
 
 
 def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:
@@ -116,16 +122,30 @@ def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:
     return sizes
 
 
-def iter_tar_samples(url: str, errors: list[str]) -> Iterator[dict]:
+def iter_tar_samples(url: str, errors: list[str], start: int = 0) -> Iterator[dict]:
     """Yield samples ``{"__key__", "__url__", ext: bytes, ...}`` from one shard, streaming.
+
+    ``start`` rotates the shard: samples ``start..end`` first, then ``0..start-1`` (a second read that
+    stops there). A reader whose epoch quota ends inside a big shard thus reaches a different part of
+    it each epoch instead of never seeing its tail; skipped payloads are not read into memory.
 
     A truncated or unreadable tar ends that shard early: the failure is appended to ``errors`` (the
     caller counts it) instead of killing the run, because one bad file in a 10k-shard set must not
     cost a day of training.
     """
+    yield from _read_tar(url, errors, skip=start)
+    if start > 0:
+        again: list[str] = []  # a truncation shows up in both reads: report it once
+        yield from _read_tar(url, again, stop=start)
+        if again and not errors:
+            errors.extend(again)
+
+
+def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = None) -> Iterator[dict]:
     from webdataset.gopen import gopen
 
     current: dict | None = None
+    index = -1  # position of the current sample in the shard
     stream = None
     try:
         stream = gopen(url, "rb")
@@ -136,20 +156,23 @@ def iter_tar_samples(url: str, errors: list[str]) -> Iterator[dict]:
                 key, ext = split_key(member.name)
                 if os.path.basename(key).startswith("__"):
                     continue
-                data = tf.extractfile(member).read()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
+                if current is None or current["__key__"] != key:
+                    if current is not None and index >= skip:
+                        yield current
+                    index += 1
+                    if stop is not None and index >= stop:
+                        current = None
+                        break
                     current = {"__key__": key, "__url__": url}
-                current[ext] = data
+                if index >= skip:  # tarfile's stream mode skips unread payloads by itself
+                    current[ext] = tf.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         errors.append(f"{url}: unreadable after key {current['__key__'] if current else '-'} ({exc})")
         current = None  # a sample cut by the truncation is incomplete; drop it
     finally:
         if stream is not None:  # tarfile does not close a file object it was handed
             stream.close()
-    if current is not None:
+    if current is not None and index >= skip:
         yield current
 
 

@@ -1,36 +1,41 @@
-"""The streaming core: shards -> samples -> decoded, shuffled batches, split by rank and worker.
+"""The streaming core: shards -> raw samples -> shuffle -> decode -> batches, split by rank and worker.
 
-Guarantees (tested with 2 gloo processes):
-- every rank reads a disjoint set of shards (without ``resampled``), so no sample is seen twice
-  in one pass across ranks;
-- every rank yields exactly ``batches_per_rank`` batches per epoch, whatever the shard sizes:
-  a reader that runs dry starts its own shards again (re-shuffled), one with more data stops
-  early. Equal batch counts are what keep DDP's all-reduce from waiting forever;
-- samples that fail to decode are skipped, counted and their reasons passed along with the next
-  batch (keys ``__skipped__``/``__skip_reasons__``), for ``DataHealthMonitor`` to report.
+Guarantees (tested, with 2 gloo processes where ranks matter):
+- every rank reads a disjoint set of shards (without ``resampled``), dealt so readers hold
+  near-equal sample counts, and re-dealt every epoch (the epoch seeds the permutation);
+- every rank yields exactly ``batches_per_rank`` batches per epoch, whatever the shard sizes: a
+  reader that runs dry starts its own shards again (re-shuffled), one with more data stops early.
+  Equal batch counts are what keep DDP's all-reduce from waiting forever;
+- exact mid-epoch resume: shuffling happens on raw (undecoded) samples, so the order a reader
+  pulls samples in is a pure function of (seed, epoch, reader) and never of which samples failed
+  to decode; each sample is decoded under an RNG seeded by its position, so augmentation is
+  reproducible too. A reader's position is one integer (samples pulled), and a resumed epoch
+  skips to it without decoding what came before;
+- samples that fail to decode are skipped and counted; truncated shards count the samples they
+  lost (from the shard index), not one event. The count travels beside each batch to the
+  loader, which adds it to the datamodule's ``DataHealth``: no bookkeeping key ever enters a
+  batch. A reader that finds more than ``max_skip_fraction`` of its samples unusable stops with
+  an error instead of training on repeats of the few good ones.
 
-Batches are assembled inside the workers (DataLoader ``batch_size=None``), which is what makes
-the per-worker batch quota exact.
+Batches are assembled inside the workers (DataLoader ``batch_size=None``), which is what makes the
+per-worker batch quota exact.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from mmalign.distributed import StreamSlot, assign_shards, current_slot, split_evenly
-
+from .health import DataHealth, DataHealthError, SkipReport
 from .shards import ShardError, iter_tar_samples
-
-SKIPPED = "__skipped__"
-SKIP_REASONS = "__skip_reasons__"
-EMPTY = "__empty__"
-MAX_REASONS = 5
-
+from .slots import StreamSlot, assign_shards, current_slot, split_evenly, worker_share
 
 _PASS_END = object()  # marks the end of one pass over a reader's shards
 
@@ -48,14 +53,54 @@ def _decode_or_reason(decode: Callable[[dict], dict], raw: dict) -> tuple[dict |
         return None, f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}: {type(exc).__name__}: {exc}"
 
 
-def _with_skips(batch: dict, skipped: int, reasons: list[str]) -> dict:
-    batch[SKIPPED] = skipped
-    batch[SKIP_REASONS] = reasons[:MAX_REASONS]
-    return batch
+@contextmanager
+def _seeded(seed: int):
+    """Run a decode under torch/python RNGs seeded for this sample, then restore the caller's
+    state (with num_workers=0 the decode runs in the training process, whose RNG must not move)."""
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(py_state)
+
+
+def _sample_seed(seed: int, epoch: int, reader: int, position: int) -> int:
+    return (((seed * 1_000_003 + epoch) * 1_000_003 + reader) * 1_000_003 + position) % (2**63)
+
+
+_GOLDEN = (5 ** 0.5 - 1) / 2
+
+
+def _rotation(epoch: int, url: str, size: int) -> int:
+    """Where a shard starts this epoch. Offsets step by the golden ratio of its size, so the parts a
+    reader reaches before its quota ends cover the whole shard within a few epochs (a random offset
+    would leave gaps for longer), and differ between shards by a stable per-shard phase."""
+    import zlib
+
+    phase = zlib.crc32(url.encode()) / 2**32
+    return int(((epoch + phase) * _GOLDEN % 1.0) * size)
+
+
+@dataclass
+class StreamItem:
+    """What a reader hands the loader: the batch plus the reader's bookkeeping for it."""
+
+    batch: dict
+    report: SkipReport
+    worker: int
+    batches: int  # batches this worker has produced this epoch, this one included
+    cursor: int  # raw samples it has pulled from its shuffled stream this epoch
 
 
 class StreamingDataset(IterableDataset):
-    """Endless-per-epoch stream cut to exactly ``batches_per_rank`` batches on every rank."""
+    """Endless-per-epoch stream cut to exactly ``batches_per_rank`` batches on every rank.
+
+    ``sizes`` (url -> sample count, from the shard index or ``sizes.json``) balances the shard
+    assignment and lets a truncated shard report how many samples it lost.
+    """
 
     def __init__(
         self,
@@ -65,71 +110,75 @@ class StreamingDataset(IterableDataset):
         batch_size: int,
         batches_per_rank: int,
         *,
+        sizes: dict[str, int] | None = None,
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         seed: int = 0,
         resampled: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        max_skip_fraction: float = 0.5,
     ) -> None:
         self.urls = list(urls)
+        self.sizes = dict(sizes or {})
         self.decode, self.collate = decode, collate
         self.batch_size, self.batches_per_rank = batch_size, batches_per_rank
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.resampled = resampled
         self.rank, self.world_size = rank, world_size
+        self.max_skip_fraction = max_skip_fraction
         self.epoch = 0
+        self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches done, cursor), this epoch only
+        # A resumed epoch continues at batch k, which belongs to worker k % W, but a new DataLoader
+        # asks its worker 0 first: worker i therefore plays reader (i + offset) % W.
+        self.worker_offset = 0
 
     def __len__(self) -> int:
         return self.batches_per_rank
 
-    def _shard_order(self, slot: StreamSlot, rng: random.Random) -> Iterator[str]:
-        if self.resampled:
-            while True:  # sampling shards with replacement: no per-rank disjointness, by design
-                yield rng.choice(self.urls)
-        # The same permutation on every rank (seeded by epoch only) keeps the assignment disjoint
-        # while still moving shards between ranks from one epoch to the next.
+    def shards_of(self, slot: StreamSlot) -> list[str]:
+        """The shards ``slot`` reads this epoch (same permutation on every rank: disjoint readers)."""
         order = list(range(len(self.urls)))
         if self.shuffle:
             random.Random(f"{self.seed}-{self.epoch}-perm").shuffle(order)
-        mine = [self.urls[order[i]] for i in assign_shards(len(order), slot)]
+        sizes = [self.sizes.get(self.urls[i]) for i in order]
+        mine = [self.urls[order[p]] for p in assign_shards(sizes, slot)]
         if not mine:
             raise ShardError(f"reader {slot} got no shard: {len(self.urls)} shards for {slot.count} "
                              "readers. Use fewer workers, more shards, or resampled: true.")
+        return mine
+
+    def _shard_order(self, slot: StreamSlot, rng: random.Random) -> Iterator[str | None]:
+        if self.resampled:
+            while True:  # shards drawn with replacement: no per-rank disjointness, by design
+                yield rng.choice(self.urls)
+        mine = self.shards_of(slot)
         while True:
             if self.shuffle:
                 rng.shuffle(mine)
             yield from mine
             yield None  # pass boundary
 
-    def _samples(self, slot: StreamSlot, rng: random.Random, stats: dict) -> Iterator[dict]:
-        decoded_since_restart, shards_since_restart = 0, 0
+    def _raw(self, slot: StreamSlot, rng: random.Random, holder: list[SkipReport]) -> Iterator[Any]:
         for url in self._shard_order(slot, rng):
             if url is None:
                 yield _PASS_END
                 continue
             errors: list[str] = []
-            for raw in iter_tar_samples(url, errors):
-                sample, reason = _decode_or_reason(self.decode, raw)
-                if sample is None:
-                    stats["skipped"] += 1
-                    stats["reasons"].append(reason)
-                    continue
-                decoded_since_restart += 1
-                yield sample
-            for err in errors:
-                stats["skipped"] += 1
-                stats["reasons"].append(err)
-            shards_since_restart += 1
-            if shards_since_restart >= len(self.urls) + 1:
-                if decoded_since_restart == 0:
-                    raise ShardError(f"reader {slot}: its shards produced no decodable sample "
-                                     f"(last reasons: {stats['reasons'][-3:]}). Check the shards.")
-                decoded_since_restart, shards_since_restart = 0, 0
+            n = 0
+            expected = self.sizes.get(url)
+            start = _rotation(self.epoch, url, expected) if self.shuffle and expected and expected > 1 else 0
+            for raw in iter_tar_samples(url, errors, start):
+                n += 1
+                yield raw
+            if errors:
+                lost = max(1, expected - n) if expected else 1
+                note = f" ({lost} of {expected} samples lost)" if expected else " (sample count unknown; counted as 1)"
+                holder[0].add(lost, errors[0] + note)
 
-    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+    def _shuffled(self, samples: Iterator[Any], rng: random.Random) -> Iterator[dict]:
         # The buffer drains at every pass boundary: a buffer larger than a reader's data must not
-        # fill up with repeats of it (and re-count its corrupt samples) before yielding anything.
+        # fill up with repeats of it before yielding anything.
         buf: list[dict] = []
         for s in samples:
             if s is _PASS_END:
@@ -149,25 +198,137 @@ class StreamingDataset(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[StreamItem]:
         slot = current_slot(self.rank, self.world_size)
+        if self.worker_offset:
+            slot = replace(slot, worker=(slot.worker + self.worker_offset) % slot.num_workers)
         quota = split_evenly(self.batches_per_rank, slot.num_workers, slot.worker)
-        if quota == 0:
+        done, cursor = self.resume.get(slot.worker, (0, 0))
+        if done >= quota:
             return
         rng = random.Random(f"{self.seed}-{self.epoch}-{slot.index}")
-        stats: dict[str, Any] = {"skipped": 0, "reasons": []}
-        batch: list[dict] = []
-        produced = 0
-        for sample in self._shuffled(self._samples(slot, rng, stats), rng):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield _with_skips(self.collate(batch), stats["skipped"], stats["reasons"])
-                stats["skipped"], stats["reasons"] = 0, []  # in place: _samples holds this dict
-                batch = []
-                produced += 1
-                if produced == quota:
-                    return
+        holder = [SkipReport()]
+        stream = self._shuffled(self._raw(slot, rng, holder), rng)
+        for _ in range(cursor):  # resume: replay the raw order without decoding it
+            next(stream)
+        holder[0] = SkipReport()  # what was skipped before the position was reported before the kill
+        seen = bad = 0
+        while done < quota:
+            samples: list[dict] = []
+            while len(samples) < self.batch_size:
+                raw = next(stream)
+                cursor += 1
+                with _seeded(_sample_seed(self.seed, self.epoch, slot.index, cursor)):
+                    sample, reason = _decode_or_reason(self.decode, raw)
+                seen += 1
+                if sample is None:
+                    holder[0].add(1, reason)
+                    bad += 1
+                else:
+                    samples.append(sample)
+                self._check_health(slot, seen, bad, holder[0])
+            done += 1
+            report, holder[0] = holder[0], SkipReport()
+            yield StreamItem(self.collate(samples), report, slot.worker, done, cursor)
 
+    def _check_health(self, slot: StreamSlot, seen: int, bad: int, report: SkipReport) -> None:
+        if seen >= max(2 * self.batch_size, 32) and bad > self.max_skip_fraction * seen:
+            raise DataHealthError(
+                f"reader {slot.index} (rank {slot.rank}, worker {slot.worker}): {bad} of the {seen} samples it read "
+                f"were unusable, more than max_skip_fraction={self.max_skip_fraction}. Training on the rest would "
+                f"repeat a few samples over and over. Examples: {report.reasons[:3]}. Fix or remove the bad shards "
+                "(or the caption/label settings), or raise max_skip_fraction if this is expected.")
+
+
+class StreamingLoader(DataLoader):
+    """DataLoader over a ``StreamingDataset``: sets the epoch, strips and records each batch's
+    bookkeeping, and saves/restores the position within an epoch for exact resume.
+
+    Lightning saves ``state_dict()`` with every checkpoint and calls ``load_state_dict()`` when it
+    resumes (the ``_Stateful`` protocol). ``progress_fn`` returns how many batches of the current
+    epoch the training loop has consumed; batches the DataLoader prefetched beyond that are not
+    part of the saved position.
+    """
+
+    def __init__(self, dataset: StreamingDataset, epoch_fn: Callable[[], int] | None = None,
+                 progress_fn: Callable[[], int] | None = None, health: DataHealth | None = None, **kwargs: Any):
+        if kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers=True would freeze the stream's epoch seed; leave it False.")
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
+        self.health = health if health is not None else DataHealth()
+        self._iterations = 0
+        self._epoch = 0
+        self._yielded = 0
+        self._history: dict[int, deque] = {}
+        self._pending: dict | None = None
+
+    @property
+    def _readers(self) -> int:
+        return max(1, self.num_workers)
+
+    def __iter__(self):
+        ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
+        self._iterations += 1
+        self._epoch, ds.epoch = epoch, epoch
+        ds.resume, ds.worker_offset = {}, 0
+        self._history = {w: deque([(0, 0)], maxlen=64) for w in range(self._readers)}
+        self._yielded = 0
+        pending = self._pending
+        if pending is not None and pending["epoch"] != epoch:
+            pending = self._pending = None
+        if pending is not None:
+            # Kept until a batch of the resumed epoch is handed out: Lightning may create an iterator
+            # once at set-up (to count batches) before the one the epoch really reads.
+            ds.resume = {int(w): (int(b), int(c)) for w, (b, c) in pending["workers"].items()}
+            for w, pos in ds.resume.items():
+                self._history[w].append(pos)
+            self._yielded = int(pending["batches"])
+            ds.worker_offset = self._yielded % self._readers
+        return self._batches(super().__iter__())
+
+    def _batches(self, items):
+        for item in items:
+            self._pending = None
+            self.health.add("train", item.report)
+            self._history[item.worker].append((item.batches, item.cursor))
+            self._yielded += 1
+            yield item.batch
+
+    def _fingerprint(self) -> dict:
+        ds: StreamingDataset = self.dataset  # type: ignore[assignment]
+        return {"num_workers": self._readers, "batch_size": ds.batch_size, "seed": ds.seed,
+                "num_shards": len(ds.urls), "batches_per_rank": ds.batches_per_rank}
+
+    def state_dict(self) -> dict:
+        consumed = self._progress_fn() if self._progress_fn is not None else self._yielded
+        workers = {}
+        for w in range(self._readers):
+            share = worker_share(consumed, self._readers, w)
+            pos = next((p for p in reversed(self._history.get(w, ())) if p[0] == share), None)
+            if pos is None:
+                raise RuntimeError(f"stream position of worker {w} after {consumed} batches is unknown (history "
+                                   f"{list(self._history.get(w, ()))}); this is a bug in the stream bookkeeping.")
+            workers[w] = list(pos)
+        return {"epoch": self._epoch, "batches": consumed, "workers": workers, **self._fingerprint(),
+                "health": self.health.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.health.load_state_dict(state.get("health", {}))
+        mine = self._fingerprint()
+        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if changed:
+            import warnings
+
+            warnings.warn(f"resume: the stream changed since the checkpoint ({changed}, checkpoint vs now), so "
+                          "the position within the interrupted epoch cannot be restored exactly; that epoch "
+                          "starts its stream afresh.", stacklevel=2)
+            return
+        self._pending = state
+
+
+# ---- evaluation sets ------------------------------------------------------------------------------
 
 class SkippedSample:
     """Placeholder returned by the in-memory dataset for a sample that failed to decode."""
@@ -180,18 +341,26 @@ class InMemoryDataset(Dataset):
     """Small evaluation sets: raw (still encoded) samples held in memory, decoded on access.
 
     Every sample is seen exactly once per pass, which streaming with equal batch counts cannot
-    promise; fine for validation/test sets up to a few 100k small samples.
+    promise; fine for validation/test sets up to a few 100k small samples. ``load_report`` counts
+    what could not even be read (truncated shards: the samples they lost, when ``sizes`` knows).
     """
 
-    def __init__(self, urls: Sequence[str], decode: Callable[[dict], dict], max_samples: int | None = None):
+    def __init__(self, urls: Sequence[str], decode: Callable[[dict], dict], max_samples: int | None = None,
+                 sizes: dict[str, int] | None = None):
         self.decode = decode
         self.raw: list[dict] = []
-        self.load_errors: list[str] = []
+        self.load_report = SkipReport()
         for url in urls:
-            for raw in iter_tar_samples(url, self.load_errors):
+            errors: list[str] = []
+            n = 0
+            for raw in iter_tar_samples(url, errors):
                 self.raw.append(raw)
+                n += 1
                 if max_samples is not None and len(self.raw) >= max_samples:
                     return
+            if errors:
+                expected = (sizes or {}).get(url)
+                self.load_report.add(max(1, expected - n) if expected else 1, errors[0])
 
     def __len__(self) -> int:
         return len(self.raw)
@@ -202,16 +371,38 @@ class InMemoryDataset(Dataset):
 
 
 class EvalCollate:
-    """Collate that drops and counts ``SkippedSample``s; a batch of only bad samples is marked empty."""
+    """Collate that drops and counts ``SkippedSample``s: returns ``(batch or None, SkipReport)``."""
 
     def __init__(self, collate: Callable[[list[dict]], dict]) -> None:
         self.collate = collate
 
-    def __call__(self, items: list) -> dict:
+    def __call__(self, items: list) -> tuple[dict | None, SkipReport]:
         good = [x for x in items if not isinstance(x, SkippedSample)]
-        reasons = [x.reason for x in items if isinstance(x, SkippedSample)]
-        batch = self.collate(good) if good else {EMPTY: True}
-        return _with_skips(batch, len(reasons), reasons)
+        report = SkipReport()
+        for x in items:
+            if isinstance(x, SkippedSample):
+                report.add(1, x.reason)
+        return (self.collate(good) if good else None), report
+
+
+class EvalLoader(DataLoader):
+    """DataLoader over an ``InMemoryDataset`` that records skipped samples under ``stage`` and never
+    yields an empty batch (one whose every sample was corrupt)."""
+
+    def __init__(self, dataset: InMemoryDataset, collate: Callable[[list[dict]], dict], stage: str,
+                 health: DataHealth | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, collate_fn=EvalCollate(collate), **kwargs)
+        self.stage = stage
+        self.health = health if health is not None else DataHealth()
+
+    def __iter__(self):
+        return self._batches(super().__iter__())
+
+    def _batches(self, items):
+        for batch, report in items:
+            self.health.add(self.stage, report)
+            if batch is not None:
+                yield batch
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -230,27 +421,6 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
-
-
-class StreamingLoader(DataLoader):
-    """DataLoader that tells its ``StreamingDataset`` the epoch before workers are started.
-
-    Workers receive a pickled copy of the dataset when an epoch's iterator is created, so the epoch
-    must be set here, in the main process; ``persistent_workers`` would freeze it and is refused.
-    """
-
-    def __init__(self, dataset: StreamingDataset, epoch_fn: Callable[[], int] | None = None, **kwargs: Any):
-        if kwargs.get("persistent_workers"):
-            raise ValueError("persistent_workers=True would freeze the stream's epoch seed; leave it False.")
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch_fn = epoch_fn
-        self._iterations = 0
-
-    def __iter__(self):
-        epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
-        self.dataset.epoch = epoch  # type: ignore[attr-defined]
-        self._iterations += 1
-        return super().__iter__()
 
 
 def default_collate_tensors(samples: list[dict], keys: Sequence[str]) -> dict:

@@ -1,17 +1,14 @@
-"""Callbacks and plugins the CLI installs by default: data health, NaN guard, atomic checkpoints."""
+"""Callbacks the CLI installs by default: data health, NaN guard, resume overrides."""
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.stream import SKIP_REASONS, SKIPPED
 from mmalign.distributed import all_gather_object
 
 log = logging.getLogger(__name__)
@@ -21,88 +18,63 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; raised before the bad update reaches the weights."""
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to a temporary file in the same directory, fsyncs it, then renames it.
-
-    ``os.replace`` is atomic on POSIX, so a crash or a full disk mid-write leaves the previous file
-    intact instead of a truncated checkpoint that fails to resume.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+def _healths(trainer) -> list:
+    """The ``DataHealth`` objects of the run: the datamodule's, else the loaders' own."""
+    dm = trainer.datamodule
+    if dm is not None and hasattr(dm, "health"):
+        return [dm.health]
+    found = []
+    loaders = [getattr(trainer.fit_loop, "_combined_loader", None)]
+    for combined in loaders:
+        for dl in getattr(combined, "flattened", []) or []:
+            h = getattr(dl, "health", None)
+            if h is not None and all(h is not f for f in found):
+                found.append(h)
+    return found
 
 
 class DataHealthMonitor(pl.Callback):
-    """Counts samples the datamodule skipped as corrupt and reports them once per epoch.
+    """Reports samples the datamodule skipped as corrupt, once per epoch and stage.
 
-    Streams attach ``__skipped__``/``__skip_reasons__`` to each batch; this callback removes those
-    keys before the step sees the batch, sums them over ranks at epoch end, logs
-    ``data/skipped_<stage>`` and warns with example reasons. Nothing is skipped silently.
+    The datamodule's loaders count skips into ``datamodule.health`` (nothing travels inside a
+    batch); this callback sums them over ranks at epoch end, logs ``data/skipped_<stage>`` and
+    warns with example reasons. Nothing is skipped silently.
     """
 
     def __init__(self, max_reasons: int = 5) -> None:
         self.max_reasons = max_reasons
-        self.counts: dict[str, int] = {}
-        self.reasons: dict[str, list[str]] = {}
         self.totals: dict[str, int] = {}  # over the whole run, rank-summed; for tests and reports
 
-    def _take(self, stage: str, batch: Any) -> None:
-        if not isinstance(batch, dict) or SKIPPED not in batch:
-            return
-        n = int(batch.pop(SKIPPED))
-        reasons = batch.pop(SKIP_REASONS, [])
-        self.counts[stage] = self.counts.get(stage, 0) + n
-        kept = self.reasons.setdefault(stage, [])
-        kept.extend(reasons[: max(0, self.max_reasons - len(kept))])
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._take("train", batch)
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._take("val", batch)
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._take("test", batch)
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self._take("predict", batch)
-
-    def _report(self, trainer, pl_module, stage: str) -> None:
-        gathered = all_gather_object((self.counts.pop(stage, 0), self.reasons.pop(stage, [])))
+    def _report(self, trainer, stage: str) -> None:
+        skipped, reasons = 0, []
+        for health in _healths(trainer):
+            r = health.take(stage)
+            skipped, reasons = skipped + r.skipped, reasons + r.reasons
+        gathered = all_gather_object((skipped, reasons[: self.max_reasons]))
         total = sum(c for c, _ in gathered)
-        reasons = [r for _, rs in gathered for r in rs][: self.max_reasons]
+        examples = [r for _, rs in gathered for r in rs][: self.max_reasons]
         self.totals[stage] = self.totals.get(stage, 0) + total
         if total:
             rank_zero_warn(f"{stage}: skipped {total} corrupt/undecodable sample(s) this epoch "
-                           f"(epoch {trainer.current_epoch}). Examples: {reasons}")
+                           f"(epoch {trainer.current_epoch}). Examples: {examples}")
         for lg in trainer.loggers:
             lg.log_metrics({f"data/skipped_{stage}": float(total)}, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self._report(trainer, pl_module, "train")
+        self._report(trainer, "train")
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self._report(trainer, pl_module, "val")
-        else:
-            self.counts.pop("val", None), self.reasons.pop("val", None)
+        if trainer.sanity_checking:
+            for health in _healths(trainer):
+                health.take("val")
+            return
+        self._report(trainer, "val")
 
     def on_test_epoch_end(self, trainer, pl_module):
-        self._report(trainer, pl_module, "test")
+        self._report(trainer, "test")
 
     def on_predict_epoch_end(self, trainer, pl_module):
-        self._report(trainer, pl_module, "predict")
+        self._report(trainer, "predict")
 
 
 class NaNGuard(pl.Callback):
@@ -111,8 +83,119 @@ class NaNGuard(pl.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss.detach()).all():
+            lr = pl_module.hparams.get("lr") if hasattr(pl_module, "hparams") else None
+            lower = f"--model.init_args.lr={lr / 2:g}" if isinstance(lr, (int, float)) else "--model.init_args.lr=..."
             raise NonFiniteLossError(
                 f"non-finite loss ({float(loss.detach().float().mean())}) at global step {trainer.global_step}, "
-                f"epoch {trainer.current_epoch}. No update was applied; resume from the last checkpoint "
-                "with a lower learning rate, gradient clipping (trainer.gradient_clip_val) or fp32/bf16 "
-                "instead of fp16.")
+                f"epoch {trainer.current_epoch}. No update was applied. Resume from the last checkpoint with a lower "
+                f"learning rate (fit -c CONFIG --ckpt_path last {lower}), gradient clipping "
+                "(--trainer.gradient_clip_val=1.0) or bf16/fp32 instead of fp16.")
+
+
+# hyper-parameters whose new value a resumed run applies to the restored optimizer
+_OPTIMIZER_KEYS = ("lr", "weight_decay")
+
+
+class ResumeOverrides(pl.Callback):
+    """On resume, make the optimizer follow the model options given now, not the checkpoint's.
+
+    Lightning restores the optimizer (learning rates, weight decay) and LR scheduler (base rates)
+    from the checkpoint, so ``--model.init_args.lr`` on a resumed run would otherwise do nothing.
+    A changed ``lr`` rescales every parameter group's current rate, initial rate and the
+    scheduler's base rate by new/old, so the schedule's shape continues; a changed
+    ``weight_decay`` replaces it in every group that decays.
+    """
+
+    def __init__(self) -> None:
+        self._old: dict[str, Any] = {}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        self._old = dict(checkpoint.get("hyper_parameters") or {})
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self._old:
+            return
+        now = dict(pl_module.hparams)
+        changes = {k: (self._old[k], now[k]) for k in _OPTIMIZER_KEYS
+                   if k in self._old and k in now and self._old[k] != now[k]}
+        self._old = {}
+        if not changes:
+            return
+        for opt, sched in zip(trainer.optimizers, _schedulers(trainer)):
+            if "lr" in changes:
+                old, new = changes["lr"]
+                ratio = float(new) / float(old) if old else 1.0
+                for group in opt.param_groups:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+                if sched is not None and hasattr(sched, "base_lrs"):
+                    sched.base_lrs = [b * ratio for b in sched.base_lrs]
+            if "weight_decay" in changes:
+                for group in opt.param_groups:
+                    if group.get("weight_decay"):
+                        group["weight_decay"] = float(changes["weight_decay"][1])
+        if trainer.is_global_zero:
+            print("[resume] applied to the restored optimizer: "
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+
+
+def _schedulers(trainer) -> list:
+    scheds = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+    return scheds + [None] * (len(trainer.optimizers) - len(scheds))
+
+
+class PredictionWriter(pl.callbacks.BasePredictionWriter):
+    """Writes what ``predict_step`` returns to ``predictions.jsonl`` (one line per sample when the
+    output holds per-sample values, else one per batch) in the run folder, so ``predict`` leaves a
+    file behind instead of only a return value. Tensors become lists; ranks write their own file."""
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = path
+        self.written: str | None = None
+
+    def _target(self, trainer) -> str:
+        import os
+
+        path = self.path or os.path.join(trainer.log_dir or trainer.default_root_dir, "predictions.jsonl")
+        if trainer.world_size > 1:
+            stem, ext = os.path.splitext(path)
+            path = f"{stem}.rank{trainer.global_rank}{ext}"
+        return path
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        import os
+
+        self.written = self._target(trainer)
+        os.makedirs(os.path.dirname(os.path.abspath(self.written)), exist_ok=True)
+        open(self.written, "w").close()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        import json
+
+        rows = _rows(prediction)
+        with open(self.written, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.written:
+            print(f"[predict] wrote {self.written}")
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().tolist()
+    return v
+
+
+def _rows(prediction) -> list[dict]:
+    if not isinstance(prediction, dict):
+        return [{"output": _plain(prediction)}]
+    values = {k: _plain(v) for k, v in prediction.items()}
+    lengths = {len(v) for v in values.values() if isinstance(v, list)}
+    if len(lengths) != 1:
+        return [values]
+    n = lengths.pop()
+    return [{k: (v[i] if isinstance(v, list) else v) for k, v in values.items()} for i in range(n)]

@@ -87,10 +87,10 @@ def _trainer_defaults() -> dict[str, Any]:
     return {
         "default_root_dir": "runs",
         "logger": [
-            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "mmalign"}},
+            {"class_path": "mmalign.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "mmalign"}},
             {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "mmalign"}},
         ],
-        "plugins": [{"class_path": "mmalign.callbacks.AtomicCheckpointIO"}],
+        "plugins": [{"class_path": "mmalign.checkpointing.AtomicCheckpointIO"}],
         "log_every_n_steps": 10,
     }
 
@@ -105,13 +105,15 @@ class MMAlignCLI(LightningCLI):
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        from lightning.pytorch.callbacks import ModelCheckpoint
+        from mmalign.checkpointing import RunCheckpoint
 
         # Checkpoints are a top-level config group so users tune them without replacing callbacks.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # Default retention: the 3 newest step checkpoints ("monitor: step", the highest steps) plus
+        # last.ckpt; save_top_k: -1 keeps every one.
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.every_n_train_steps": 500, "checkpoint.save_last": True,
-                             "checkpoint.save_top_k": -1, "checkpoint.filename": "step{step:07d}",
-                             "checkpoint.auto_insert_metric_name": False})
+                             "checkpoint.save_top_k": 3, "checkpoint.monitor": "step", "checkpoint.mode": "max",
+                             "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
         # Models hand their transforms/tokenizer to the datamodule.
         parser.link_arguments("model.preprocess", "data.init_args.preprocess", apply_on="instantiate")
 
@@ -141,16 +143,31 @@ class MMAlignCLI(LightningCLI):
         self._subcommand_method_arguments[subcommand] = added
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path`` before anything is built (replaces Lightning's version, which
+        silently overwrote the config's model options with the checkpoint's).
+
+        ``last`` means the newest checkpoint of the newest run under the logger root (or under
+        ``checkpoint.dirpath``). The model options of the config and command line win over the
+        checkpoint's hyper-parameters; the ones that differ are printed, and ``ResumeOverrides``
+        applies a changed ``lr``/``weight_decay`` to the restored optimizer. A ``fit`` resumed from a
+        run's own checkpoint continues in that run's ``version_N`` folder."""
+        from .resume import resolve_resume
+
+        self._resume = resolve_resume(self.config)
+
     def before_instantiate_classes(self) -> None:
-        _share_logger_version(self._get(self.config, "trainer"))
+        from .resume import prepare_run_dirs
+
+        prepare_run_dirs(self.config, getattr(self, "_resume", None))
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-        from mmalign.callbacks import DataHealthMonitor, NaNGuard
+        from mmalign.callbacks import DataHealthMonitor, NaNGuard, PredictionWriter, ResumeOverrides
 
         config = self._get(self.config_init, "trainer", default={})
-        extra = [NaNGuard(), DataHealthMonitor()]
+        extra = [NaNGuard(), DataHealthMonitor(), ResumeOverrides(), PredictionWriter()]
         given = config.get("callbacks") or []
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             extra.append(RichProgressBar(leave=True))
@@ -166,30 +183,18 @@ class MMAlignCLI(LightningCLI):
         custom.fn(trainer=self.trainer, model=self.model, datamodule=self.datamodule, **options)
 
 
-def _share_logger_version(trainer_cfg: Any) -> None:
-    """Give CSV and TensorBoard loggers with the same save_dir/name one shared ``version_N`` folder,
-    so metrics.csv, event files and checkpoints of a run sit together (each would pick its own
-    next free number otherwise)."""
-    import os
-    import re
+class ConciseArgumentParser(LightningArgumentParser):
+    """Prints a config error once, last, as one readable message (no usage wall, no dump of the
+    whole parsed value), with close matches for a mistyped option."""
 
-    loggers = trainer_cfg.get("logger") if trainer_cfg is not None else None
-    if not isinstance(loggers, list):
-        return
-    groups: dict[tuple, list] = {}
-    for lg in loggers:
-        init = getattr(lg, "init_args", None)
-        if init is None or init.get("version") is not None or "save_dir" not in init:
-            continue
-        groups.setdefault((str(init.save_dir), str(init.get("name") or "")), []).append(init)
-    for (save_dir, name), inits in groups.items():
-        if len(inits) < 2:
-            continue
-        root = os.path.join(save_dir, name)
-        taken = [int(m.group(1)) for d in (os.listdir(root) if os.path.isdir(root) else [])
-                 if (m := re.fullmatch(r"version_(\d+)", d))]
-        for init in inits:
-            init.version = max(taken, default=-1) + 1
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        from .resume import condense_parser_error
+
+        sys.stderr.write(f"usage: python -m mmalign SUBCOMMAND -c CONFIG [--key=value ...]  (SUBCOMMAND --help lists "
+                         f"every option)\nerror: {condense_parser_error(message)}\n")
+        self.exit(2)
 
 
 def _parser_kwargs() -> dict[str, Any]:
@@ -199,11 +204,21 @@ def _parser_kwargs() -> dict[str, Any]:
 
 def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
     """Entry point of ``python -m mmalign`` and the ``mmalign`` console script."""
+    from .resume import remove_failed_run_dirs
+
+    _load_plugins()
+    try:
+        return _build(args, run)
+    except BaseException:
+        remove_failed_run_dirs()
+        raise
+
+
+def _build(args: list[str] | None, run: bool) -> MMAlignCLI:
     import lightning.pytorch as pl
 
     from datamodules import StreamingDataModule
 
-    _load_plugins()
     return MMAlignCLI(
         pl.LightningModule,
         StreamingDataModule,
@@ -214,6 +229,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
         parser_kwargs=_parser_kwargs(),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_class=ConciseArgumentParser,
         args=args,
         run=run,
     )

@@ -1,93 +1,34 @@
 """Every piece of distributed arithmetic in mmalign lives here.
 
-Rank/world discovery, shard and epoch-length math for streaming data, and the collectives the
-losses use (gathers that carry gradients, ring exchange). Nothing else in the project calls
-``torch.distributed`` directly, so all of it is covered by the multi-process gloo tests.
+The collectives the losses, metrics and callbacks use (gathers that carry gradients, ring
+exchange, object gathers), plus the rank discovery and stream-slot arithmetic of
+``datamodules.slots`` re-exported. Nothing else in the project calls ``torch.distributed``
+directly, so all of it is covered by the multi-process gloo tests.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
+# rank discovery and the stream-slot arithmetic belong to the data layer, which needs them without
+# importing mmalign; re-exported here so the core has one import for everything distributed
+from datamodules.slots import (  # noqa: F401
+    StreamSlot,
+    assign_shards,
+    batches_per_rank,
+    current_slot,
+    get_rank,
+    get_world_size,
+    is_dist,
+    split_evenly,
+    worker_share,
+)
 
 
 def barrier() -> None:
     if is_dist():
         dist.barrier()
-
-
-@dataclass(frozen=True)
-class StreamSlot:
-    """Which reader this process/worker is among all readers of a stream.
-
-    A stream is read by ``world_size * num_workers`` independent readers ("slots"). Slot ids are
-    rank-major so that the shards of one rank are contiguous in the slot order.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    worker: int = 0
-    num_workers: int = 1
-
-    @property
-    def index(self) -> int:
-        return self.rank * self.num_workers + self.worker
-
-    @property
-    def count(self) -> int:
-        return self.world_size * self.num_workers
-
-
-def current_slot(rank: int | None = None, world_size: int | None = None) -> StreamSlot:
-    """The slot of the calling process, looked up inside a DataLoader worker if there is one.
-
-    Rank and world size come from the initialised process group, else from the launcher's
-    environment (RANK/WORLD_SIZE, set by torchrun and by Lightning before the group exists),
-    unless given explicitly.
-    """
-    if rank is None:
-        rank = get_rank() if is_dist() else int(os.environ.get("RANK", 0))
-    if world_size is None:
-        world_size = get_world_size() if is_dist() else int(os.environ.get("WORLD_SIZE", 1))
-    info = torch.utils.data.get_worker_info()
-    worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-    return StreamSlot(rank, world_size, worker, num_workers)
-
-
-def assign_shards(num_shards: int, slot: StreamSlot) -> list[int]:
-    """Shard indices read by ``slot``: round-robin, so slots differ by at most one shard."""
-    return list(range(slot.index, num_shards, slot.count))
-
-
-def batches_per_rank(total_samples: int, world_size: int, batch_size: int, drop_last: bool = True) -> int:
-    """Batches every rank takes in one epoch, identical on all ranks so DDP never waits forever.
-
-    With ``drop_last`` the last partial global batch is dropped (training); without it, it is
-    rounded up and the ranks that run short repeat samples of their own shards.
-    """
-    per_rank = total_samples / (world_size * batch_size)
-    return int(per_rank) if drop_last else math.ceil(per_rank)
-
-
-def split_evenly(total: int, parts: int, index: int) -> int:
-    """Size of part ``index`` when ``total`` items are split into ``parts`` near-equal parts."""
-    return total // parts + (1 if index < total % parts else 0)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

@@ -29,41 +29,32 @@ DATASETS = {  # clean test split, labelled source split, label key
 def run_dataset(name, ckpt, args, log):
     import torch
 
-    from mmalign.tta.cafa_stats import SourceStats, compute_source_stats, stats_path_for
     from mmalign.tta.module import TTAModel
-    from mmalign.tta.stream import CorruptionStream, run_stream
+    from mmalign.tta.pipeline import adapt, method_summary, source_statistics
+    from mmalign.tta.stream import CorruptionStream
 
     test, train, label_key = DATASETS[name]
-    model = TTAModel(ckpt, methods=args.methods, lr=args.lr)
+    model = TTAModel(ckpt, methods=args.methods, lr=args.lr, cafa_shrinkage=args.shrinkage)
     stream = CorruptionStream(data_root=args.data_root, domains_dir=f"{name}-c", corruptions=args.corruptions,
                               severities=args.severity, test_shards=test, train_shards=train, label_key=label_key,
                               generate=name, batch_size=args.batch_size, num_workers=0, cache_decoded=True,
                               preprocess=model.preprocess, source_max_samples=args.source_samples)
     stream.prepare_data()
     stream.setup("test")
-    stats = None
-    if "cafa" in args.methods:
-        path = stats_path_for(ckpt)
-        try:
-            stats = SourceStats.load(path)
-        except FileNotFoundError:
-            stats = compute_source_stats(model.source, stream.source_batches(), model.num_classes,
-                                         shrinkage=args.shrinkage, max_samples=args.source_samples)
-            stats.save(path)
+    stats = source_statistics(model, stream, "outputs/bench", "cpu", log, args.source_samples) \
+        if "cafa" in args.methods else None
     out = []
     for seed in args.seeds:
         torch.manual_seed(seed)
         stream.seed = seed
-        methods = model.build_methods(stats)
         t0 = time.time()
-        res = run_stream(methods, stream, "continual", args.rounds, args.max_batches)
+        res, methods = adapt(model, stream, "continual", args.rounds, args.max_batches, log=lambda s: None,
+                             stats=stats)
         rounds = res.round_errors()
         out.append({"seed": seed, "error_by_round": rounds, "images_per_s": res.throughput(),
                     "domain_errors_round1": res.domain_errors(0),
                     "domain_errors_last": res.domain_errors(args.rounds - 1),
-                    "skipped_updates": {n: m.skipped for n, m in methods.items()},
-                    "filter_kept_fraction": {n: m.kept_fraction for n, m in methods.items()
-                                             if hasattr(m, "kept_fraction")}, "seconds": time.time() - t0})
+                    **method_summary(methods), "seconds": time.time() - t0})
         log(f"{name} seed {seed} ({time.time() - t0:.0f}s): " + "  ".join(
             f"{m} {r[0]:.1f}->{r[-1]:.1f}" for m, r in rounds.items()))
     n_images = sum(len(stream._decoded[d][1]) for d in stream.domain_names)

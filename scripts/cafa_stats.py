@@ -11,6 +11,7 @@ path). ``python -m mmalign adapt`` picks that file up, or computes it itself whe
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -27,22 +28,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", default=None, help="default: <checkpoint stem>.cafa_stats.pt")
     args = parser.parse_args(argv)
 
-    from torch.utils.data import DataLoader
-
     from datamodules import ImageLabelDataModule
-    from datamodules.shards import expand_shards
-    from datamodules.stream import EvalCollate, InMemoryDataset
-    from mmalign.tta.cafa_stats import compute_source_stats, stats_path_for
     from mmalign.tta.module import TTAModel
+    from mmalign.tta.pipeline import source_statistics
 
-    model = TTAModel(args.checkpoint, args.model_name, args.num_classes, methods=["source"])
-    dm = ImageLabelDataModule(label_key=args.label_key, num_classes=model.num_classes, preprocess=model.preprocess)
-    ds = InMemoryDataset(expand_shards(args.shards, "--shards"), dm._decode_eval, args.max_samples)
-    loader = DataLoader(ds, batch_size=args.batch_size, collate_fn=EvalCollate(dm.collate))
-    stats = compute_source_stats(model.source, loader, model.num_classes, args.covariance, args.shrinkage,
-                                 args.max_samples)
-    out = args.out or stats_path_for(args.checkpoint)
-    stats.save(out)
+    model = TTAModel(args.checkpoint, args.model_name, args.num_classes, methods=["source"], cafa_stats=args.out,
+                     cafa_covariance=args.covariance, cafa_shrinkage=args.shrinkage)
+    dm = ImageLabelDataModule(train_shards=args.shards, label_key=args.label_key, num_classes=model.num_classes,
+                              preprocess=model.preprocess, num_workers=0, batch_size=args.batch_size)
+    out = model.stats_path(".")
+    if os.path.isfile(out):
+        os.remove(out)  # this script always recomputes
+    stats = source_statistics(model, dm, ".", "cpu", print, args.max_samples)
     print(f"[cafa_stats] {stats.covariance} covariance, shrinkage {stats.shrinkage}, "
           f"{stats.meta['num_samples']} samples, d={stats.meta['feature_dim']} -> {out}")
     return out

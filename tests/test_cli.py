@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmalign import cli
-from mmalign.callbacks import AtomicCheckpointIO, NonFiniteLossError
+from mmalign.callbacks import NonFiniteLossError
+from mmalign.checkpointing import AtomicCheckpointIO
 from mmalign.classify import ImageClassifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,15 +31,6 @@ def test_help_lists_subcommands_and_stays_light():
     res = subprocess.run([sys.executable, "-m", "mmalign", "--help"], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
     assert res.returncode == 0 and "fit" in res.stdout
-
-
-@pytest.mark.parametrize("arg,needle", [("--model.init_args.bogus_key=1", "bogus_key"),
-                                        ("--model.init_args.num_classes=abc", "num_classes"),
-                                        ("--data.init_args.shuffle_bufer=3", "shuffle_bufer")])
-def test_wrong_config_key_or_type_is_named(in_tmp, capsys, arg, needle):
-    with pytest.raises(SystemExit):
-        run_cli("fit", "-c", DIGITS, arg)
-    assert needle in capsys.readouterr().err
 
 
 def test_print_config_resolves_interpolation(in_tmp, capsys, data_root):
@@ -82,10 +74,10 @@ def test_checkpoints_written_and_resume_continues(in_tmp):
     c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=6", "--trainer.log_every_n_steps=1",
                  "--ckpt_path", os.path.join(ckdir, "last.ckpt"), *QUICK)
     assert c2.trainer.global_step == 6
-    assert c2.trainer.log_dir != c1.trainer.log_dir  # a new version folder, CSV and TB share it
+    assert c2.trainer.log_dir == c1.trainer.log_dir  # the run continues in its own version folder
     assert glob.glob(os.path.join(c2.trainer.log_dir, "events.out.tfevents*"))
     steps = _steps_in_metrics(c2.trainer.log_dir)
-    assert steps and min(steps) >= 4
+    assert steps and max(steps) >= 5 and min(steps) <= 3  # one metrics.csv for the whole run
 
 
 class NaNAfterTwo(ImageClassifier):

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from datamodules.audio_text import AudioTextDataModule
-from datamodules.stream import SKIP_REASONS, SKIPPED
 from mmalign.speech.model import SpeechTextModel
 from mmalign.speech.module import SpeechTextAligner
 from mmalign.speech.tokenizer import CharTokenizer
@@ -154,13 +153,14 @@ def _eval_batches(model, shard_dir):
     dm = AudioTextDataModule(val_shards=shard_dir, batch_size=8, num_workers=0, max_seconds=2.0,
                              preprocess=model.preprocess)
     dm.setup("validate")
-    return list(dm.val_dataloader())
+    batches = list(dm.val_dataloader())
+    return batches, dm.health.take("val")
 
 
 def test_bad_audio_clips_are_skipped_and_counted(bad_shard):
-    batches = _eval_batches(SpeechTextAligner(**TINY), os.path.join(bad_shard, "audio"))
-    skipped = sum(b[SKIPPED] for b in batches)
-    reasons = " | ".join(r for b in batches for r in b[SKIP_REASONS])
+    batches, report = _eval_batches(SpeechTextAligner(**TINY), os.path.join(bad_shard, "audio"))
+    skipped = report.skipped
+    reasons = " | ".join(report.reasons)
     kept = [k for b in batches for k in b.get("key", [])]
     assert "good" in kept and not {"silent", "long", "unreadable"} & set(kept)
     assert "(silent)" in reasons and "(too_long)" in reasons and ":unreadable:" in reasons
@@ -170,9 +170,9 @@ def test_bad_audio_clips_are_skipped_and_counted(bad_shard):
 def test_out_of_vocabulary_transcript_is_skipped_and_counted(bad_shard):
     # Needs AudioTextDataModule.decode to call the linked tokenizer's ``validate`` (per-sample check):
     # otherwise tokenisation in collate fails the whole batch.
-    batches = _eval_batches(SpeechTextAligner(**TINY), os.path.join(bad_shard, "text"))
+    batches, report = _eval_batches(SpeechTextAligner(**TINY), os.path.join(bad_shard, "text"))
     kept = [k for b in batches for k in b.get("key", [])]
-    reasons = " | ".join(r for b in batches for r in b[SKIP_REASONS])
+    reasons = " | ".join(report.reasons)
     assert kept == ["good"]
     assert "OutOfVocabularyError" in reasons and "'4', '7'" in reasons
-    assert sum(b[SKIPPED] for b in batches) == 1
+    assert report.skipped == 1

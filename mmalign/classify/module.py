@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.base import Preprocess
-from datamodules.stream import EMPTY
 from datamodules.transforms import default_image_transform
 from mmalign.models.timm_models import check_timm_name, create_timm_model
 from mmalign.optim import warmup_cosine
@@ -99,8 +98,6 @@ class ImageClassifier(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, prefix: str, acc, top5) -> None:
-        if batch.get(EMPTY):
-            return
         logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"])
         acc(logits, batch["label"])
@@ -118,9 +115,15 @@ class ImageClassifier(pl.LightningModule):
         self._eval_step(batch, "test", self.test_acc, self.test_top5)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """Per sample: its key, the top-1 class and confidence, the top-5 classes (written to
+        ``predictions.jsonl`` by the CLI's prediction writer)."""
         probs = self(batch["image"]).softmax(-1)
         conf, pred = probs.max(-1)
-        return {"key": batch.get("key"), "pred": pred, "confidence": conf, "probs": probs}
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
+        out = {"key": batch.get("key"), "pred": pred, "confidence": conf, "top5": top}
+        if "label" in batch:
+            out["label"] = batch["label"]
+        return out
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -15,7 +15,6 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.base import Preprocess
-from datamodules.stream import EMPTY
 from mmalign.optim import warmup_cosine
 from mmalign.distributed import average_gradients_
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
@@ -289,8 +288,6 @@ class ContrastiveModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict, name: str) -> None:
-        if batch.get(EMPTY):
-            return
         metrics = self._eval_metrics[name]
         if "tokens" in batch:
             img, txt = self.encode(batch["image"], batch["tokens"])
@@ -301,6 +298,12 @@ class ContrastiveModule(pl.LightningModule):
         if "zeroshot" in metrics:
             labels = self._labels(batch)
             if labels is not None:
+                n = metrics["zeroshot"].num_classes
+                if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+                    bad = int(labels.max()) if int(labels.max()) >= n else int(labels.min())
+                    raise ValueError(f"{name}: label {bad} (field '{self.hparams.zeroshot_label_field}') is outside the "
+                                     f"{n} classes of '{self._zeroshot_path}'. Class i of the spec must be label i: "
+                                     "check the class-spec file and the label field.")
                 metrics["zeroshot"].update(img, labels.to(self.device))
         # local_only: ranks may hold different numbers of eval batches; a collective would hang
         loss = self.contrastive_loss(img, txt, local_only=True) if txt is not None and len(img) > 1 else None
@@ -308,12 +311,15 @@ class ContrastiveModule(pl.LightningModule):
             self.log(f"{name}/loss", loss, batch_size=len(img), sync_dist=True, add_dataloader_idx=False)
 
     def _labels(self, batch: dict) -> torch.Tensor | None:
+        """Class indices for zero-shot: an image-label batch's ``label`` for field ``cls``, else the json
+        field ``zeroshot_label_field`` (``None`` when the batch's samples lack it)."""
         field = self.hparams.zeroshot_label_field
-        if "label" in batch:
+        if field == "cls" and "label" in batch:
             return batch["label"]
         meta = batch.get("meta") or []
         if meta and all(field in m for m in meta):
             return torch.tensor([int(m[field]) for m in meta])
+        self._fields_seen = sorted(set().union(*(m.keys() for m in meta))) if meta else ["(no json)"]
         return None
 
     def on_validation_epoch_end(self) -> None:

@@ -9,7 +9,7 @@ from mmalign.cli import register_subcommand
 
 
 @register_subcommand("zeroshot")
-def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls", out: str = "runs/zeroshot",
+def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls", out: str | None = None,
              ckpt_path: str | None = None) -> dict:
     """Zero-shot classification of an open_clip model on a labelled webdataset: prints a table, writes JSON.
 
@@ -17,7 +17,7 @@ def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls",
         classes: Class-spec file: ``{"classnames": [...], "templates": ["a photo of a {}.", ...]}``;
             the class index of a sample is its label.
         label_field: Where the label is: ``cls`` (an image-label datamodule's ``.cls``) or a json field.
-        out: Folder for ``zeroshot.json``.
+        out: Folder for ``zeroshot.json`` (default: ``<trainer.default_root_dir>/zeroshot``).
         ckpt_path: An mmalign checkpoint to evaluate (else the model as configured, e.g. with
             ``model.init_args.pretrained`` pointing at open_clip weights).
     """
@@ -25,12 +25,15 @@ def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls",
 
     if not isinstance(model, ContrastiveModule):
         raise TypeError(f"zeroshot needs an mmalign.contrastive model (CLIP/SigLIP), got {type(model).__name__}.")
+    out = out or os.path.join(trainer.default_root_dir, "zeroshot")
     model.set_zeroshot_classes(classes, label_field)
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     results = getattr(model, "eval_results", {}).get("test", {})
     if "test/zeroshot_top1" not in results:
-        raise RuntimeError(f"no zero-shot result: no test sample carried label field '{label_field}'. Set "
-                           "label_field to the json field (or 'cls' with an image-label datamodule).")
+        seen = getattr(model, "_fields_seen", None)
+        raise ValueError(f"no zero-shot result: no test sample carries label field '{label_field}' (json fields "
+                         f"seen: {seen}). Set --label_field to the json field holding the class index, or 'cls' "
+                         "with an image-label datamodule.")
     spec = model._zeroshot_spec
     per_class = results.get("test/zeroshot_per_class_top1")
     report = {"classes": classes, "num_classes": len(spec.classnames), "templates": len(spec.templates),
@@ -47,7 +50,17 @@ def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls",
             print(f"  {'mean per-class top-1':<22} {100 * report['mean_per_class_top1']:6.2f} %")
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "zeroshot.json")
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
+        with open(path, "w") as f:  # strict JSON: a class never seen has no accuracy (null, not NaN)
+            json.dump(_strict(report), f, indent=1, allow_nan=False)
         print(f"  wrote {path}")
     return report
+
+
+def _strict(obj):
+    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj

@@ -88,11 +88,10 @@ class OpenClipTeacher(TeacherEncoder):
 def _register_from_mmalign_checkpoint(name: str, path: str) -> None:
     """An mmalign CLIP/SigLIP checkpoint carries its (possibly inline) architecture in its
     hyper-parameters: register it so its image tower can teach."""
-    import torch
-
+    from mmalign.checkpointing import load_checkpoint_file
     from mmalign.contrastive.openclip_models import register_model_config, resolve_text_paths
 
-    raw = torch.load(path, map_location="cpu", weights_only=False)
+    raw = load_checkpoint_file(path, mmap=True)  # weights_only: a crafted file cannot run code
     hp = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}
     if hp.get("model_name") == name and hp.get("model_cfg"):
         register_model_config(name, resolve_text_paths(hp["model_cfg"]))

@@ -37,7 +37,9 @@ def read_state_dict(path: str, prefix: str | None = None) -> dict[str, torch.Ten
 
         sd = load_file(path)
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        from mmalign.checkpointing import load_checkpoint_file
+
+        sd = load_checkpoint_file(path)  # weights_only=True: a crafted file cannot run code
     for key in _WRAPPER_KEYS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -38,8 +38,6 @@ def write_features(batches: Iterable[dict], teacher, out_dir: str, grid: int | N
 
     device = next(teacher.parameters()).device
     for batch in batches:
-        if batch.get("__empty__"):
-            continue
         images = batch["image"].to(device)
         both = teacher.encode(torch.cat([images, images.flip(-1)]), grid=grid if interpolate else None)
         plain, flipped = both.chunk(2)

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.base import Preprocess
-from datamodules.stream import EMPTY
 from mmalign.optim import warmup_cosine
 from mmalign.distributed import get_rank, get_world_size
 
@@ -340,8 +339,6 @@ class FlowMatchingDiffusion(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, prefix: str) -> None:
-        if batch.get(EMPTY):
-            return
         images, labels = batch["image"], batch["label"]
         self._check_labels(labels)
         x = self._encode(images)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.base import Preprocess
-from datamodules.stream import EMPTY
 
 from .tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
@@ -224,8 +223,6 @@ class SpeechTextAligner(pl.LightningModule):
     def eval_step(self, batch: dict, name: str) -> None:
         from .metrics import greedy_ctc_decode, transcript_ids
 
-        if batch.get(EMPTY):
-            return
         metrics = self._eval_metrics[name]
         parts, sp, tx = self.losses(batch, local_only=True)
         bs = len(batch["text"])

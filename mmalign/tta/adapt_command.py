@@ -10,7 +10,7 @@ from mmalign.cli import register_subcommand
 
 
 @register_subcommand("adapt")
-def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 1, out_dir: str = "runs/adapt",
+def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 1, out_dir: str | None = None,
           save_adapted: bool = False, max_batches: int | None = None, plot: bool = True) -> dict:
     """Adapt a trained classifier at test time (source/norm/tent/tent_filter/cafa) over a corruption stream.
 
@@ -25,7 +25,7 @@ def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 
         setting: ``continual`` (never reset), ``reset`` (reset at every domain shift) or
             ``episodic`` (reset before every batch).
         rounds: Passes over the whole stream (long-term adaptation when > 1).
-        out_dir: Output folder.
+        out_dir: Output folder (default: ``<trainer.default_root_dir>/adapt``).
         save_adapted: Save each adapting method's final weights as an ImageClassifier checkpoint.
         max_batches: Cap on batches per domain (smoke tests).
         plot: Write the PNG plot of error along the stream.
@@ -34,45 +34,32 @@ def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 
 
     import torch
 
-    from .cafa_stats import SourceStats, compute_source_stats
     from .module import TTAModel
+    from .pipeline import adapt as run_adaptation
+    from .pipeline import method_summary
     from .report import error_table, write_outputs
-    from .stream import CorruptionStream, run_stream
+    from .stream import CorruptionStream
 
     if not isinstance(model, TTAModel):
         raise TypeError(f"adapt needs model.class_path: mmalign.tta.module.TTAModel, got {type(model).__name__}.")
     if not isinstance(datamodule, CorruptionStream):
         raise TypeError("adapt needs data.class_path: mmalign.tta.stream.CorruptionStream, got "
                         f"{type(datamodule).__name__}.")
+    out_dir = out_dir or os.path.join(trainer.default_root_dir, "adapt")
     device = trainer.strategy.root_device
     datamodule.prepare_data()
     datamodule.setup("test")
-    stats = None
-    if "cafa" in model.hparams.methods:
-        path = model.stats_path(out_dir)
-        if os.path.isfile(path):
-            stats = SourceStats.load(path)
-            print(f"[adapt] CAFA statistics from {path}")
-        else:
-            stats = compute_source_stats(model.source, datamodule.source_batches(), model.num_classes,
-                                         model.hparams.cafa_covariance, model.hparams.cafa_shrinkage,
-                                         datamodule.source_max_samples, device)
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            stats.save(path)
-            print(f"[adapt] CAFA statistics ({stats.covariance}, {stats.meta['num_samples']} samples) -> {path}")
-    methods = {n: m.to(device) for n, m in model.build_methods(stats).items()}
-    result = run_stream(methods, datamodule, setting, rounds, max_batches, device, log=print)
+    result, methods = run_adaptation(model, datamodule, setting, rounds, max_batches, out_dir, device, log=print)
     print(error_table(result))
     tput = result.throughput()
     if "source" in tput:
         print("throughput (images/s): " + ", ".join(f"{m} {v:.0f} ({v / tput['source']:.2f}x source)"
                                                      for m, v in tput.items()))
-    kept = {n: m.kept_fraction for n, m in methods.items() if hasattr(m, "kept_fraction")}
-    if kept:
-        print("filter kept: " + ", ".join(f"{n} {100 * v:.1f}% of samples" for n, v in kept.items()))
-    extra = {"updates": {n: m.updates for n, m in methods.items()},
-             "skipped_updates": {n: m.skipped for n, m in methods.items()},
-             "filter_kept_fraction": kept, "source_checkpoint": model.hparams.source_checkpoint}
+    extra = {**method_summary(methods), "source_checkpoint": model.hparams.source_checkpoint,
+             "skipped_samples": datamodule.health.totals}
+    if extra["filter_kept_fraction"]:
+        print("filter kept: " + ", ".join(f"{n} {100 * v:.1f}% of samples"
+                                          for n, v in extra["filter_kept_fraction"].items()))
     paths = write_outputs(result, out_dir, plot, extra)
     if save_adapted:
         src = os.path.realpath(model.hparams.source_checkpoint) if model.hparams.source_checkpoint else None

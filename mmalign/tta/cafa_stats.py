@@ -33,10 +33,19 @@ class SourceStats:
     covariance: str
     shrinkage: float
     meta: dict[str, Any]
+    source: dict[str, Any] | None = None  # {"path", "sha256"} of the source checkpoint they describe
 
     def to(self, device) -> "SourceStats":
         return SourceStats(self.means.to(device), self.precision.to(device), self.counts, self.covariance,
-                           self.shrinkage, self.meta)
+                           self.shrinkage, self.meta, self.source)
+
+    def matches(self, checkpoint: str | None) -> bool:
+        """Whether these statistics were computed from ``checkpoint`` as it is now (same bytes)."""
+        if checkpoint is None or not self.source:
+            return checkpoint is None and not self.source
+        from mmalign.checkpointing import file_digest
+
+        return self.source.get("sha256") == file_digest(checkpoint)
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp"
@@ -45,7 +54,14 @@ class SourceStats:
 
     @classmethod
     def load(cls, path: str) -> "SourceStats":
-        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+        from mmalign.checkpointing import load_checkpoint_file
+
+        raw = load_checkpoint_file(path)  # weights_only: a crafted statistics file cannot run code
+        fields = {"means", "precision", "counts", "covariance", "shrinkage", "meta", "source"}
+        if not isinstance(raw, dict) or not {"means", "precision", "counts"} <= set(raw):
+            raise ValueError(f"'{path}' is not a CAFA statistics file (expected keys {sorted(fields)}). Delete it "
+                             "to have adapt recompute the statistics.")
+        return cls(**{k: v for k, v in raw.items() if k in fields})
 
 
 def stats_path_for(checkpoint: str) -> str:
@@ -90,8 +106,6 @@ def compute_source_stats(model: FeatureClassifier, batches: Iterable[dict], num_
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
     seen = 0
     for batch in batches:
-        if batch.get("__empty__"):
-            continue
         images, labels = batch["image"].to(device), batch["label"].to(device)
         if max_samples is not None:
             images, labels = images[: max_samples - seen], labels[: max_samples - seen]

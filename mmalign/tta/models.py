@@ -121,7 +121,9 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
             raise FileNotFoundError(f"source_checkpoint {checkpoint!r} does not exist. Train one with "
                                     "`python -m mmalign fit -c configs/classify/digits.yaml` and point "
                                     "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
-        raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        from mmalign.checkpointing import load_checkpoint_file
+
+        raw = load_checkpoint_file(checkpoint, mmap=True)  # weights_only: a crafted file cannot run code
         hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
         if hp and hp.get("loss") in ("clip", "siglip"):
             return load_open_clip_zeroshot(checkpoint, hp, zeroshot_classes)
@@ -130,12 +132,14 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
                 if given is not None and given != hp[key]:
                     raise ValueError(f"{key}={given!r} disagrees with the checkpoint's {hp[key]!r}; "
                                      f"leave {key} unset when source_checkpoint is an ImageClassifier checkpoint.")
-            from mmalign.classify import ImageClassifier
+            from mmalign.models.checkpoints import load_weights
+            from mmalign.models.timm_models import create_timm_model
 
-            module = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu")
-            # the checkpoint's own hparams: under LightningCLI, module.hparams would be the *outer*
-            # model's config (Lightning's given-hyperparameters context leaks into nested modules)
-            return TimmClassifier(module.model), dict(hp)
+            # rebuilt from the checkpoint's own hyper-parameters: the classifier's network is its
+            # ``model`` attribute, so its weights are the state-dict keys under "model."
+            net = create_timm_model(hp["model_name"], hp["num_classes"], False, None, **(hp.get("model_kwargs") or {}))
+            load_weights(net, checkpoint, prefix="model.")
+            return TimmClassifier(net), dict(hp)
     if model_name is None or num_classes is None:
         raise ValueError("set model_name and num_classes: the source checkpoint is not an ImageClassifier "
                          "checkpoint (or none was given), so they cannot be read from it.")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from datamodules.image_label import ImageLabelDataModule
-from datamodules.stream import EMPTY, EvalCollate, InMemoryDataset
+from datamodules.stream import EvalLoader, InMemoryDataset
 
 SETTINGS = ("continual", "reset", "episodic")
 
@@ -114,8 +114,7 @@ class CorruptionStream(ImageLabelDataModule):
         index = self.domain_names.index(domain)
         if self.cache_decoded:
             if domain not in self._decoded:
-                batches = [b for b in self._loader(domain, 256, torch.arange(len(self._dataset(domain))))
-                           if not b.get(EMPTY)]
+                batches = list(self._loader(domain, 256, torch.arange(len(self._dataset(domain)))))
                 self._decoded[domain] = (torch.cat([b["image"] for b in batches]),
                                          torch.cat([b["label"] for b in batches]))
             images, labels = self._decoded[domain]
@@ -124,29 +123,14 @@ class CorruptionStream(ImageLabelDataModule):
                 idx = order[i:i + bs]
                 yield {"image": images[idx], "label": labels[idx]}
             return
-        yield from (b for b in self._loader(domain, bs, self._order(len(self._dataset(domain)), index))
-                    if not b.get(EMPTY))
+        yield from self._loader(domain, bs, self._order(len(self._dataset(domain)), index))
 
     def _loader(self, domain: str, bs: int, order: torch.Tensor):
-        from torch.utils.data import DataLoader, Subset
+        from torch.utils.data import Subset
 
         ds = Subset(self._dataset(domain), order.tolist())
-        return DataLoader(ds, batch_size=bs, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=EvalCollate(self.collate))
-
-    def source_batches(self, batch_size: int = 256) -> Iterator[dict]:
-        """Labelled source samples (``train_shards``, eval transform) for CAFA statistics."""
-        from torch.utils.data import DataLoader
-
-        from datamodules.shards import expand_shards
-
-        if self.shards["fit"] is None:
-            raise ValueError("CAFA statistics need labelled source data: set data.init_args.train_shards "
-                             "(e.g. digits/train) or give a precomputed cafa_stats file.")
-        ds = InMemoryDataset(expand_shards(self.shards["fit"], "train_shards"), self._decode_eval,
-                             self.source_max_samples)
-        return iter(DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers,
-                               collate_fn=EvalCollate(self.collate)))
+        return EvalLoader(ds, self.collate, "test", self.health, batch_size=bs, shuffle=False,
+                          num_workers=self.num_workers)
 
 
 @dataclass

@@ -1,0 +1,210 @@
+"""Checkpoints that keep the work: atomic writes, a final ``last.ckpt``, bounded retention, safe loads.
+
+- ``AtomicCheckpointIO`` writes to a temporary file, fsyncs and renames, so a crash mid-write never
+  leaves a truncated checkpoint; fsspec URLs (``s3://...``, ``memory://...``) go through fsspec
+  instead of becoming a local folder named ``s3:``. Loads use ``weights_only=True``.
+- ``RunCheckpoint`` (the CLI's ``checkpoint:`` group) writes ``last.ckpt`` *before* the step
+  checkpoint of the same step (which is then a hard link to it), so ``last.ckpt`` is never older
+  than the newest step checkpoint; it writes ``last.ckpt`` at the end of training and on a clean
+  interrupt whatever ``every_n_train_steps`` is, and removes ``*.tmp-PID`` files that a killed
+  write left behind.
+- ``load_checkpoint_file`` is the one way mmalign reads a checkpoint it did not just write: with
+  ``weights_only=True`` a crafted file cannot run code, and the refusal says what to do.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file that holds more than tensors and plain containers (pickled code or classes)."""
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the fix
+    (``mmap``: map tensors lazily, to read a big checkpoint's metadata cheaply)."""
+    path = os.fspath(path)
+    if not is_url(path) and not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist. Give a local file (nothing is downloaded).")
+    try:
+        if is_url(path):
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                return torch.load(f, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except __import__("pickle").UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        raise UnsafeCheckpointError(
+            f"refusing to load '{path}': it holds pickled Python objects beyond tensors and plain containers, "
+            "which could run code when loaded (mmalign loads with weights_only=True). If the file is yours, "
+            "re-save its weights as a plain state dict (torch.save(model.state_dict(), path)). "
+            f"torch said: {first[0] if first else exc}") from None
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file, to tie derived artefacts (CAFA statistics) to the checkpoint they came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to ``<path>.tmp-<pid>`` in the same directory, fsync, rename (atomic on POSIX)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        path = os.fspath(path)
+        if is_url(path):  # object stores write whole objects; fsspec handles the protocol
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = path.removeprefix("file://")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is False:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        return load_checkpoint_file(os.fspath(path), map_location=map_location or "cpu")
+
+
+def remove_orphan_temporaries(directory: str) -> list[str]:
+    """Delete ``*.tmp-PID`` files whose writer process is gone (a kill -9 mid-write)."""
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
+        match = re.search(r"\.tmp-(\d+)$", tmp)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        os.remove(tmp)
+        removed.append(tmp)
+    if removed:
+        log.warning("removed %d unfinished checkpoint write(s) from a killed run: %s", len(removed), removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checkpoint_step(path: str) -> int:
+    """The ``global_step`` stored in a checkpoint (-1 if it has none)."""
+    ck = load_checkpoint_file(path, mmap=True)
+    return int(ck.get("global_step", -1)) if isinstance(ck, dict) else -1
+
+
+def newest_checkpoint(directory: str) -> str | None:
+    """The checkpoint in ``directory`` with the highest step (``last.ckpt`` wins a tie)."""
+    paths = sorted(glob.glob(os.path.join(glob.escape(directory), "*.ckpt")))
+    if not paths:
+        return None
+    return max(paths, key=lambda p: (checkpoint_step(p), os.path.basename(p) == "last.ckpt"))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with mmalign's guarantees (see the module docstring). Every argument is
+    ``ModelCheckpoint``'s; the CLI's defaults keep the newest 3 step checkpoints plus ``last.ckpt``."""
+
+    _last_written_at: int = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath and not is_url(self.dirpath) \
+                and os.path.isdir(self.dirpath):
+            remove_orphan_temporaries(self.dirpath)
+
+    def _local(self) -> bool:
+        return bool(self.dirpath) and not is_url(self.dirpath)
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        # last first: a kill between the two writes leaves last.ckpt newer, never older
+        if self.save_last and self.save_top_k != 0:
+            self._save_last_checkpoint(trainer, monitor_candidates)
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self.save_last and self._last_written_at == trainer.global_step and self.last_model_path \
+                and self.file_exists(self.last_model_path, trainer):
+            return  # already written first at this step
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_written_at = trainer.global_step
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        last = self.last_model_path
+        if (self._local() and self._last_written_at == trainer.global_step and last and filepath != last
+                and os.path.isfile(last)):
+            if trainer.is_global_zero:  # the same bytes: a hard link costs nothing and is atomic
+                tmp = f"{filepath}.tmp-{os.getpid()}"
+                try:
+                    os.link(last, tmp)
+                except OSError:
+                    import shutil
+
+                    shutil.copyfile(last, tmp)
+                os.replace(tmp, filepath)
+            trainer.strategy.barrier("RunCheckpoint.link")
+            self._last_global_step_saved = trainer.global_step
+            self._last_checkpoint_saved = filepath
+            return
+        super()._save_checkpoint(trainer, filepath)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.save_last and self._last_written_at != trainer.global_step and not trainer.fast_dev_run:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A clean interrupt (Ctrl-C, SIGTERM from a scheduler) keeps the work done so far. Other
+        exceptions (a NaN loss, a crash) do not write: the last checkpoint stays the last good one."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        super().on_exception(trainer, pl_module, exception)
+        interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        if not (interrupted and self.save_last and self._local()) or trainer.sanity_checking:
+            return
+        if self._last_written_at == trainer.global_step or trainer.global_step == 0:
+            return
+        # Other ranks may be anywhere, so no collective: rank 0 writes its replica (DDP keeps
+        # every rank's weights identical; a sharded strategy cannot be saved this way).
+        if trainer.is_global_zero and not getattr(trainer.strategy, "_sharded", False) \
+                and type(trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy"):
+            path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+            self.last_model_path, self._last_written_at = path, trainer.global_step
+            log.warning("interrupted at step %d: wrote %s", trainer.global_step, path)

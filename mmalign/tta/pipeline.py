@@ -1,0 +1,93 @@
+"""The adaptation pipeline, once: source statistics, methods, the stream loop, the report.
+
+``python -m mmalign adapt``, ``scripts/bench_tta.py`` and ``scripts/cafa_stats.py`` all call these
+functions, so what a benchmark measures is what the command runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .cafa_stats import SourceStats, compute_source_stats
+from .module import TTAModel
+from .stream import StreamResult, run_stream
+
+
+def labelled_batches(datamodule, max_samples: int | None, batch_size: int = 256) -> Iterable[dict]:
+    """Labelled source samples (``train_shards``, eval transform) of an image-label datamodule."""
+    from datamodules.shards import expand_shards
+    from datamodules.stream import EvalLoader, InMemoryDataset
+
+    if datamodule.shards.get("fit") is None:
+        raise ValueError("CAFA statistics need labelled source data: set data.init_args.train_shards "
+                         "(e.g. digits/train) or give a precomputed cafa_stats file.")
+    ds = InMemoryDataset(expand_shards(datamodule.shards["fit"], "train_shards"), datamodule._decode_eval,
+                         max_samples)
+    return EvalLoader(ds, datamodule.collate, "source", datamodule.health, batch_size=batch_size,
+                      num_workers=datamodule.num_workers)
+
+
+def source_statistics(model: TTAModel, datamodule, out_dir: str, device, log: Callable[[str], None] = print,
+                      max_samples: int | None = None) -> SourceStats:
+    """CAFA's source Gaussians for ``model``: loaded from its statistics file when that file was
+    computed from the same source checkpoint (same bytes), else computed and saved.
+
+    A statistics file given explicitly (``cafa_stats``) that belongs to another checkpoint is refused;
+    the default one beside the checkpoint is recomputed.
+    """
+    path = model.stats_path(out_dir)
+    checkpoint = model.hparams.source_checkpoint
+    if os.path.isfile(path):
+        stats = SourceStats.load(path)
+        if stats.matches(checkpoint):
+            log(f"[adapt] CAFA statistics from {path}")
+            return stats
+        where = (stats.source or {}).get("path", "an unrecorded checkpoint")
+        if model.hparams.cafa_stats:
+            raise ValueError(f"cafa_stats '{path}' were computed from {where}, not from source_checkpoint "
+                             f"'{checkpoint}' as it is now. Remove cafa_stats (adapt recomputes them) or point it at "
+                             "this checkpoint's statistics.")
+        log(f"[adapt] {path} describes {where}, not {checkpoint} as it is now: recomputing")
+    stats = compute_source_stats(model.source, labelled_batches(datamodule, max_samples), model.num_classes,
+                                 model.hparams.cafa_covariance, model.hparams.cafa_shrinkage, max_samples, device)
+    if checkpoint:
+        from mmalign.checkpointing import file_digest
+
+        stats.source = {"path": os.path.abspath(checkpoint), "sha256": file_digest(checkpoint)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    stats.save(path)
+    log(f"[adapt] CAFA statistics ({stats.covariance}, {stats.meta['num_samples']} samples) -> {path}")
+    return stats
+
+
+def check_labels_fit(model: TTAModel, datamodule) -> None:
+    """Make the stream validate its labels against the model's classes (an out-of-range label is a
+    wrong dataset or label_key, which would otherwise just show up as ~100% error)."""
+    if hasattr(datamodule, "num_classes"):
+        given = datamodule.num_classes
+        if given is not None and given != model.num_classes:
+            raise ValueError(f"data.init_args.num_classes={given} but the source model has {model.num_classes} "
+                             "classes; drop num_classes (it is taken from the model) or fix the source checkpoint.")
+        datamodule.num_classes = model.num_classes
+
+
+def adapt(model: TTAModel, datamodule, setting: str = "continual", rounds: int = 1, max_batches: int | None = None,
+          out_dir: str = "runs/adapt", device: str | torch.device = "cpu", batch_size: int | None = None,
+          log: Callable[[str], None] = print, stats: SourceStats | None = None) -> tuple[StreamResult, dict]:
+    """Run every method of ``model`` along ``datamodule``'s domains; returns the result and the methods."""
+    check_labels_fit(model, datamodule)
+    if "cafa" in model.hparams.methods and stats is None:
+        stats = source_statistics(model, datamodule, out_dir, device, log, datamodule.source_max_samples)
+    methods = {n: m.to(device) for n, m in model.build_methods(stats).items()}
+    result = run_stream(methods, datamodule, setting, rounds, max_batches, device, batch_size=batch_size, log=log)
+    return result, methods
+
+
+def method_summary(methods: dict) -> dict:
+    """What each method did beyond its errors: updates, skipped updates, the filter's kept fraction."""
+    return {"updates": {n: m.updates for n, m in methods.items()},
+            "skipped_updates": {n: m.skipped for n, m in methods.items()},
+            "filter_kept_fraction": {n: m.kept_fraction for n, m in methods.items() if hasattr(m, "kept_fraction")}}

@@ -1,0 +1,538 @@
+"""The reliability probe: bad inputs and faults across the datamodules, fit, adapt and zeroshot.
+
+Every case asserts the message names the problem (and, where there is one, the fix). The table
+``FAULTS`` holds the cases that are a single call; the tests below it cover faults that need a
+run (resume, interrupted writes, remote checkpoints, kill -9).
+"""
+
+from __future__ import annotations
+
+import builtins
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from datamodules import ImageLabelDataModule, ImageTextDataModule, ShardError, expand_shards
+from datamodules.health import DataHealthError
+from datamodules.stream import DataConfigError, StreamingDataset, StreamingLoader
+from tests._data import png_bytes, write_shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs/classify/digits.yaml")
+QUICK = ["--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0", "--data.init_args.num_workers=0",
+         "--trainer.enable_model_summary=false"]
+TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (self.marker, "w"))
+
+
+def crafted(path, marker, **extra) -> str:
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"model_name": "resnet18"},
+                "payload": _RunsCode(str(marker)), **extra}, str(path))
+    return str(path)
+
+
+def _tar(path, samples):
+    from webdataset import TarWriter
+
+    with TarWriter(str(path)) as w:
+        for s in samples:
+            w.write(s)
+    return str(path)
+
+
+def _tiny_classifier_ckpt(path, num_classes=10):
+    import lightning
+
+    from mmalign.classify import ImageClassifier
+
+    m = ImageClassifier("resnet18", num_classes=num_classes, image_size=32, model_kwargs=TINY_RESNET)
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
+                "pytorch-lightning_version": lightning.__version__}, str(path))
+    return str(path)
+
+
+# ---- single-call faults: (id, function(tmp_path, data_root), exception, message regex) -------------
+
+def _setup(dm, stage="fit"):
+    dm.setup(stage)
+    return dm
+
+
+def _read_all(dm):
+    dm.setup("fit")
+    return list(dm.train_dataloader())
+
+
+def f_garbage_tar(t, d):
+    (t / "x.tar").write_bytes(b"this is not a tar archive" * 40)
+    return _setup(ImageTextDataModule(train_shards=str(t), num_workers=0))
+
+
+def f_no_images(t, d):
+    write_shards(str(t), [3, 3], with_image=False)
+    return _setup(ImageTextDataModule(train_shards=str(t), num_workers=0, batch_size=2))
+
+
+def f_mostly_no_caption(t, d):
+    _tar(t / "a.tar", [{"__key__": f"k{i}", "png": png_bytes(i), **({"txt": "c"} if i < 2 else {})} for i in range(20)])
+    return _setup(ImageTextDataModule(train_shards=str(t), num_workers=0, batch_size=2))
+
+
+def f_mostly_no_label(t, d):
+    _tar(t / "a.tar", [{"__key__": f"k{i}", "png": png_bytes(i), "json": {"other": 1}} for i in range(10)])
+    return _setup(ImageLabelDataModule(train_shards=str(t), num_workers=0, batch_size=2, label_key="shape_id"))
+
+
+def f_empty_shard(t, d):
+    write_shards(str(t), [3, 0])
+    return _setup(ImageTextDataModule(train_shards=str(t), num_workers=0, batch_size=2))
+
+
+def f_label_range(t, d):
+    write_shards(str(t), [4, 4], label_of=lambda n: 7 if n == 5 else 1)
+    return _setup(ImageLabelDataModule(train_shards=str(t), num_workers=0, batch_size=2, num_classes=5))
+
+
+def f_too_few_shards(t, d):
+    write_shards(str(t), [8, 8])
+    return _setup(ImageTextDataModule(train_shards=str(t), num_workers=3, batch_size=2))
+
+
+def f_batch_too_big(t, d):
+    write_shards(str(t), [3])
+    return _setup(ImageTextDataModule(train_shards=str(t), num_workers=0, batch_size=64))
+
+
+def f_typo_with_generate(t, d):
+    return ImageLabelDataModule(data_root=str(t), train_shards="digitz/train", generate="digits").prepare_data()
+
+
+def f_bad_split_with_generate(t, d):
+    return ImageLabelDataModule(data_root=str(t), train_shards="digits/trian", generate="digits").prepare_data()
+
+
+def f_remote_unsized(t, d):
+    [p] = write_shards(str(t), [4])
+    return _setup(ImageTextDataModule(train_shards=f"pipe:cat {p}", num_workers=0, batch_size=2,
+                                      validate_shards=False))
+
+
+def f_mostly_corrupt_stream(t, d):
+    write_shards(str(t), [40, 40], corrupt={f"k{i:05d}" for i in range(80) if i % 10})
+    return _read_all(ImageTextDataModule(train_shards=str(t), batch_size=4, num_workers=0, image_size=8))
+
+
+def f_incomplete_generated(t, d):
+    (t / "digits").mkdir()
+    (t / "digits" / "junk.txt").write_text("half a dataset")
+    return ImageLabelDataModule(data_root=str(t), train_shards="digits/train", generate="digits").prepare_data()
+
+
+def f_predict_nothing(t, d):
+    dm = ImageLabelDataModule(num_workers=0)
+    dm.setup("predict")
+    return dm.predict_dataloader()
+
+
+def f_persistent_workers(t, d):
+    [p] = write_shards(str(t), [4])
+    return StreamingLoader(StreamingDataset([p], dict, list, 2, 2), persistent_workers=True, num_workers=1)
+
+
+def f_crafted_weights(t, d):
+    from mmalign.models.checkpoints import read_state_dict
+
+    return read_state_dict(crafted(t / "w.pt", t / "RAN"))
+
+
+def f_crafted_tta_source(t, d):
+    from mmalign.tta.module import TTAModel
+
+    return TTAModel(crafted(t / "src.ckpt", t / "RAN"), methods=["source"])
+
+
+def f_crafted_cafa_stats(t, d):
+    from mmalign.tta.cafa_stats import SourceStats
+
+    return SourceStats.load(crafted(t / "stats.pt", t / "RAN"))
+
+
+def f_crafted_open_clip_teacher(t, d):
+    from mmalign.encoders import build_teacher
+
+    return build_teacher("open_clip", "not-a-registered-model", crafted(t / "clip.ckpt", t / "RAN"))
+
+
+def f_crafted_resume(t, d):
+    from mmalign.checkpointing import AtomicCheckpointIO
+
+    return AtomicCheckpointIO().load_checkpoint(crafted(t / "last.ckpt", t / "RAN"))
+
+
+def f_missing_weights(t, d):
+    from mmalign.models.timm_models import create_timm_model
+
+    return create_timm_model("resnet18", 10, checkpoint_path=str(t / "nope.pth"), **TINY_RESNET)
+
+
+def f_wrong_architecture(t, d):
+    from mmalign.models.timm_models import create_timm_model
+
+    torch.save({"conv1.weight": torch.zeros(3, 3, 3, 3)}, str(t / "other.pth"))
+    return create_timm_model("resnet18", 10, checkpoint_path=str(t / "other.pth"), **TINY_RESNET)
+
+
+def f_unknown_timm(t, d):
+    from mmalign.classify import ImageClassifier
+
+    return ImageClassifier(model_name="resnet1888")
+
+
+def f_unknown_open_clip(t, d):
+    from mmalign.contrastive import CLIP
+
+    return CLIP(model_name="ViT-B-33")
+
+
+def f_tta_labels_exceed_classes(t, d):
+    from mmalign.tta.module import TTAModel
+    from mmalign.tta.pipeline import adapt
+    from mmalign.tta.stream import CorruptionStream
+
+    model = TTAModel(_tiny_classifier_ckpt(t / "src6.ckpt", num_classes=6), methods=["source", "tent"])
+    stream = CorruptionStream(data_root=d, domains_dir=str(t / "dc"), corruptions=["fog"], test_shards="digits/test",
+                              num_workers=0, batch_size=32, preprocess=model.preprocess)
+    stream.prepare_data()
+    stream.setup("test")
+    return adapt(model, stream, max_batches=1, out_dir=str(t), log=lambda s: None)
+
+
+def f_tta_num_classes_disagree(t, d):
+    from mmalign.tta.module import TTAModel
+    from mmalign.tta.pipeline import check_labels_fit
+    from mmalign.tta.stream import CorruptionStream
+
+    model = TTAModel(_tiny_classifier_ckpt(t / "src.ckpt"), methods=["source"])
+    return check_labels_fit(model, CorruptionStream(domains_dir=str(t), num_classes=36))
+
+
+def f_tta_bad_method(t, d):
+    from mmalign.tta.module import TTAModel
+
+    return TTAModel(None, "resnet18", 10, TINY_RESNET, methods=["source", "tnet"])
+
+
+def f_tta_bad_corruption(t, d):
+    from mmalign.tta.stream import CorruptionStream
+
+    return CorruptionStream(domains_dir=str(t), corruptions=["gaussian_nois"])
+
+
+def f_cafa_stats_other_checkpoint(t, d):
+    from mmalign.tta.cafa_stats import SourceStats
+    from mmalign.tta.module import TTAModel
+    from mmalign.tta.pipeline import source_statistics
+
+    stats = SourceStats(torch.zeros(10, 8), torch.eye(8), torch.ones(10), "shared", 0.1, {"num_samples": 10},
+                        {"path": "/elsewhere/other.ckpt", "sha256": "0" * 64})
+    stats.save(str(t / "given.cafa_stats.pt"))
+    model = TTAModel(_tiny_classifier_ckpt(t / "src.ckpt"), methods=["cafa"], cafa_stats=str(t / "given.cafa_stats.pt"))
+    return source_statistics(model, None, str(t), "cpu", log=lambda s: None)
+
+
+def f_zeroshot_bad_labels(t, d):
+    from tests.test_contrastive_module import tiny
+
+    m = tiny(zeroshot_classes=os.path.join(d, "shapes", "classes_shape.json"), zeroshot_label_field="combo_id")
+    m._start_eval(["val"])
+    batch = {"image": torch.randn(2, 3, 16, 16), "meta": [{"combo_id": 30}, {"combo_id": 1}]}
+    return m._eval_step(batch, "val")
+
+
+def f_repa_no_teacher(t, d):
+    from mmalign.repa import FlowMatchingDiffusion
+
+    return FlowMatchingDiffusion(align="repa")
+
+
+def f_speech_consistency_alone(t, d):
+    from mmalign.speech import SpeechTextAligner
+
+    return SpeechTextAligner(contrastive_weight=0.0, ctc_weight=0.0, consistency_weight=1.0)
+
+
+FAULTS = [
+    ("empty shard list", lambda t, d: expand_shards([]), ShardError, "shard list is empty"),
+    ("missing shard", lambda t, d: expand_shards(str(t / "none.tar")), ShardError, "1 shard path.* do not exist"),
+    ("missing brace range", lambda t, d: expand_shards(str(t / "x-{0..3}.tar")), ShardError, "4 shard path"),
+    ("dir without shards", lambda t, d: expand_shards(str(t)), ShardError, "holds no \\*.tar shards"),
+    ("garbage tar", f_garbage_tar, ShardError, "not a readable tar file.*Re-create or remove it"),
+    ("shard without images", f_no_images, ShardError, "no sample with a .jpg/.jpeg/.png/.webp member"),
+    ("most samples lack a caption", f_mostly_no_caption, ShardError, "18 of the 20 samples .* lack a required member"),
+    ("label field no sample has", f_mostly_no_label, DataConfigError, "no json field 'shape_id'.*fields seen: \\['other'\\]"),
+    ("empty shard", f_empty_shard, ShardError, "holds no samples"),
+    ("label outside num_classes", f_label_range, DataConfigError, r"label 7 is outside \[0, 5\).*num_classes"),
+    ("too few shards for readers", f_too_few_shards, ShardError, "every reader needs its own shard"),
+    ("batch larger than data", f_batch_too_big, ShardError, "cannot fill one batch"),
+    ("batch_size 0", lambda t, d: ImageTextDataModule(batch_size=0), ValueError, "batch_size must be >= 1"),
+    ("negative workers", lambda t, d: ImageTextDataModule(num_workers=-1), ValueError, "num_workers must be >= 0"),
+    ("resampled without length", lambda t, d: ImageTextDataModule(resampled=True), ValueError,
+     "needs samples_per_epoch"),
+    ("unknown generator", lambda t, d: ImageTextDataModule(generate="shpaes"), ValueError, "unknown dataset 'shpaes'"),
+    ("typo'd path with generation on", f_typo_with_generate, ShardError, "looks like a typo"),
+    ("unknown split with generation on", f_bad_split_with_generate, ShardError, "'trian' is not a split"),
+    ("bad caption_key", lambda t, d: ImageTextDataModule(caption_key="caption"), ValueError,
+     "caption_key must be 'txt' or 'json:<field>'"),
+    ("remote shard, no sizes", f_remote_unsized, ShardError, "cannot count samples.*samples_per_epoch"),
+    ("reserved extra val name", lambda t, d: ImageTextDataModule(extra_val_shards={"val": "x"}), ValueError, "reserved"),
+    ("max_skip_fraction > 1", lambda t, d: ImageTextDataModule(max_skip_fraction=2.0), ValueError,
+     "max_skip_fraction must be in"),
+    ("mostly corrupt stream", f_mostly_corrupt_stream, DataHealthError, "were unusable, more than max_skip_fraction"),
+    ("half-generated dataset", f_incomplete_generated, FileExistsError, "holds no complete generated dataset"),
+    ("predict without shards", f_predict_nothing, ShardError, "set data.init_args.predict_shards \\(or test_shards\\)"),
+    ("persistent workers", f_persistent_workers, ValueError, "would freeze the stream's epoch"),
+    ("crafted weights file", f_crafted_weights, ValueError, "refusing to load .*weights_only=True"),
+    ("crafted TTA source checkpoint", f_crafted_tta_source, ValueError, "refusing to load .*src.ckpt"),
+    ("crafted CAFA statistics", f_crafted_cafa_stats, ValueError, "refusing to load .*stats.pt"),
+    ("crafted open_clip teacher checkpoint", f_crafted_open_clip_teacher, ValueError, "refusing to load .*clip.ckpt"),
+    ("crafted resume checkpoint", f_crafted_resume, ValueError, "refusing to load .*last.ckpt"),
+    ("missing weights file", f_missing_weights, FileNotFoundError, "does not exist.*no download"),
+    ("weights of another architecture", f_wrong_architecture, ValueError, "does not fit .*shape mismatch|missing"),
+    ("unknown timm model", f_unknown_timm, ValueError, "unknown timm model 'resnet1888'.*Close matches"),
+    ("unknown open_clip model", f_unknown_open_clip, ValueError, "ViT-B-33"),
+    ("adapt: labels exceed the model's classes", f_tta_labels_exceed_classes, DataConfigError,
+     r"label \d+ is outside \[0, 6\)"),
+    ("adapt: num_classes disagrees", f_tta_num_classes_disagree, ValueError, "num_classes=36 but the source model has 10"),
+    ("adapt: unknown method", f_tta_bad_method, ValueError, "'tnet'"),
+    ("adapt: unknown corruption", f_tta_bad_corruption, ValueError, "gaussian_nois"),
+    ("adapt: CAFA statistics of another checkpoint", f_cafa_stats_other_checkpoint, ValueError,
+     "were computed from /elsewhere/other.ckpt"),
+    ("zeroshot: label outside the classes", f_zeroshot_bad_labels, ValueError, "label 30 .* outside the 6 classes"),
+    ("REPA without teacher", f_repa_no_teacher, ValueError, "needs a teacher"),
+    ("speech consistency loss alone", f_speech_consistency_alone, ValueError, "admits collapse"),
+]
+
+
+@pytest.mark.parametrize("fn,exc,pattern", [f[1:] for f in FAULTS], ids=[f[0] for f in FAULTS])
+def test_fault_is_named(fn, exc, pattern, tmp_path, data_root):
+    with pytest.raises(exc) as info:
+        fn(tmp_path, data_root)
+    assert re.search(pattern, str(info.value), re.S), str(info.value)
+    assert not (tmp_path / "RAN").exists(), "a crafted checkpoint ran code"
+
+
+# ---- CLI faults ------------------------------------------------------------------------------------
+
+def run_cli(*args):
+    from mmalign import cli
+
+    return cli.main(list(args))
+
+
+@pytest.mark.parametrize("arg,needle", [("--model.init_args.lrr=1", "Did you mean 'lr'"),
+                                        ("--model.init_args.num_classes=abc", "num_classes"),
+                                        ("--data.init_args.shuffle_bufer=3", "Did you mean 'shuffle_buffer'")])
+def test_config_error_printed_once_last_without_dump(in_tmp, capsys, arg, needle):
+    with pytest.raises(SystemExit):
+        run_cli("fit", "-c", DIGITS, arg)
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("error:") == 1 and err.splitlines()[-1].startswith("error:")
+    assert "Given value" not in err and "Namespace(" not in err and len(err.splitlines()) <= 3
+
+
+def test_failed_setup_leaves_no_run_folder(in_tmp):
+    with pytest.raises(ShardError, match="do not exist"):
+        run_cli("fit", "-c", DIGITS, "--data.init_args.generate=null", "--data.init_args.train_shards=nowhere/train",
+                *QUICK)
+    assert not glob.glob("runs/mmalign/version_*")
+
+
+def test_nan_guard_advice_is_followable(in_tmp):
+    from mmalign.callbacks import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match=r"--ckpt_path last --model.init_args.lr=0.0015"):
+        run_cli("fit", "-c", DIGITS, "--model.class_path=tests.test_cli.NaNAfterTwo", "--trainer.max_steps=4",
+                "--checkpoint.every_n_train_steps=1", *QUICK)
+
+
+def test_final_model_saved_and_retention_bounded(in_tmp):
+    c = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=9", "--checkpoint.every_n_train_steps=2", *QUICK)
+    ckdir = os.path.join(c.trainer.log_dir, "checkpoints")
+    # the 3 newest step checkpoints (step 2 was dropped), and last.ckpt at the final step (9), not at
+    # the last multiple of every_n_train_steps (8)
+    assert sorted(os.listdir(ckdir)) == ["last.ckpt", "step0000004.ckpt", "step0000006.ckpt", "step0000008.ckpt"]
+    assert torch.load(os.path.join(ckdir, "last.ckpt"), weights_only=True)["global_step"] == 9
+    assert torch.load(os.path.join(ckdir, "step0000008.ckpt"), weights_only=True)["global_step"] == 8
+
+
+def test_resume_applies_overrides_and_finds_last(in_tmp, capsys):
+    c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=3", "--checkpoint.every_n_train_steps=1", *QUICK)
+    ckdir = os.path.join(c1.trainer.log_dir, "checkpoints")
+    open(os.path.join(ckdir, "last.ckpt.tmp-999999"), "wb").write(b"half a checkpoint")  # a killed write
+    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", "--model.init_args.lr=1.5e-3",
+                 *QUICK)
+    err = capsys.readouterr()
+    assert c2.trainer.global_step == 5 and c2.trainer.log_dir == c1.trainer.log_dir
+    assert "lr 0.003 -> 0.0015" in err.err and "applied to the restored optimizer: lr 0.003 -> 0.0015" in err.out
+    assert not os.path.exists(os.path.join(ckdir, "last.ckpt.tmp-999999"))
+    # the restored optimizer and scheduler follow the new lr (half of what the checkpoint held)
+    opt = c2.trainer.optimizers[0]
+    sched = c2.trainer.lr_scheduler_configs[0].scheduler
+    assert all(abs(b - 1.5e-3) < 1e-12 for b in sched.base_lrs) and opt.param_groups[0]["initial_lr"] == 1.5e-3
+
+
+def test_ckpt_path_last_without_runs_says_so(in_tmp, capsys):
+    c = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=1", "--ckpt_path=last", *QUICK)
+    assert c.trainer.global_step == 1 and "no checkpoint found" in capsys.readouterr().err
+
+
+def test_missing_ckpt_path_is_named(in_tmp):
+    with pytest.raises(FileNotFoundError, match="ckpt_path 'gone.ckpt' does not exist"):
+        run_cli("fit", "-c", DIGITS, "--ckpt_path=gone.ckpt", *QUICK)
+
+
+def test_remote_checkpoint_dirpath_is_honoured(in_tmp):
+    import fsspec
+
+    run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", "--checkpoint.dirpath=memory://ckpts/run", *QUICK)
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/ckpts/run/last.ckpt") and not glob.glob("memory:*") and not glob.glob("**/memory:*")
+    with fs.open("/ckpts/run/last.ckpt", "rb") as f:
+        assert torch.load(f, weights_only=True)["global_step"] == 2
+
+
+def test_default_root_dir_moves_runs(in_tmp):
+    c = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=1", "--trainer.default_root_dir=elsewhere", *QUICK)
+    assert os.path.isdir("elsewhere/mmalign/version_0/checkpoints") and not os.path.exists("runs")
+    assert c.trainer.log_dir.startswith("elsewhere")
+
+
+def test_predict_writes_classifier_predictions(in_tmp):
+    c = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", *QUICK)
+    last = os.path.join(c.trainer.log_dir, "checkpoints", "last.ckpt")
+    from mmalign.callbacks import PredictionWriter
+
+    p = run_cli("predict", "-c", DIGITS, "--ckpt_path", last, "--trainer.limit_predict_batches=2", *QUICK)
+    [writer] = [cb for cb in p.trainer.callbacks if isinstance(cb, PredictionWriter)]
+    rows = [json.loads(x) for x in open(writer.written)]
+    assert len(rows) == 2 * 64 and {"key", "pred", "confidence", "top5", "label"} <= set(rows[0])
+    assert 0 <= rows[0]["pred"] < 10 and len(rows[0]["top5"]) == 5
+
+
+def test_predict_writes_repa_sample_grids(in_tmp):
+    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--model.init_args.fd_num_samples=0",
+                "--model.init_args.predict_num_samples=4", "--model.init_args.sample_steps=2",
+                "--model.init_args.predict_dir=grids", "--model.init_args.backbone_kwargs.num_layers=1", *QUICK)
+    assert p.trainer.predict_loop.batch_progress.total.completed == 1
+    assert len(glob.glob("grids/samples_rank0_*.png")) == 1
+
+
+def test_cafa_statistics_follow_the_source_checkpoint(tmp_path, data_root):
+    from mmalign.tta.module import TTAModel
+    from mmalign.tta.pipeline import source_statistics
+    from mmalign.tta.stream import CorruptionStream
+
+    ckpt = _tiny_classifier_ckpt(tmp_path / "src.ckpt")
+    logs = []
+
+    def stats():
+        model = TTAModel(ckpt, methods=["cafa"])
+        dm = CorruptionStream(data_root=data_root, domains_dir=str(tmp_path), train_shards="digits/train",
+                              num_workers=0, preprocess=model.preprocess)
+        return source_statistics(model, dm, str(tmp_path), "cpu", logs.append, max_samples=64)
+
+    first = stats()
+    assert first.source["sha256"] and os.path.isfile(tmp_path / "src.cafa_stats.pt")
+    assert stats().means.equal(first.means) and "from" in logs[-1]  # same checkpoint: loaded
+    _tiny_classifier_ckpt(ckpt)  # retrained: other weights under the same name
+    stats()
+    assert "recomputing" in logs[-2] and "->" in logs[-1]
+
+
+def test_zeroshot_unknown_label_field_and_strict_json(in_tmp, data_root):
+    import yaml
+
+    from mmalign.contrastive.zeroshot_command import _strict
+    from tests.test_contrastive_module import TINY
+
+    cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
+                     "init_args": {"model_name": "mmalign-test-tiny", "model_cfg": TINY}},
+           "data": {"class_path": "datamodules.ImageLabelDataModule",
+                    "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
+                                  "batch_size": 32}},
+           "trainer": {"enable_progress_bar": False, "logger": False, "limit_test_batches": 1}}
+    (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
+    classes = os.path.join(data_root, "shapes", "classes.json")
+    with pytest.raises(ValueError, match="no test sample carries label field 'colour_id'.*json fields seen: .*color_id"):
+        run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=colour_id", "--out=zs")
+    run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=cls", "--out=zs")
+    text = (in_tmp / "zs" / "zeroshot.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert "NaN" not in text and _strict({"x": float("nan")}) == {"x": None}
+
+
+# ---- kill -9 and resume ---------------------------------------------------------------------------
+
+def _fit(record, extra, cwd, env):
+    return subprocess.Popen([sys.executable, "-m", "mmalign", "fit", "-c", DIGITS,
+                             "--model.class_path=tests._modules.RecordingClassifier",
+                             f"--model.init_args.record={record}", "--trainer.max_steps=30",
+                             "--checkpoint.every_n_train_steps=4", "--data.init_args.num_workers=2",
+                             "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                             "--trainer.enable_model_summary=false", *extra],
+                            cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _batches(path):
+    by_step = {}
+    for line in open(path):
+        row = json.loads(line)
+        by_step[row["step"]] = (row["keys"], row["pixels"])  # a replayed step overwrites the lost one
+    return by_step
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_sees_the_uninterrupted_batches(tmp_path, data_root):
+    """digits: 19 batches per epoch, 30 steps, checkpoints every 4. Kill the run with SIGKILL at
+    step >= 14 (mid-epoch, between checkpoints), resume with --ckpt_path last: every step's batch
+    (keys and pixel digest) equals the uninterrupted run's, and the run finishes in its own folder."""
+    env = {**os.environ, "MMALIGN_DATA": data_root, "PYTHONPATH": ROOT}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ref = _fit(str(tmp_path / "ref.jsonl"), [], str(tmp_path / "a"), env)
+    killed = _fit(str(tmp_path / "run.jsonl"), [], str(tmp_path / "b"), env)
+    deadline = time.time() + 300
+    while time.time() < deadline and killed.poll() is None:
+        if os.path.exists(tmp_path / "run.jsonl") and len(open(tmp_path / "run.jsonl").readlines()) >= 15:
+            break
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _fit(str(tmp_path / "run.jsonl"), ["--ckpt_path=last"], str(tmp_path / "b"), env)
+    assert resumed.wait(timeout=400) == 0, resumed.stderr.read()[-3000:]
+    assert ref.wait(timeout=400) == 0, ref.stderr.read()[-3000:]
+    want, got = _batches(tmp_path / "ref.jsonl"), _batches(tmp_path / "run.jsonl")
+    assert sorted(want) == sorted(got) == list(range(30))
+    assert [got[s] for s in range(30)] == [want[s] for s in range(30)]
+    runs = glob.glob(str(tmp_path / "b" / "runs/mmalign/version_*"))
+    assert len(runs) == 1  # resumed in the same version folder
+    last = torch.load(os.path.join(runs[0], "checkpoints", "last.ckpt"), weights_only=True)
+    assert last["global_step"] == 30
