@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import torch
 
 from .base import StreamingDataModule
+from .audio import AUDIO_EXTS, check_clip, decode_audio_bytes
 from .image_text import read_json
-
-AUDIO_EXTS = ("flac", "wav")
-
-
-def decode_audio_bytes(data: bytes, sample_rate: int) -> torch.Tensor:
-    """Mono float32 waveform at ``sample_rate`` (polyphase resampling when the file differs)."""
-    import soundfile as sf
-
-    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    wave = wave.mean(axis=1)
-    if sr != sample_rate:
-        from math import gcd
-
-        from scipy.signal import resample_poly
-
-        g = gcd(sr, sample_rate)
-        wave = resample_poly(wave, sample_rate // g, sr // g).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(wave))
-
 
 class AudioTextDataModule(StreamingDataModule):
     """Batches: ``audio`` (B,T) zero-padded, ``audio_lengths`` (B,), ``text`` list, ``tokens`` when a
@@ -51,8 +30,6 @@ class AudioTextDataModule(StreamingDataModule):
         self.sample_rate, self.max_seconds, self.silence_threshold = sample_rate, max_seconds, silence_threshold
 
     def decode(self, sample: dict, train: bool) -> dict:
-        from mmalign.speech.features import check_clip
-
         data = next((sample[e] for e in AUDIO_EXTS if e in sample), None)
         if data is None:
             raise KeyError("no .flac/.wav member")

@@ -15,7 +15,7 @@ import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import braceexpand
@@ -108,6 +108,52 @@ def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequ
     counts = Counter(ext for exts in keys.values() for ext in exts)
     bad = [k for k, exts in keys.items() if not all(exts & set(group) for group in required)]
     return ShardIndex(url, len(keys), counts, texts, len(keys) - len(bad), bad[:3])
+
+
+def write_sizes_file(directory: str, sizes: dict[str, int]) -> str:
+    """Write ``sizes.json`` ({shard basename: sample count}) in ``directory``; returns its path."""
+    path = os.path.join(directory, SIZES_FILE)
+    with open(path, "w") as f:
+        json.dump({os.path.basename(k): int(v) for k, v in sorted(sizes.items())}, f, indent=1)
+    return path
+
+
+def write_shard(path: str, samples: Iterable[dict], encoder: bool = True) -> int:
+    """Write one shard atomically (``<path>.tmp``, then rename): an interrupted write never leaves a
+    shard that looks complete. ``samples`` are dicts with ``__key__`` and ext -> bytes/str/json-able;
+    ``encoder=False`` writes bytes as given. Returns the sample count."""
+    from webdataset import TarWriter
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp, n = path + ".tmp", 0
+    try:
+        with open(tmp, "wb") as f, TarWriter(f, encoder=encoder, mtime=0.0) as w:
+            for sample in samples:
+                w.write({k: v for k, v in sample.items() if k != "__url__"})
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return n
+
+
+def write_shards(out_dir: str, samples: Iterable[dict], shard_size: int, prefix: str = "shard") -> dict[str, int]:
+    """Write ``samples`` as ``out_dir/<prefix>-NNNNNN.tar`` shards of ``shard_size`` (webdataset's
+    ``ShardWriter``) plus their ``sizes.json``; returns {shard basename: count}."""
+    from webdataset import ShardWriter
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
+    os.makedirs(out_dir, exist_ok=True)
+    sizes: dict[str, int] = {}
+    with ShardWriter(os.path.join(out_dir, f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0) as w:
+        for sample in samples:
+            w.write(sample)
+            name = os.path.basename(w.fname)
+            sizes[name] = sizes.get(name, 0) + 1
+    write_sizes_file(out_dir, sizes)
+    return sizes
 
 
 def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:

@@ -77,10 +77,10 @@ _GOLDEN = (5 ** 0.5 - 1) / 2
 def _rotation(epoch: int, url: str, size: int) -> int:
     """Where a shard starts this epoch. Offsets step by the golden ratio of its size, so the parts a
     reader reaches before its quota ends cover the whole shard within a few epochs (a random offset
-    would leave gaps for longer), and differ between shards by a stable per-shard phase."""
+    would leave gaps for longer), and differ between shards by a phase taken from the shard's name."""
     import zlib
 
-    phase = zlib.crc32(url.encode()) / 2**32
+    phase = zlib.crc32(url.rsplit("/", 1)[-1].encode()) / 2**32  # the name: a moved dataset keeps its order
     return int(((epoch + phase) * _GOLDEN % 1.0) * size)
 
 

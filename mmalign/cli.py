@@ -1,24 +1,18 @@
 """``python -m mmalign``: LightningCLI with subclass mode for model and data, plus custom subcommands.
 
 Defaults every run gets: a seed, CSV + TensorBoard loggers under ``runs/``, the rich progress bar,
-step checkpoints plus ``last.ckpt`` written atomically, the NaN guard and data-health reports.
-Configs are parsed in OmegaConf mode, so ``${...}`` interpolation works.
+step checkpoints plus ``last.ckpt`` written atomically, the NaN guard, data-health reports and
+exact resume (``mmalign.training``). Configs are parsed in OmegaConf mode (``${...}`` interpolation)
+and compose: ``-c base.yaml -c overlay.yaml`` applies the overlay on the base.
 
-Adding a subcommand
--------------------
-Write a function taking ``trainer``, ``model`` and ``datamodule`` plus typed keyword arguments (they
-become the subcommand's options and config keys) and register it::
-
-    from mmalign.cli import register_subcommand
-
-    @register_subcommand("adapt")
-    def adapt(trainer, model, datamodule, rounds: int = 1, out_dir: str = "runs/adapt"):
-        '''Adapt a model at test time.'''  # first line = help text
-        ...
-
-The module must be imported before the parser is built: list it in ``BUILTIN_SUBCOMMANDS`` below,
-or expose it from another package through the entry-point group ``mmalign.subcommands``. Keep its
-top-level imports light (``--help`` must stay fast).
+Subcommands
+-----------
+A subcommand is a plain function of ``trainer``, ``model`` and ``datamodule`` whose other typed
+keyword arguments become its options. Methods define them without importing the CLI (the CLI is
+the top layer); they are listed in ``BUILTIN_SUBCOMMANDS`` as ``"module:function"``, other packages
+expose them in the entry-point group ``mmalign.subcommands``, and scripts can call
+``register_subcommand``. The CLI turns each into a method of its Trainer subclass, which is how
+LightningCLI adds subcommands. Keep their modules light at import: ``--help`` imports them.
 """
 
 from __future__ import annotations
@@ -27,85 +21,108 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-# Modules that register LightningModules/DataModules (for short class_path names) and subcommands.
-# They must import nothing heavy at top level (no open_clip, diffusers, timm).
+# Packages that define LightningModules/DataModules (for short class_path names). They import nothing
+# heavy at top level (no open_clip, diffusers, timm).
 BUILTIN_MODULES = ["mmalign.classify", "mmalign.contrastive", "mmalign.tta", "mmalign.repa", "mmalign.speech"]
-BUILTIN_SUBCOMMANDS = ["mmalign.contrastive.zeroshot_command", "mmalign.tta.adapt_command"]
+BUILTIN_SUBCOMMANDS = {
+    "zeroshot": "mmalign.contrastive.zeroshot_command:zeroshot",
+    "adapt": "mmalign.tta.adapt_command:adapt",
+    "precompute_teacher": "mmalign.repa.precompute_command:precompute_teacher",
+}
 ENTRY_POINT_GROUP = "mmalign.subcommands"
-
-
-@dataclass
-class Subcommand:
-    name: str
-    fn: Callable[..., Any]
-    help: str
-
-
-_SUBCOMMANDS: dict[str, Subcommand] = {}
 _PASSED = ("trainer", "model", "datamodule")
+_SUBCOMMANDS: dict[str, Callable[..., Any]] = {}
 
 
-def register_subcommand(name: str, help: str | None = None):
+def register_subcommand(name: str):
     """Decorator registering ``fn(trainer, model, datamodule, **options)`` as ``mmalign <name>``."""
 
     def wrap(fn):
         if name in LightningCLI.subcommands():
             raise ValueError(f"subcommand '{name}' is one of Lightning's own; pick another name.")
-        params = inspect.signature(fn).parameters
-        missing = [p for p in _PASSED if p not in params]
+        missing = [p for p in _PASSED if p not in inspect.signature(fn).parameters]
         if missing:
             raise TypeError(f"subcommand function {fn.__name__} must accept {missing}.")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        _SUBCOMMANDS[name] = Subcommand(name, fn, help or (doc[0] if doc else name))
+        _SUBCOMMANDS[name] = fn
         return fn
 
     return wrap
 
 
-def _load_plugins() -> None:
+def _present(module: str) -> bool:
     from importlib.util import find_spec
 
-    for mod in BUILTIN_MODULES + BUILTIN_SUBCOMMANDS:
-        try:
-            present = find_spec(mod) is not None
-        except ModuleNotFoundError:  # its parent package is absent (a method deleted from the tree)
-            present = False
-        if present:
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is absent (a method deleted from the tree)
+        return False
+
+
+def _load_plugins() -> None:
+    for mod in BUILTIN_MODULES:
+        if _present(mod):
             importlib.import_module(mod)
+    for name, target in BUILTIN_SUBCOMMANDS.items():
+        module, _, attr = target.partition(":")
+        if name not in _SUBCOMMANDS and _present(module):
+            register_subcommand(name)(getattr(importlib.import_module(module), attr))
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()
+        if ep.name not in _SUBCOMMANDS:
+            register_subcommand(ep.name)(ep.load())
+
+
+def _as_method(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(trainer, model, datamodule, **opts)`` as a Trainer method ``(self, model, datamodule, **opts)``,
+    with ``fn``'s signature and docstring, so LightningCLI builds the subcommand's parser from it."""
+
+    def method(self, model, datamodule=None, **options):
+        return fn(trainer=self, model=model, datamodule=datamodule, **options)
+
+    sig = inspect.signature(fn)
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    method.__signature__ = sig.replace(parameters=[self_param] + [p for n, p in sig.parameters.items()
+                                                                    if n != "trainer"])
+    method.__doc__, method.__name__, method.__qualname__ = fn.__doc__, fn.__name__, fn.__qualname__
+    method.__annotations__ = {k: v for k, v in getattr(fn, "__annotations__", {}).items() if k != "trainer"}
+    method.__module__ = fn.__module__
+    return method
+
+
+def _trainer_class():
+    from lightning.pytorch import Trainer
+
+    return type("MMAlignTrainer", (Trainer,), {name: _as_method(fn) for name, fn in _SUBCOMMANDS.items()})
 
 
 def _trainer_defaults() -> dict[str, Any]:
     return {
         "default_root_dir": "runs",
         "logger": [
-            {"class_path": "mmalign.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "mmalign"}},
+            {"class_path": "mmalign.training.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "mmalign"}},
             {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "mmalign"}},
         ],
-        "plugins": [{"class_path": "mmalign.checkpointing.AtomicCheckpointIO"}],
+        "plugins": [{"class_path": "mmalign.training.checkpointing.AtomicCheckpointIO"}],
         "log_every_n_steps": 10,
     }
 
 
 class MMAlignCLI(LightningCLI):
-    """LightningCLI with mmalign's defaults and registered custom subcommands."""
+    """LightningCLI with mmalign's defaults, registered subcommands and resume handling."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         commands = dict(LightningCLI.subcommands())
-        commands.update({name: set(_PASSED) for name in _SUBCOMMANDS})
+        commands.update({name: {"model", "datamodule"} for name in _SUBCOMMANDS})
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        from mmalign.checkpointing import RunCheckpoint
+        from mmalign.training.checkpointing import RunCheckpoint
 
         # Checkpoints are a top-level config group so users tune them without replacing callbacks.
         # Default retention: the 3 newest step checkpoints ("monitor: step", the highest steps) plus
@@ -117,54 +134,30 @@ class MMAlignCLI(LightningCLI):
         # Models hand their transforms/tokenizer to the datamodule.
         parser.link_arguments("model.preprocess", "data.init_args.preprocess", apply_on="instantiate")
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
-        parser_subcommands = parser.add_subcommands()
-        trainer_class = self.trainer_class
-        for subcommand in self.subcommands():
-            custom = _SUBCOMMANDS.get(subcommand)
-            if custom is None:
-                description = (getattr(trainer_class, subcommand).__doc__ or "").strip().splitlines()[0]
-            else:
-                description = custom.help
-            subparser_kwargs = dict(kwargs.get(subcommand, {}))
-            subparser_kwargs.setdefault("description", description)
-            sub = self._prepare_subcommand_parser(trainer_class, subcommand, **subparser_kwargs)
-            self._subcommand_parsers[subcommand] = sub
-            parser_subcommands.add_subcommand(subcommand, sub, help=description)
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then resolve ``--ckpt_path`` ourselves (``last``, run folder, overrides; see
+        ``mmalign.training.resume``). Lightning's own handling would replace the config's model
+        options with the checkpoint's, so it is handed no path until the classes are built."""
+        from mmalign.training.resume import resolve_resume
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        custom = _SUBCOMMANDS.get(subcommand)
-        if custom is None:
-            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        parser = self.init_parser(**kwargs)
-        self._add_arguments(parser)
-        added = parser.add_function_arguments(custom.fn, skip=set(_PASSED))
-        self._subcommand_method_arguments[subcommand] = added
-        return parser
-
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path`` before anything is built (replaces Lightning's version, which
-        silently overwrote the config's model options with the checkpoint's).
-
-        ``last`` means the newest checkpoint of the newest run under the logger root (or under
-        ``checkpoint.dirpath``). The model options of the config and command line win over the
-        checkpoint's hyper-parameters; the ones that differ are printed, and ``ResumeOverrides``
-        applies a changed ``lr``/``weight_decay`` to the restored optimizer. A ``fit`` resumed from a
-        run's own checkpoint continues in that run's ``version_N`` folder."""
-        from .resume import resolve_resume
-
+        super().parse_arguments(parser, args)
         self._resume = resolve_resume(self.config)
+        sub = self.config.get("subcommand")
+        if self._resume and sub:
+            self.config[sub].ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
-        from .resume import prepare_run_dirs
+        from mmalign.training.resume import prepare_run_dirs
 
-        prepare_run_dirs(self.config, getattr(self, "_resume", None))
+        prepare_run_dirs(self.config, self._resume)
+        sub = self.config.get("subcommand")
+        if self._resume and sub:
+            self.config[sub].ckpt_path = self._resume["path"]
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 
-        from mmalign.callbacks import DataHealthMonitor, NaNGuard, PredictionWriter, ResumeOverrides
+        from mmalign.training.callbacks import DataHealthMonitor, NaNGuard, PredictionWriter, ResumeOverrides
 
         config = self._get(self.config_init, "trainer", default={})
         extra = [NaNGuard(), DataHealthMonitor(), ResumeOverrides(), PredictionWriter()]
@@ -174,14 +167,6 @@ class MMAlignCLI(LightningCLI):
         self.trainer_defaults = {**self.trainer_defaults, "callbacks": extra}
         return super().instantiate_trainer(**kwargs)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        custom = _SUBCOMMANDS.get(subcommand)
-        if custom is None:
-            return super()._run_subcommand(subcommand)
-        options = {k: v for k, v in self.config_init[subcommand].items()
-                   if k in self._subcommand_method_arguments[subcommand]}
-        custom.fn(trainer=self.trainer, model=self.model, datamodule=self.datamodule, **options)
-
 
 class ConciseArgumentParser(LightningArgumentParser):
     """Prints a config error once, last, as one readable message (no usage wall, no dump of the
@@ -190,7 +175,7 @@ class ConciseArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:
             return super().error(message, ex)
-        from .resume import condense_parser_error
+        from mmalign.training.resume import condense_parser_error
 
         sys.stderr.write(f"usage: python -m mmalign SUBCOMMAND -c CONFIG [--key=value ...]  (SUBCOMMAND --help lists "
                          f"every option)\nerror: {condense_parser_error(message)}\n")
@@ -204,35 +189,31 @@ def _parser_kwargs() -> dict[str, Any]:
 
 def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
     """Entry point of ``python -m mmalign`` and the ``mmalign`` console script."""
-    from .resume import remove_failed_run_dirs
-
-    _load_plugins()
-    try:
-        return _build(args, run)
-    except BaseException:
-        remove_failed_run_dirs()
-        raise
-
-
-def _build(args: list[str] | None, run: bool) -> MMAlignCLI:
     import lightning.pytorch as pl
 
     from datamodules import StreamingDataModule
+    from mmalign.training.resume import remove_failed_run_dirs
 
-    return MMAlignCLI(
-        pl.LightningModule,
-        StreamingDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        trainer_defaults=_trainer_defaults(),
-        parser_kwargs=_parser_kwargs(),
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_class=ConciseArgumentParser,
-        args=args,
-        run=run,
-    )
+    _load_plugins()
+    try:
+        return MMAlignCLI(
+            pl.LightningModule,
+            StreamingDataModule,
+            trainer_class=_trainer_class(),
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            trainer_defaults=_trainer_defaults(),
+            parser_kwargs=_parser_kwargs(),
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_class=ConciseArgumentParser,
+            args=args,
+            run=run,
+        )
+    except BaseException:
+        remove_failed_run_dirs()
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

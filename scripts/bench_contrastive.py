@@ -86,7 +86,7 @@ def throughput(root: str, batch: int, steps: int, warmup: int) -> dict:
     import open_clip
     from torch.utils.data import DataLoader
 
-    from mmalign.callbacks import DataHealthMonitor, NaNGuard
+    from mmalign.training.callbacks import DataHealthMonitor, NaNGuard
 
     module = make_module("clip", lr=5e-4, weight_decay=0.1)
     dm = datamodule(root, batch, module, split_val=False)

@@ -79,7 +79,7 @@ def table(results, methods, rounds):
 
 
 def main(argv=None):
-    from mmalign.tta.corruptions import CORRUPTIONS
+    from datamodules.corruptions import CORRUPTIONS
     from mmalign.tta.methods import METHODS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

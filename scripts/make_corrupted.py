@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from mmalign.tta.corrupt_shards import corrupt_shards
-from mmalign.tta.corruptions import CORRUPTIONS
+from datamodules.corrupt import corrupt_shards
+from datamodules.corruptions import CORRUPTIONS
 
 
 def _names(values: list[str]) -> list[str]:

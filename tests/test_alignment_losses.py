@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mmalign.losses.alignment import (
+from mmalign.speech.consistency import (
     AlignmentConsistencyLoss,
     dtw,
     dtw_from_cost,

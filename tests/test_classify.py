@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmalign.classify import ImageClassifier
-from mmalign.models.checkpoints import CheckpointMismatchError
+from mmalign.models.weights import CheckpointMismatchError
 from mmalign.models.timm_models import UnknownModelError, create_timm_model
 
 TINY = {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 16], "stem_width": 8}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmalign import cli
-from mmalign.callbacks import NonFiniteLossError
-from mmalign.checkpointing import AtomicCheckpointIO
+from mmalign.training.callbacks import NonFiniteLossError
+from mmalign.training.checkpointing import AtomicCheckpointIO
 from mmalign.classify import ImageClassifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmalign.contrastive import CLIP, SigLIP
-from mmalign.models.checkpoints import CheckpointMismatchError
+from mmalign.models.weights import CheckpointMismatchError
 from mmalign.models.timm_models import UnknownModelError
 from tests._dist import run_distributed
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmalign.tta.corruptions import CORRUPTIONS, STOCHASTIC, corrupt
+from datamodules.corruptions import CORRUPTIONS, STOCHASTIC, corrupt
 
 EXPECTED_ORDER = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -180,7 +180,7 @@ def _read(path):
 
 
 def test_corrupt_shards(tmp_path, capsys):
-    from mmalign.tta.corrupt_shards import corrupt_shards
+    from datamodules.corrupt import corrupt_shards
 
     paths = _write_shards(tmp_path)
     out = tmp_path / "out"
@@ -198,9 +198,10 @@ def test_corrupt_shards(tmp_path, capsys):
     for name in names:
         for severity in (1, 5):
             folder = out / name / str(severity)
-            assert sorted(p.name for p in folder.iterdir()) == ["shard-000.tar", "shard-001.tar"]
+            assert sorted(p.name for p in folder.iterdir()) == ["shard-000.tar", "shard-001.tar", "sizes.json"]
+            assert json.loads((folder / "sizes.json").read_text()) == {"shard-000.tar": 3, "shard-001.tar": 3}
             got = {}
-            for shard in sorted(folder.iterdir()):
+            for shard in sorted(folder.glob("*.tar")):
                 got.update(_read(shard))
             assert sorted(got) == sorted(clean)
             for key, sample in got.items():
@@ -222,7 +223,7 @@ def test_corrupt_shards(tmp_path, capsys):
 
 
 def test_corrupt_shards_errors(tmp_path):
-    from mmalign.tta.corrupt_shards import corrupt_shards
+    from datamodules.corrupt import corrupt_shards
 
     paths = _write_shards(tmp_path, n_shards=1, per_shard=1)
     with pytest.raises(ValueError, match="valid names"):

@@ -157,7 +157,7 @@ def f_persistent_workers(t, d):
 
 
 def f_crafted_weights(t, d):
-    from mmalign.models.checkpoints import read_state_dict
+    from mmalign.models.weights import read_state_dict
 
     return read_state_dict(crafted(t / "w.pt", t / "RAN"))
 
@@ -181,7 +181,7 @@ def f_crafted_open_clip_teacher(t, d):
 
 
 def f_crafted_resume(t, d):
-    from mmalign.checkpointing import AtomicCheckpointIO
+    from mmalign.training.checkpointing import AtomicCheckpointIO
 
     return AtomicCheckpointIO().load_checkpoint(crafted(t / "last.ckpt", t / "RAN"))
 
@@ -365,7 +365,7 @@ def test_failed_setup_leaves_no_run_folder(in_tmp):
 
 
 def test_nan_guard_advice_is_followable(in_tmp):
-    from mmalign.callbacks import NonFiniteLossError
+    from mmalign.training.callbacks import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match=r"--ckpt_path last --model.init_args.lr=0.0015"):
         run_cli("fit", "-c", DIGITS, "--model.class_path=tests.test_cli.NaNAfterTwo", "--trainer.max_steps=4",
@@ -427,7 +427,7 @@ def test_default_root_dir_moves_runs(in_tmp):
 def test_predict_writes_classifier_predictions(in_tmp):
     c = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", *QUICK)
     last = os.path.join(c.trainer.log_dir, "checkpoints", "last.ckpt")
-    from mmalign.callbacks import PredictionWriter
+    from mmalign.training.callbacks import PredictionWriter
 
     p = run_cli("predict", "-c", DIGITS, "--ckpt_path", last, "--trainer.limit_predict_batches=2", *QUICK)
     [writer] = [cb for cb in p.trainer.callbacks if isinstance(cb, PredictionWriter)]

@@ -26,7 +26,7 @@ from mmalign.losses.contrastive import (
     init_logit_bias,
     init_logit_scale,
 )
-from mmalign.losses.feature_cache import feature_cache_backward
+from mmalign.contrastive.feature_cache import feature_cache_backward
 
 TOL = dict(rtol=1e-10, atol=1e-10)  # float64 throughout the exactness checks
 SCALE, BIAS = 7.5, -2.0  # away from init so that scale and bias gradients are not tiny

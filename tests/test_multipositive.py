@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from _dist import run_distributed
 
 from mmalign.losses.contrastive import ClipLoss
-from mmalign.losses.multipositive import MultiPositiveContrastiveLoss
+from mmalign.speech.multipositive import MultiPositiveContrastiveLoss
 
 SCALE = 6.0
 IDS = [5, 9, 5, 2, 9, 7, 5, 3]  # repeats within a rank AND across the two ranks of 4 rows

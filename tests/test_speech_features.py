@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.audio import BadClipError, check_clip
 from mmalign.speech.features import (
-    BadClipError,
     LogMelSpectrogram,
     SpecAugment,
     _hz_to_mel,
     _mel_to_hz,
-    check_clip,
     frames_from_samples,
     lengths_to_mask,
     normalize_per_utterance,

@@ -134,8 +134,9 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, workers):
 
 def test_corrupt_sample_skipped_and_counted(tmp_path):
     write_shards(str(tmp_path), [6, 6], corrupt={"k00003", "k00008"})
-    # 12 indexed samples -> 2 batches of 5: exactly the 10 good ones, each pass read whole
-    dm = ImageTextDataModule(train_shards=str(tmp_path), batch_size=5, num_workers=0, image_size=8,
+    # 12 indexed samples -> 3 batches of 4 = 12 good samples wanted of the 10 there are: the reader
+    # passes over its data more than once, so it pulls (and counts) both corrupt samples
+    dm = ImageTextDataModule(train_shards=str(tmp_path), batch_size=4, num_workers=0, image_size=8,
                              val_shards=str(tmp_path))
     dm.setup("fit")
     batches = list(dm.train_dataloader())
@@ -143,7 +144,7 @@ def test_corrupt_sample_skipped_and_counted(tmp_path):
     assert "k00003" not in keys and "k00008" not in keys and len(set(keys)) == 10
     assert all(not k.startswith("__") for b in batches for k in b)  # no bookkeeping inside batches
     report = dm.health.take("train")
-    assert report.skipped == 2 and any("k00003" in r for r in report.reasons)
+    assert 2 <= report.skipped <= 4 and all(any(k in r for r in report.reasons) for k in ("k00003", "k00008"))
     val = list(dm.val_dataloader())
     assert dm.health.take("val").skipped == 2 and sum(len(b["key"]) for b in val) == 10
 
@@ -220,7 +221,7 @@ def test_trainer_epochs_differ_and_skips_reported_once_per_epoch(tmp_path, recwa
     import lightning.pytorch as pl
 
     from datamodules import ImageLabelDataModule
-    from mmalign.callbacks import DataHealthMonitor
+    from mmalign.training.callbacks import DataHealthMonitor
     from mmalign.classify import ImageClassifier
 
     class Recording(ImageClassifier):

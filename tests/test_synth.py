@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mmalign.speech import synth
-from mmalign.speech.features import check_clip
+from datamodules.generate import espeak as synth
+from datamodules.generate import spoken
+from datamodules.shards import write_shards
+from datamodules.audio import check_clip
 
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None and ctypes.util.find_library("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng not installed (apt-get install -y espeak-ng)")
@@ -84,15 +86,15 @@ def test_bad_voice_and_args():
 
 
 def test_splits_disjoint_and_deterministic():
-    a, b = synth.make_splits(0), synth.make_splits(0)
+    a, b = spoken.make_splits(0), spoken.make_splits(0)
     assert a == b
     assert not set(a.train_voices) & set(a.test_voices)
     assert set(a.train_voices) | set(a.test_voices) == set(synth.ALL_VOICES)
-    for kind in synth.TEXT_KINDS:
+    for kind in spoken.TEXT_KINDS:
         assert a.train_texts[kind] and a.test_texts[kind]
         assert not set(a.train_texts[kind]) & set(a.test_texts[kind])
-    assert len(synth.WORDS) == len(set(synth.WORDS)) == 60
-    assert synth.make_splits(1).test_voices != a.test_voices
+    assert len(spoken.WORDS) == len(set(spoken.WORDS)) == 60
+    assert spoken.make_splits(1).test_voices != a.test_voices
     # Texts must not contain numerals (read as numbers, breaking the word/onset correspondence).
     assert not any(ch.isdigit() for texts in a.train_texts.values() for t in texts for ch in t)
 
@@ -106,15 +108,21 @@ def _read_tar(path):
     return samples
 
 
+def _write(out, splits, seed=0):
+    stats = {}
+    sizes = write_shards(str(out), spoken.spoken_samples("test", 5, splits, stats, seed=seed), 2, "test")
+    return sizes, stats
+
+
 @needs_espeak
-def test_write_split_shards_roundtrip(tmp_path):
-    splits = synth.make_splits(seed=0)
-    entry = synth.write_split(str(tmp_path), "test", 5, splits, seed=0, shard_size=2)
-    assert entry["num_samples"] == 5 and entry["shards"] == [f"test-{i:06d}.tar" for i in range(3)]
-    assert entry["onset_source"] == {"events": 5}
+def test_spoken_samples_roundtrip(tmp_path):
+    splits = spoken.make_splits(seed=0)
+    sizes, stats = _write(tmp_path, splits)
+    assert sizes == {"test-000000.tar": 2, "test-000001.tar": 2, "test-000002.tar": 1}
+    assert stats["onset_source"] == {"events": 5}
     test_texts = {t for ts in splits.test_texts.values() for t in ts}
     seen = []
-    for shard in entry["shards"]:
+    for shard in sorted(sizes):
         for key, s in _read_tar(tmp_path / shard).items():
             assert set(s) == {"flac", "txt", "json"}
             wave, sr = sf.read(io.BytesIO(s["flac"]), dtype="float32")
@@ -123,29 +131,33 @@ def test_write_split_shards_roundtrip(tmp_path):
             assert abs(len(wave) / sr - meta["duration"]) < 1e-3 and np.abs(wave).max() > 0.05
             assert s["txt"].decode() == meta["text"] and meta["text"] in test_texts
             assert meta["voice"] in splits.test_voices and meta["voice"] not in splits.train_voices
-            assert len(meta["onsets"]) == len(meta["words"]) and meta["kind"] in synth.TEXT_KINDS
+            assert len(meta["onsets"]) == len(meta["words"]) and meta["kind"] in spoken.TEXT_KINDS
             assert 130 <= meta["speed"] <= 200 and 30 <= meta["pitch"] <= 70
             seen.append((key, meta["text"], meta["voice"]))
     # Deterministic for a seed.
-    again = synth.write_split(str(tmp_path / "again"), "test", 5, splits, seed=0, shard_size=2)
+    again, _ = _write(tmp_path / "again", splits)
     keys = [(k, json.loads(s["json"])["text"], json.loads(s["json"])["voice"])
-            for sh in again["shards"] for k, s in _read_tar(tmp_path / "again" / sh).items()]
+            for sh in sorted(again) for k, s in _read_tar(tmp_path / "again" / sh).items()]
     assert keys == seen
 
 
 @needs_espeak
-def test_make_spoken_script(tmp_path):
+def test_make_spoken_script_writes_the_generated_layout(tmp_path):
     spec = importlib.util.spec_from_file_location("make_spoken", os.path.join(ROOT, "scripts", "make_spoken.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "spoken"
-    manifest = mod.main(["--out", str(out), "--num-train", "4", "--num-test", "2", "--num-seen-voice", "2",
-                         "--shard-size", "3", "--seed", "5"])
-    on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk["splits"]["train"]["num_samples"] == 4 and len(on_disk["splits"]["train"]["shards"]) == 2
-    assert set(manifest["splits"]) == {"train", "test", "test_seen_voice"}
-    train_voices = set(on_disk["splits"]["train"]["voices"])
-    assert not train_voices & set(on_disk["splits"]["test"]["voices"])
-    assert set(on_disk["splits"]["test_seen_voice"]["voices"]) == train_voices
-    for s in sorted(os.listdir(out)):
-        assert s == "manifest.json" or s.endswith(".tar")
+    info = mod.main(["--out", str(out), "--num-train", "4", "--num-test", "2", "--num-seen-voice", "2",
+                     "--shard-size", "3", "--seed", "5"])
+    on_disk = json.loads((out / "info.json").read_text())
+    assert on_disk["dataset"] == "spoken" and on_disk["splits"] == {"train": 4, "test": 2, "test_seen_voice": 2}
+    assert info["splits"] == on_disk["splits"]
+    assert sorted(os.listdir(out / "train")) == ["sizes.json", "train-000000.tar", "train-000001.tar"]
+    assert not set(on_disk["voices"]["train"]) & set(on_disk["voices"]["test"])
+    # the same folder the datamodule generates: it reads it without generating anything
+    from datamodules import AudioTextDataModule
+
+    dm = AudioTextDataModule(data_root=str(tmp_path), val_shards="spoken/test", generate="spoken", num_workers=0)
+    dm.prepare_data()
+    dm.setup("validate")
+    assert len(dm._eval["validate"]) == 2

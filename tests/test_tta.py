@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmalign.tta.cafa_stats import SourceStats, compute_source_stats, stats_path_for
 from mmalign.tta.losses import cafa_loss, crowd_filter_mask, filtered_entropy_loss, mahalanobis_sq, softmax_entropy
 from mmalign.tta.methods import Norm, TTAConfig, TTAMethod, Tent, TentFilter, build_method
-from mmalign.tta.models import SplitClassifier, TimmClassifier
+from mmalign.tta.source import SplitClassifier, TimmClassifier
 from mmalign.tta.stream import run_stream
 
 

@@ -5,7 +5,7 @@ import json
 import torch
 
 from mmalign.contrastive import CLIP
-from mmalign.models.checkpoints import load_weights
+from mmalign.models.weights import load_weights
 from mmalign.tta.module import TTAModel
 
 TINY = {"embed_dim": 16,

@@ -45,27 +45,10 @@ SPLITS: dict[str, tuple[str, ...]] = {"shapes": ("train", "val", "test", "heldou
 
 
 def write_split(out_dir: str, samples: Iterable[dict], shard_size: int) -> int:
-    """Write ``samples`` (dicts with ``__key__`` and ext -> bytes/str) as tar shards; returns the count."""
-    from webdataset import TarWriter
+    """Write one split's ``shard-NNNNNN.tar`` files and ``sizes.json``; returns the sample count."""
+    from ..shards import write_shards
 
-    os.makedirs(out_dir, exist_ok=True)
-    sizes: dict[str, int] = {}
-    writer, name, n = None, None, 0
-    for i, sample in enumerate(samples):
-        if i % shard_size == 0:
-            if writer is not None:
-                writer.close()
-            name = f"shard-{i // shard_size:06d}.tar"
-            writer = TarWriter(os.path.join(out_dir, name))
-            sizes[name] = 0
-        writer.write(sample)
-        sizes[name] += 1
-        n += 1
-    if writer is not None:
-        writer.close()
-    with open(os.path.join(out_dir, "sizes.json"), "w") as f:
-        json.dump(sizes, f, indent=1)
-    return n
+    return sum(write_shards(out_dir, samples, shard_size).values())
 
 
 def is_complete(root: str) -> bool:

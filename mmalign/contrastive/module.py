@@ -109,7 +109,7 @@ class ContrastiveModule(pl.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         self.save_hyperparameters()
         self.hparams["loss"] = loss  # the subclass default, recorded so checkpoints rebuild the same loss
-        from .openclip_models import create_open_clip
+        from mmalign.models.open_clip_models import create_open_clip
 
         kwargs: dict[str, Any] = {}
         if loss == "siglip":
@@ -119,7 +119,7 @@ class ContrastiveModule(pl.LightningModule):
             kwargs["init_logit_scale"] = init_logit_scale
         self.model = create_open_clip(model_name, model_cfg, pretrained, **kwargs)
         if init_checkpoint:
-            from mmalign.models.checkpoints import load_weights
+            from mmalign.models.weights import load_weights
 
             load_weights(self.model, init_checkpoint, prefix="model.")
         if image_tower_checkpoint:
@@ -138,7 +138,7 @@ class ContrastiveModule(pl.LightningModule):
         self._zeroshot_spec = None
 
     def _load_image_tower(self, path: str) -> None:
-        from mmalign.models.checkpoints import load_weights, read_state_dict
+        from mmalign.models.weights import load_weights, read_state_dict
 
         trunk = getattr(self.model.visual, "trunk", None)
         if trunk is None:
@@ -164,7 +164,7 @@ class ContrastiveModule(pl.LightningModule):
     def preprocess(self) -> Preprocess:
         import open_clip
 
-        from .openclip_models import open_clip_transforms
+        from mmalign.models.open_clip_models import open_clip_transforms
 
         train, val = open_clip_transforms(self.model, self.hparams.image_size, self.hparams.augment)
         return Preprocess(train_transform=train, eval_transform=val,
@@ -205,7 +205,7 @@ class ContrastiveModule(pl.LightningModule):
         return loss if k == 1 else None
 
     def _feature_cache_step(self, images, tokens, k: int) -> torch.Tensor:
-        from mmalign.losses.feature_cache import feature_cache_backward
+        from mmalign.contrastive.feature_cache import feature_cache_backward
 
         if len(images) < k:
             raise ValueError(f"batch of {len(images)} cannot be split into accumulate_micro_batches={k}.")
@@ -214,7 +214,7 @@ class ContrastiveModule(pl.LightningModule):
         micro = list(zip(images.chunk(k), tokens.chunk(k)))
         loss = feature_cache_backward(lambda mb: self.encode(*mb), micro, self.contrastive_loss)
         if not torch.isfinite(loss):
-            from mmalign.callbacks import NonFiniteLossError
+            from mmalign.training.callbacks import NonFiniteLossError
 
             raise NonFiniteLossError(f"non-finite loss {float(loss)} at global step {self.global_step}; no update "
                                      "was applied. Lower the learning rate or use fp32/bf16.")
@@ -370,7 +370,7 @@ class ContrastiveModule(pl.LightningModule):
 
     def export_open_clip(self, out_dir: str) -> str:
         """Write this model as an open_clip checkpoint folder; returns the weights file."""
-        from .openclip_models import export_open_clip
+        from mmalign.models.open_clip_models import export_open_clip
 
         return export_open_clip(self.model, self.hparams.model_name, out_dir)
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-from mmalign.cli import register_subcommand
-
-
-@register_subcommand("zeroshot")
 def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls", out: str | None = None,
              ckpt_path: str | None = None) -> dict:
     """Zero-shot classification of an open_clip model on a labelled webdataset: prints a table, writes JSON.

@@ -41,7 +41,7 @@ class OpenClipTeacher(TeacherEncoder):
                              + " See open_clip.list_models().")
         clip = open_clip.create_model(name, pretrained=None, **(model_kwargs or {}))
         if checkpoint_path:
-            from mmalign.models.checkpoints import load_weights
+            from mmalign.models.weights import load_weights
 
             load_weights(clip, checkpoint_path)
         visual = clip.visual
@@ -88,8 +88,8 @@ class OpenClipTeacher(TeacherEncoder):
 def _register_from_mmalign_checkpoint(name: str, path: str) -> None:
     """An mmalign CLIP/SigLIP checkpoint carries its (possibly inline) architecture in its
     hyper-parameters: register it so its image tower can teach."""
-    from mmalign.checkpointing import load_checkpoint_file
-    from mmalign.contrastive.openclip_models import register_model_config, resolve_text_paths
+    from mmalign.models.weights import load_checkpoint_file
+    from mmalign.models.open_clip_models import register_model_config, resolve_text_paths
 
     raw = load_checkpoint_file(path, mmap=True)  # weights_only: a crafted file cannot run code
     hp = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}

@@ -88,7 +88,7 @@ def _local_shape(x: torch.Tensor) -> list[int]:
     return [x.dim(), *(list(x.shape[:2]) + [0, 0])[:2]]
 
 
-def _check_features(
+def check_features(
     image_features: torch.Tensor, text_features: torch.Tensor, who: str, no_negatives_why: str
 ) -> tuple[int, int]:
     """Validate the pair on every rank; returns (rank, world_size).
@@ -139,7 +139,7 @@ def _check_features(
     return rank, world
 
 
-def _as_scalar(value: torch.Tensor | float, name: str, who: str) -> torch.Tensor | float:
+def as_scalar(value: torch.Tensor | float, name: str, who: str) -> torch.Tensor | float:
     if isinstance(value, torch.Tensor) and value.numel() != 1:
         raise ValueError(f"{who}: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
     return value
@@ -152,7 +152,7 @@ def _ranks(check: bool, local_only: bool, image_features: torch.Tensor, text_fea
     if local_only:
         return 0, 1
     if check:
-        return _check_features(image_features, text_features, who, no_negatives_why=no_negatives_why)
+        return check_features(image_features, text_features, who, no_negatives_why=no_negatives_why)
     return get_rank(), get_world_size()
 
 
@@ -215,7 +215,7 @@ class ClipLoss(nn.Module):
         ``local_only`` ignores other ranks (no collective): for evaluation, where ranks may hold
         different batch counts and a collective would wait forever."""
         who = type(self).__name__
-        logit_scale = _as_scalar(logit_scale, "logit_scale", who)
+        logit_scale = as_scalar(logit_scale, "logit_scale", who)
         rank, world = _ranks(
             self.check_inputs, local_only, image_features, text_features, who,
             "with a single pair there are no negatives, the softmax over one candidate is identically 1, so "
@@ -280,8 +280,8 @@ class SigLipLoss(nn.Module):
                 logit_bias: torch.Tensor | float, local_only: bool = False) -> torch.Tensor:
         """``local_only``: this rank's block only, no collective (evaluation with uneven batch counts)."""
         who = type(self).__name__
-        logit_scale = _as_scalar(logit_scale, "logit_scale", who)
-        logit_bias = _as_scalar(logit_bias, "logit_bias", who)
+        logit_scale = as_scalar(logit_scale, "logit_scale", who)
+        logit_bias = as_scalar(logit_bias, "logit_bias", who)
         rank, world = _ranks(
             self.check_inputs, local_only, image_features, text_features, who,
             "with a single pair there are no negatives, so the sigmoid loss only pushes that one similarity "

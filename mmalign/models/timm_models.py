@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .checkpoints import load_weights
+from .weights import load_weights
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from mmalign.cli import register_subcommand
-
-
-@register_subcommand("precompute_teacher")
 def precompute_teacher(trainer, model, datamodule, out_dir: str = "teacher_features", shard_size: int = 5000,
                        max_batches: int | None = None):
     """Precompute REPA teacher features (image + flip) for the training shards of a config."""

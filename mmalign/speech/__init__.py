@@ -1,11 +1,12 @@
 """Speech-text alignment.
 
 ``features``: waveform -> log-mel frames (own mel filterbank on ``torch.stft``), per-utterance
-normalisation, SpecAugment, padding/length helpers and ``check_clip`` for the data pipeline.
-``synth``: a small spoken dataset synthesised with espeak-ng, with word onsets from the
-synthesiser's own word events, written as webdataset shards (see ``scripts/make_spoken.py``).
-``tokenizer``: character vocabulary (id 0 = padding = CTC blank). ``model``: speech/text encoders.
-``align``: CTC forced alignment. ``metrics``: CTC decoding, transcript ids, onset error.
+normalisation, SpecAugment, padding/length helpers. ``tokenizer``: character vocabulary (id 0 =
+padding = CTC blank). ``model``: speech/text encoders. ``multipositive``: the contrastive loss
+with every clip of a transcript a positive. ``consistency``: best-alignment (DTW / soft-DTW)
+consistency between speech frames and text tokens. ``align``: CTC forced alignment.
+``metrics``: CTC decoding, transcript ids, onset error. The spoken dataset itself is synthesised
+by the data layer (``datamodules.generate.espeak``).
 ``module``: the ``SpeechTextAligner`` LightningModule (exported here for short CLI class names;
 it imports only torch/lightning at module level).
 """

@@ -110,9 +110,9 @@ class SpeechTextAligner(pl.LightningModule):
             raise ValueError("contrastive_weight and ctc_weight are both 0: the consistency loss alone admits "
                              "collapse (constant encoders have zero alignment cost). Give one of them a weight > 0.")
         self.save_hyperparameters()
-        from mmalign.losses.alignment import AlignmentConsistencyLoss
+        from mmalign.speech.consistency import AlignmentConsistencyLoss
         from mmalign.losses.contrastive import init_logit_scale as make_scale
-        from mmalign.losses.multipositive import MultiPositiveContrastiveLoss
+        from mmalign.speech.multipositive import MultiPositiveContrastiveLoss
 
         from .features import SpecAugment
         from .model import SpeechFrontend, SpeechTextModel

@@ -6,10 +6,6 @@ the command.
 
 from __future__ import annotations
 
-from mmalign.cli import register_subcommand
-
-
-@register_subcommand("adapt")
 def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 1, out_dir: str | None = None,
           save_adapted: bool = False, max_batches: int | None = None, plot: bool = True) -> dict:
     """Adapt a trained classifier at test time (source/norm/tent/tent_filter/cafa) over a corruption stream.

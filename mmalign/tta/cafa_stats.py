@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .models import FeatureClassifier
+from .source import FeatureClassifier
 
 COVARIANCE = ("auto", "shared", "classwise")
 # above this many float64 entries (C*d*d) "auto" picks the shared covariance (~400 MB)
@@ -43,7 +43,7 @@ class SourceStats:
         """Whether these statistics were computed from ``checkpoint`` as it is now (same bytes)."""
         if checkpoint is None or not self.source:
             return checkpoint is None and not self.source
-        from mmalign.checkpointing import file_digest
+        from mmalign.models.weights import file_digest
 
         return self.source.get("sha256") == file_digest(checkpoint)
 
@@ -54,7 +54,7 @@ class SourceStats:
 
     @classmethod
     def load(cls, path: str) -> "SourceStats":
-        from mmalign.checkpointing import load_checkpoint_file
+        from mmalign.models.weights import load_checkpoint_file
 
         raw = load_checkpoint_file(path)  # weights_only: a crafted statistics file cannot run code
         fields = {"means", "precision", "counts", "covariance", "shrinkage", "meta", "source"}

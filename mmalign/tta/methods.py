@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .losses import cafa_loss, crowd_filter_mask, filtered_entropy_loss, softmax_entropy
-from .models import FeatureClassifier
+from .source import FeatureClassifier
 from .norms import norm_affine_params, source_stats, use_batch_stats
 
 METHODS = ("source", "norm", "tent", "tent_filter", "cafa")

@@ -72,7 +72,7 @@ class TTAModel(pl.LightningModule):
         self.save_hyperparameters()
         self.cfg = TTAConfig(lr=lr, adapt_norms=adapt_norms, filter_alpha=filter_alpha,
                              cafa_denominator=cafa_denominator, small_batch=small_batch)
-        from .models import load_source
+        from .source import load_source
 
         self.source, self.source_hparams = load_source(source_checkpoint, model_name, num_classes, model_kwargs,
                                                        zeroshot_classes)

@@ -54,7 +54,7 @@ def source_statistics(model: TTAModel, datamodule, out_dir: str, device, log: Ca
     stats = compute_source_stats(model.source, labelled_batches(datamodule, max_samples), model.num_classes,
                                  model.hparams.cafa_covariance, model.hparams.cafa_shrinkage, max_samples, device)
     if checkpoint:
-        from mmalign.checkpointing import file_digest
+        from mmalign.models.weights import file_digest
 
         stats.source = {"path": os.path.abspath(checkpoint), "sha256": file_digest(checkpoint)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -3,7 +3,7 @@
 ``CorruptionStream`` reads the folders written by ``scripts/make_corrupted.py``
 (``domains_dir/{corruption}/{severity}/*.tar`` + ``manifest.json``), and writes them on first use
 from ``test_shards`` when they are missing. Domains come in the order given (default: the
-benchmark order of ``mmalign.tta.corruptions.CORRUPTIONS``); inside a domain the samples are
+benchmark order of ``datamodules.corruptions.CORRUPTIONS``); inside a domain the samples are
 permuted by ``seed`` (a fixed permutation: every round and every method sees the same batches).
 Batches never straddle two domains, so reset-each-shift is exact.
 
@@ -47,7 +47,7 @@ class CorruptionStream(ImageLabelDataModule):
                  corruption_seed: int = 0, shuffle: bool = True, cache_decoded: bool = False,
                  source_max_samples: int = 2000, **kwargs) -> None:
         super().__init__(**kwargs)
-        from mmalign.tta.corruptions import CORRUPTIONS, check_name_severity
+        from datamodules.corruptions import CORRUPTIONS, check_name_severity
 
         self.corruptions = list(CORRUPTIONS) if corruptions == "all" else (
             [corruptions] if isinstance(corruptions, str) else list(corruptions))
@@ -80,7 +80,7 @@ class CorruptionStream(ImageLabelDataModule):
         if self.shards["test"] is None:
             raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}. Write them with "
                                     "scripts/make_corrupted.py, or set test_shards to the clean test set.")
-        from mmalign.tta.corrupt_shards import corrupt_shards
+        from datamodules.corrupt import corrupt_shards
 
         corrs = sorted({d.split("/")[0] for d in missing}, key=self.corruptions.index)
         sevs = sorted({int(d.split("/")[1]) for d in missing})

@@ -25,7 +25,7 @@ from torch import nn
 
 from mmalign.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
 
-from .contrastive import _as_scalar, _check_features
+from mmalign.losses.contrastive import as_scalar, check_features
 
 
 def positive_mask(row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ class MultiPositiveContrastiveLoss(nn.Module):
 
         ``local_only`` skips every collective (evaluation with uneven per-rank batch counts)."""
         who = type(self).__name__
-        logit_scale = _as_scalar(logit_scale, "logit_scale", who)
+        logit_scale = as_scalar(logit_scale, "logit_scale", who)
         b = a_features.shape[0]
         if self.multi_positive:
             if ids is None:
@@ -76,7 +76,7 @@ class MultiPositiveContrastiveLoss(nn.Module):
                                  f"{tuple(ids.shape)}")
         rank, world = (0, 1) if local_only else (get_rank(), get_world_size())
         if self.check_inputs and not local_only:
-            rank, world = _check_features(
+            rank, world = check_features(
                 a_features, b_features, who,
                 no_negatives_why="with a single pair the softmax has one candidate, the loss is 0 and "
                 "nothing is learned.")

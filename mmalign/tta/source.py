@@ -87,9 +87,9 @@ def load_open_clip_zeroshot(checkpoint: str, hp: dict[str, Any], classes: str | 
                          "({'classnames': [...], 'templates': [...]}) whose class order matches the labels.")
     import open_clip
 
-    from mmalign.contrastive.openclip_models import create_open_clip, open_clip_transforms
+    from mmalign.models.open_clip_models import create_open_clip, open_clip_transforms
     from mmalign.evaluation import build_zeroshot_weights, load_class_spec
-    from mmalign.models.checkpoints import load_weights
+    from mmalign.models.weights import load_weights
 
     clip = create_open_clip(hp["model_name"], hp.get("model_cfg"))
     load_weights(clip, checkpoint, prefix="model.")
@@ -121,7 +121,7 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
             raise FileNotFoundError(f"source_checkpoint {checkpoint!r} does not exist. Train one with "
                                     "`python -m mmalign fit -c configs/classify/digits.yaml` and point "
                                     "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
-        from mmalign.checkpointing import load_checkpoint_file
+        from mmalign.models.weights import load_checkpoint_file
 
         raw = load_checkpoint_file(checkpoint, mmap=True)  # weights_only: a crafted file cannot run code
         hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
@@ -132,7 +132,7 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
                 if given is not None and given != hp[key]:
                     raise ValueError(f"{key}={given!r} disagrees with the checkpoint's {hp[key]!r}; "
                                      f"leave {key} unset when source_checkpoint is an ImageClassifier checkpoint.")
-            from mmalign.models.checkpoints import load_weights
+            from mmalign.models.weights import load_weights
             from mmalign.models.timm_models import create_timm_model
 
             # rebuilt from the checkpoint's own hyper-parameters: the classifier's network is its

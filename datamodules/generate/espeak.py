@@ -1,4 +1,4 @@
-"""A small spoken dataset synthesised with espeak-ng, with known word onsets.
+"""espeak-ng synthesis with known word onsets (the engine behind the ``spoken`` dataset).
 
 Audio comes from ``libespeak-ng.so.1`` through ctypes in synchronous mode: the synthesis callback
 receives 16-bit PCM chunks (22050 Hz) together with the synthesiser's events, and every
@@ -18,9 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
-import json
 import math
-import os
 import shutil
 import subprocess
 import threading
@@ -285,143 +283,3 @@ def synthesize(
         first = float(active[0]) / sample_rate
         onsets[0] = max(onsets[0], min(first, onsets[1] - 0.01 if len(onsets) > 1 else first))
     return Utterance(text, voice, speed, pitch, sample_rate, wave, words, onsets, "events")
-
-
-# ------------------------------------------------------------------------------------ dataset
-WORDS = (
-    "apple water house green music river table window yellow garden happy orange paper summer "
-    "winter morning dinner friend money number people school family story animal letter mother "
-    "father doctor city flower forest mountain ocean island planet rocket silver purple monkey "
-    "tiger rabbit pencil button candle basket bottle camera guitar pillow shadow thunder kitten "
-    "dragon engine ladder mirror rainbow blanket coffee"
-).split()
-DIGITS = "zero one two three four five six seven eight nine".split()
-_ADJ = "red big small old new quiet bright cold warm soft".split()
-_NOUN = "box car dog cat book chair lamp cup bag key hat boat".split()
-# No "on the" / "in the": espeak speaks such pairs as one word and emits one WORD event for both.
-_PLACE = ("under the bed", "near the door", "by the window", "behind the house", "beside the tree")
-_TEMPLATES = ("the {a} {n} is {p}", "please put the {a} {n} {p}", "i can see a {a} {n}", "where is the {a} {n}")
-TEXT_KINDS = ("word", "digits", "sentence")
-SPLIT_NAMES = ("train", "test", "test_seen_voice")
-
-
-def text_pool(seed: int = 0, num_digit_strings: int = 300) -> dict[str, list[str]]:
-    """All candidate texts by kind: the 60 words, random 3-4 digit strings, every template fill."""
-    rng = np.random.default_rng([seed, 1])
-    digits: set[str] = set()
-    while len(digits) < num_digit_strings:
-        digits.add(" ".join(DIGITS[d] for d in rng.integers(0, 10, size=int(rng.integers(3, 5)))))
-    sentences = [t.format(a=a, n=n, p=p) for t in _TEMPLATES for a in _ADJ for n in _NOUN for p in _PLACE]
-    return {"word": list(WORDS), "digits": sorted(digits), "sentence": sorted(set(sentences))}
-
-
-def split_items(items: list[str], test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic disjoint (train, test) split of ``items`` (at least one item on each side)."""
-    if not 0.0 < test_fraction < 1.0 or len(items) < 2:
-        raise ValueError(f"need 0 < test_fraction < 1 and >= 2 items, got {test_fraction} and {len(items)}")
-    order = np.random.default_rng(seed).permutation(len(items))
-    n_test = min(len(items) - 1, max(1, round(test_fraction * len(items))))
-    test = sorted(items[i] for i in order[:n_test])
-    return sorted(items[i] for i in order[n_test:]), test
-
-
-@dataclass
-class SpokenSplits:
-    """Voices and texts per split. ``test`` uses only held-out voices AND held-out texts;
-    ``test_seen_voice`` pairs training voices with held-out texts (text generalisation only)."""
-
-    train_voices: list[str]
-    test_voices: list[str]
-    train_texts: dict[str, list[str]]
-    test_texts: dict[str, list[str]]
-
-    def plan(self, split: str) -> tuple[list[str], dict[str, list[str]]]:
-        return {
-            "train": (self.train_voices, self.train_texts),
-            "test": (self.test_voices, self.test_texts),
-            "test_seen_voice": (self.train_voices, self.test_texts),
-        }[split]
-
-
-def make_splits(seed: int = 0, test_fraction: float = 0.2, voices: tuple[str, ...] = ALL_VOICES) -> SpokenSplits:
-    """Hold out ``test_fraction`` of the voices and of each kind's texts, deterministically.
-
-    A voice is an accent+variant pair: a held-out pair may share its accent or its variant with
-    training pairs, but never both. Held-out texts are whole strings (digit strings and sentences
-    reuse the training vocabulary; the 60 single words are disjoint as words).
-    """
-    pool = text_pool(seed)
-    train_v, test_v = split_items(list(voices), test_fraction, seed)
-    tr, te = {}, {}
-    for k, kind in enumerate(TEXT_KINDS):
-        tr[kind], te[kind] = split_items(pool[kind], test_fraction, seed + 1000 * (k + 1))
-    return SpokenSplits(train_v, test_v, tr, te)
-
-
-def write_split(
-    out_dir: str,
-    split: str,
-    num_samples: int,
-    splits: SpokenSplits,
-    seed: int = 0,
-    shard_size: int = 100,
-    sample_rate: int = 16000,
-    speed_range: tuple[int, int] = (130, 200),
-    pitch_range: tuple[int, int] = (30, 70),
-    max_seconds: float = 10.0,
-) -> dict:
-    """Synthesise ``num_samples`` clips of ``split`` into ``{out_dir}/{split}-NNNNNN.tar`` shards.
-
-    Each sample: text kind uniform over ``TEXT_KINDS``, text and voice uniform within the split,
-    speed (wpm) and pitch uniform over the inclusive ranges. A sample holds ``{key}.flac`` (16-bit
-    FLAC), ``{key}.txt`` (transcript) and ``{key}.json`` (``Utterance.metadata()`` plus kind and
-    split). Clips failing ``check_clip`` or onset matching are skipped and counted, not written.
-    Returns the split's manifest entry.
-    """
-    import soundfile as sf
-    import webdataset as wds
-
-    from mmalign.speech.features import BadClipError, check_clip
-
-    if num_samples < 0 or shard_size < 1:
-        raise ValueError(f"need num_samples >= 0 and shard_size >= 1, got {num_samples}, {shard_size}")
-    if split not in SPLIT_NAMES:
-        raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-    voices, texts = splits.plan(split)
-    rng = np.random.default_rng([seed, 7, SPLIT_NAMES.index(split)])
-    os.makedirs(out_dir, exist_ok=True)
-    shards, skipped, sources, written, writer, attempts = [], {}, {}, 0, None, 0
-    try:
-        while written < num_samples:
-            attempts += 1
-            if attempts > 2 * num_samples + 20:
-                raise SynthError(f"{split}: too many failed clips ({skipped}); check the espeak-ng install")
-            kind = TEXT_KINDS[int(rng.integers(len(TEXT_KINDS)))]
-            text = texts[kind][int(rng.integers(len(texts[kind])))]
-            voice = voices[int(rng.integers(len(voices)))]
-            speed = int(rng.integers(speed_range[0], speed_range[1] + 1))
-            pitch = int(rng.integers(pitch_range[0], pitch_range[1] + 1))
-            try:
-                utt = synthesize(text, voice, speed, pitch, sample_rate)
-                check_clip(utt.wave, sample_rate, max_seconds)
-            except (BadClipError, SynthError) as e:
-                reason = getattr(e, "reason", "synth_error")
-                skipped[reason] = skipped.get(reason, 0) + 1
-                continue
-            if written % shard_size == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append(f"{split}-{len(shards):06d}.tar")
-                writer = wds.TarWriter(os.path.join(out_dir, shards[-1]))
-            buf = io.BytesIO()
-            sf.write(buf, utt.wave, sample_rate, format="FLAC", subtype="PCM_16")
-            meta = utt.metadata() | {"kind": kind, "split": split}
-            writer.write({"__key__": f"{split}-{written:06d}", "flac": buf.getvalue(),
-                          "txt": text.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")})
-            sources[utt.onset_source] = sources.get(utt.onset_source, 0) + 1
-            written += 1
-    finally:
-        if writer is not None:
-            writer.close()
-    return {"shards": shards, "num_samples": written, "skipped": skipped, "onset_source": sources,
-            "voices": voices, "texts": texts}

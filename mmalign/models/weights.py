@@ -1,4 +1,7 @@
-"""Loading weights from local files, with errors that say exactly which keys do not fit.
+"""Loading weights from local files, safely, with errors that say exactly which keys do not fit.
+
+``load_checkpoint_file`` is the one way mmalign reads a file it did not just write: with
+``weights_only=True`` a crafted file cannot run code, and the refusal says what to do.
 
 Every path that can take pretrained weights (timm, open_clip, teachers) goes through here so
 that offline use — a local ``.pt``/``.pth``/``.ckpt``/``.safetensors`` file — behaves the same way
@@ -9,12 +12,54 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A file that holds more than tensors and plain containers (pickled code or classes)."""
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the fix
+    (``mmap``: map tensors lazily, to read a big checkpoint's metadata cheaply)."""
+    path = os.fspath(path)
+    if not is_url(path) and not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist. Give a local file (nothing is downloaded).")
+    try:
+        if is_url(path):
+            import fsspec
+
+            with fsspec.open(path, "rb") as f:
+                return torch.load(f, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except __import__("pickle").UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        raise UnsafeCheckpointError(
+            f"refusing to load '{path}': it holds pickled Python objects beyond tensors and plain containers, "
+            "which could run code when loaded (mmalign loads with weights_only=True). If the file is yours, "
+            "re-save its weights as a plain state dict (torch.save(model.state_dict(), path)). "
+            f"torch said: {first[0] if first else exc}") from None
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file, to tie derived artefacts (CAFA statistics) to the checkpoint they came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class CheckpointMismatchError(ValueError):
@@ -37,8 +82,6 @@ def read_state_dict(path: str, prefix: str | None = None) -> dict[str, torch.Ten
 
         sd = load_file(path)
     else:
-        from mmalign.checkpointing import load_checkpoint_file
-
         sd = load_checkpoint_file(path)  # weights_only=True: a crafted file cannot run code
     for key in _WRAPPER_KEYS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):

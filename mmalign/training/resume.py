@@ -71,7 +71,9 @@ def _norm(v: Any) -> Any:
 def find_last_checkpoint(cfg: Any) -> str | None:
     """Newest checkpoint in ``checkpoint.dirpath``, else in the newest ``version_N/checkpoints`` of the
     first logger's root."""
-    from .checkpointing import is_url, newest_checkpoint
+    from mmalign.models.weights import is_url
+
+    from .checkpointing import newest_checkpoint
 
     dirpath = _get(_get(cfg, "checkpoint"), "dirpath")
     if dirpath:
@@ -86,7 +88,7 @@ def find_last_checkpoint(cfg: Any) -> str | None:
 
 
 def read_hparams(path: str) -> dict:
-    from .checkpointing import load_checkpoint_file
+    from mmalign.models.weights import load_checkpoint_file
 
     ck = load_checkpoint_file(path, mmap=True)
     return dict(ck.get("hyper_parameters") or {}) if isinstance(ck, dict) else {}
@@ -99,7 +101,9 @@ def resolve_resume(config: Any) -> dict | None:
     ckpt = _get(cfg, "ckpt_path")
     if not ckpt:
         return None
-    from .checkpointing import checkpoint_step, is_url
+    from mmalign.models.weights import is_url
+
+    from .checkpointing import checkpoint_step
 
     if ckpt == "last":
         found = find_last_checkpoint(cfg)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from mmalign.models.checkpoints import CheckpointMismatchError, load_weights
+from mmalign.models.weights import CheckpointMismatchError, load_weights
 from mmalign.models.timm_models import UnknownModelError, close_matches
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")

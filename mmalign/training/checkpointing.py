@@ -8,8 +8,7 @@
   than the newest step checkpoint; it writes ``last.ckpt`` at the end of training and on a clean
   interrupt whatever ``every_n_train_steps`` is, and removes ``*.tmp-PID`` files that a killed
   write left behind.
-- ``load_checkpoint_file`` is the one way mmalign reads a checkpoint it did not just write: with
-  ``weights_only=True`` a crafted file cannot run code, and the refusal says what to do.
+- Loads go through ``mmalign.models.weights.load_checkpoint_file`` (``weights_only=True``).
 """
 
 from __future__ import annotations
@@ -24,48 +23,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from mmalign.models.weights import is_url, load_checkpoint_file
+
 log = logging.getLogger(__name__)
-
-
-class UnsafeCheckpointError(ValueError):
-    """A file that holds more than tensors and plain containers (pickled code or classes)."""
-
-
-def is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` with errors that name the file and the fix
-    (``mmap``: map tensors lazily, to read a big checkpoint's metadata cheaply)."""
-    path = os.fspath(path)
-    if not is_url(path) and not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist. Give a local file (nothing is downloaded).")
-    try:
-        if is_url(path):
-            import fsspec
-
-            with fsspec.open(path, "rb") as f:
-                return torch.load(f, map_location=map_location, weights_only=True)
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except __import__("pickle").UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        raise UnsafeCheckpointError(
-            f"refusing to load '{path}': it holds pickled Python objects beyond tensors and plain containers, "
-            "which could run code when loaded (mmalign loads with weights_only=True). If the file is yours, "
-            "re-save its weights as a plain state dict (torch.save(model.state_dict(), path)). "
-            f"torch said: {first[0] if first else exc}") from None
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file, to tie derived artefacts (CAFA statistics) to the checkpoint they came from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

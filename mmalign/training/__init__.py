@@ -1,0 +1,1 @@
+"""Lightning glue shared by every method: callbacks, checkpointing, loggers, run folders and resume."""
