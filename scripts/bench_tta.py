@@ -29,7 +29,7 @@ DATASETS = {  # clean test split, labelled source split, label key
 def run_dataset(name, ckpt, args, log):
     import torch
 
-    from mmalign.tta.module import TTAModel
+    from mmalign.tta import TTAModel
     from mmalign.tta.pipeline import adapt, method_summary, source_statistics
     from mmalign.tta.stream import CorruptionStream
 

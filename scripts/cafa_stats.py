@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
 
     from datamodules import ImageLabelDataModule
-    from mmalign.tta.module import TTAModel
+    from mmalign.tta import TTAModel
     from mmalign.tta.pipeline import source_statistics
 
     model = TTAModel(args.checkpoint, args.model_name, args.num_classes, methods=["source"], cafa_stats=args.out,

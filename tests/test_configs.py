@@ -1,42 +1,106 @@
-"""Every shipped YAML parses and trains for two steps (STYLE: configs are tested, not just stored)."""
+"""Every shipped config, as the user composes it: parsed in the fast tier, run for two steps in the slow one.
+
+Configs compose: a complete base, optionally plus one overlay (``-c base.yaml -c overlay.yaml``).
+``CASES`` is the table of compositions with the overrides that make each run in seconds; every
+YAML under ``configs/`` must appear in it. One case per method is the smoke fit of the fast tier.
+"""
+
+from __future__ import annotations
 
 import glob
 import os
+from dataclasses import dataclass
 
 import pytest
 
 from mmalign import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
-# configs that need hardware CI lacks are parsed but not run
-GPU_ONLY = {"vitb32_laion_ddp.yaml", "vitb32_laion_fsdp.yaml"}
+FIT_QUICK = ("--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+             "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0",
+             "--trainer.enable_model_summary=false")
+RESNET = '{"layers":[1,1,1,1],"channels":[16,32,64,128],"stem_width":16}'
+ADAPT_QUICK = ("--model.init_args.source_checkpoint=null", "--model.init_args.model_name=resnet18",
+               f"--model.init_args.model_kwargs={RESNET}", "--data.init_args.corruptions=[gaussian_noise,fog]",
+               "--data.init_args.source_max_samples=64", "--data.init_args.num_workers=0",
+               "--data.init_args.batch_size=16", "--max_batches=2", "--rounds=2", "--save_adapted=true",
+               "--out_dir=adapt_out")
+FD_QUICK = ("--model.init_args.fd_num_samples=8", "--model.init_args.fd_sample_steps=2")
 
 
-MARK = "# mmalign-test:"
-QUICK = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-         "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0", "--trainer.enable_model_summary=false"]
+@dataclass(frozen=True)
+class Case:
+    files: tuple[str, ...]  # relative to configs/: a base, optionally an overlay
+    command: str = "fit"
+    quick: tuple[str, ...] = ()  # extra overrides for a run of seconds
+    runs_here: bool = True  # False: needs GPUs; parsed, not run
+    smoke: bool = False  # the method's smoke fit in the fast tier
 
 
-def quick_command(config: str) -> list[str]:
-    """A config may say how to run it quickly in a first-lines comment, e.g.
-    ``# mmalign-test: adapt --max_batches=2`` (subcommand, then its own overrides); default ``fit``."""
-    with open(config) as f:
-        for line in f.readlines()[:10]:
-            if line.startswith(MARK):
-                sub, *extra = line[len(MARK):].split()
-                return [sub, "-c", config, *extra, *([] if sub != "fit" else QUICK)]
-    return ["fit", "-c", config, *QUICK]
+CASES = {
+    "classify-digits": Case(("classify/digits.yaml",), smoke=True),
+    "classify-shapes": Case(("classify/shapes.yaml",)),
+    "clip": Case(("clip/shapes_clip.yaml",), smoke=True),
+    "clip-siglip": Case(("clip/shapes_clip.yaml", "clip/siglip.yaml")),
+    "clip-ape": Case(("clip/shapes_clip.yaml", "clip/ape.yaml")),
+    "clip-lit": Case(("clip/shapes_clip.yaml", "clip/lit.yaml")),
+    "clip-zeroshot": Case(("clip/zeroshot_shapes.yaml",), "zeroshot",
+                          ("--trainer.limit_test_batches=1", "--data.init_args.num_workers=0",
+                           "--trainer.enable_progress_bar=false")),
+    "clip-vitb32-ddp": Case(("clip/vitb32_laion_ddp.yaml",), runs_here=False),
+    "clip-vitb32-fsdp": Case(("clip/vitb32_laion_ddp.yaml", "clip/fsdp.yaml"), runs_here=False),
+    "speech-ctc": Case(("speech/spoken_ctc.yaml",), smoke=True),
+    "speech-ctc-dtw": Case(("speech/spoken_ctc.yaml", "speech/ctc_dtw.yaml")),
+    "speech-joint-softdtw": Case(("speech/spoken_ctc.yaml", "speech/joint_softdtw.yaml")),
+    "tta-digits-c": Case(("tta/digits_c.yaml",), "adapt", ADAPT_QUICK + ("--model.init_args.num_classes=10",
+                                                                       "--data.init_args.domains_dir=digits-c-test"),
+                         smoke=True),
+    "tta-shapes-c": Case(("tta/digits_c.yaml", "tta/shapes_c.yaml"), "adapt",
+                         ADAPT_QUICK + ("--model.init_args.num_classes=6", "--data.init_args.domains_dir=shapes-c-test")),
+    "repa-dit": Case(("repa/dit_base.yaml",), quick=FD_QUICK, smoke=True),
+    "repa-dit-repa": Case(("repa/dit_repa.yaml",), quick=FD_QUICK),
+    "repa-unet": Case(("repa/unet_base.yaml",), quick=FD_QUICK),
+    "repa-unet-urepa": Case(("repa/unet_urepa.yaml",), quick=FD_QUICK),
+    "repa-teacher-resnet": Case(("repa/teacher_resnet_shapes.yaml",)),
+    "repa-teacher-vit": Case(("repa/teacher_vit_shapes.yaml",)),
+}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[os.path.relpath(c, ROOT) for c in CONFIGS])
-def test_config_runs_two_steps(config, in_tmp, capsys):
-    args = quick_command(config)
-    if os.path.basename(config) in GPU_ONLY:  # parse and validate every key, without a GPU to run on
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(["fit", "-c", config, "--print_config"])
-        assert exit_info.value.code in (0, None) and "class_path: mmalign.contrastive.CLIP" in capsys.readouterr().out
-        return
-    c = cli.main(args)
-    if args[0] == "fit":
+def _args(case: Case) -> list[str]:
+    files = [a for f in case.files for a in ("-c", os.path.join(ROOT, "configs", f))]
+    return [case.command, *files, *case.quick, *(FIT_QUICK if case.command == "fit" else ())]
+
+
+def test_every_shipped_config_is_in_the_table():
+    shipped = {os.path.relpath(p, os.path.join(ROOT, "configs"))
+               for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)}
+    covered = {f for case in CASES.values() for f in case.files}
+    assert shipped == covered, f"not in CASES: {sorted(shipped - covered)}; missing files: {sorted(covered - shipped)}"
+    assert all(len(c.files) <= 2 for c in CASES.values())  # a base and at most one overlay
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_config_parses(name, in_tmp, capsys):
+    case = CASES[name]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([case.command, *[a for f in case.files for a in ("-c", os.path.join(ROOT, "configs", f))],
+                  "--print_config"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code in (0, None) and "class_path:" in out and "${" not in out
+
+
+def _run(case: Case):
+    c = cli.main(_args(case))
+    if case.command == "fit":
         assert c.trainer.global_step == 2
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.smoke])
+def test_smoke_run_per_method(name, in_tmp):
+    _run(CASES[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.runs_here and not c.smoke])
+def test_every_config_runs_two_steps(name, in_tmp):
+    _run(CASES[name])

@@ -125,10 +125,12 @@ def _check_collectives(world: int) -> None:
         torch.testing.assert_close(grad_b, 10 * _weight(right, B), rtol=0, atol=0)
 
 
+@pytest.mark.distributed
 def test_collectives_two_processes():
     _check_collectives(2)
 
 
+@pytest.mark.distributed
 def test_collectives_three_processes():
     _check_collectives(3)
 

@@ -381,6 +381,7 @@ def _shard_worker(rank, world_size, data):
             for name, m in (("zs", zs), ("rr", rr), ("paired", paired), ("geo", geo))}
 
 
+@pytest.mark.distributed
 def test_two_process_sync_equals_single_process():
     g = torch.Generator().manual_seed(8)
     weights, feats = torch.randn(6, 5, generator=g), torch.randn(13, 5, generator=g)

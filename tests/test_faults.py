@@ -261,7 +261,7 @@ def f_zeroshot_bad_labels(t, d):
     from tests.test_contrastive_module import tiny
 
     m = tiny(zeroshot_classes=os.path.join(d, "shapes", "classes_shape.json"), zeroshot_label_field="combo_id")
-    m._start_eval(["val"])
+    m.start_eval(["val"])
     batch = {"image": torch.randn(2, 3, 16, 16), "meta": [{"combo_id": 30}, {"combo_id": 1}]}
     return m._eval_step(batch, "val")
 
@@ -493,7 +493,7 @@ def test_zeroshot_unknown_label_field_and_strict_json(in_tmp, data_root):
 def _fit(record, extra, cwd, env):
     return subprocess.Popen([sys.executable, "-m", "mmalign", "fit", "-c", DIGITS,
                              "--model.class_path=tests._modules.RecordingClassifier",
-                             f"--model.init_args.record={record}", "--trainer.max_steps=30",
+                             f"--model.init_args.record={record}", "--trainer.max_steps=20",
                              "--checkpoint.every_n_train_steps=4", "--data.init_args.num_workers=2",
                              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
                              "--trainer.enable_model_summary=false", *extra],
@@ -510,9 +510,10 @@ def _batches(path):
 
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_sees_the_uninterrupted_batches(tmp_path, data_root):
-    """digits: 19 batches per epoch, 30 steps, checkpoints every 4. Kill the run with SIGKILL at
-    step >= 14 (mid-epoch, between checkpoints), resume with --ckpt_path last: every step's batch
-    (keys and pixel digest) equals the uninterrupted run's, and the run finishes in its own folder."""
+    """digits: 19 batches per epoch, 20 steps (the resumed part crosses into epoch 1), checkpoints
+    every 4. Kill the run with SIGKILL once it has stepped 11 times (mid-epoch, between the step-8 and
+    step-12 checkpoints), resume with --ckpt_path last: every step's batch (keys and pixel digest)
+    equals the uninterrupted run's, and the run finishes in its own folder."""
     env = {**os.environ, "MMALIGN_DATA": data_root, "PYTHONPATH": ROOT}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -520,7 +521,7 @@ def test_kill_9_mid_epoch_then_resume_sees_the_uninterrupted_batches(tmp_path, d
     killed = _fit(str(tmp_path / "run.jsonl"), [], str(tmp_path / "b"), env)
     deadline = time.time() + 300
     while time.time() < deadline and killed.poll() is None:
-        if os.path.exists(tmp_path / "run.jsonl") and len(open(tmp_path / "run.jsonl").readlines()) >= 15:
+        if os.path.exists(tmp_path / "run.jsonl") and len(open(tmp_path / "run.jsonl").readlines()) >= 11:
             break
         time.sleep(0.05)
     os.kill(killed.pid, signal.SIGKILL)
@@ -530,9 +531,9 @@ def test_kill_9_mid_epoch_then_resume_sees_the_uninterrupted_batches(tmp_path, d
     assert resumed.wait(timeout=400) == 0, resumed.stderr.read()[-3000:]
     assert ref.wait(timeout=400) == 0, ref.stderr.read()[-3000:]
     want, got = _batches(tmp_path / "ref.jsonl"), _batches(tmp_path / "run.jsonl")
-    assert sorted(want) == sorted(got) == list(range(30))
-    assert [got[s] for s in range(30)] == [want[s] for s in range(30)]
+    assert sorted(want) == sorted(got) == list(range(20))
+    assert [got[s] for s in range(20)] == [want[s] for s in range(20)]
     runs = glob.glob(str(tmp_path / "b" / "runs/mmalign/version_*"))
     assert len(runs) == 1  # resumed in the same version folder
     last = torch.load(os.path.join(runs[0], "checkpoints", "last.ckpt"), weights_only=True)
-    assert last["global_step"] == 30
+    assert last["global_step"] == 20

@@ -191,14 +191,17 @@ def _check_distributed(world: int) -> None:
                 torch.testing.assert_close(res["cache"][key], ref[key], **TOL, msg=f"feature cache rank {r} {key}")
 
 
+@pytest.mark.distributed
 def test_distributed_two_processes():
     _check_distributed(2)  # SigLIP ring: one one-way step
 
 
+@pytest.mark.distributed
 def test_distributed_three_processes():
     _check_distributed(3)  # SigLIP ring: one bidirectional step
 
 
+@pytest.mark.distributed
 def test_distributed_four_processes():
     _check_distributed(4)  # SigLIP ring: one bidirectional plus one one-way step
 

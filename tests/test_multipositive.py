@@ -89,6 +89,7 @@ def _worker(rank, world, a_np, b_np, ids):
             "diag": _run(a[rows], b[rows], None, multi=False)}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world", [2])
 def test_exact_across_ranks(world):
     a, b = _features(len(IDS))

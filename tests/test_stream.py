@@ -31,6 +31,7 @@ def _ddp_reader(rank, world, directory, workers):
     return _read_epoch(directory, rank, world, workers)
 
 
+@pytest.mark.distributed
 def test_two_ranks_disjoint_and_equal_batches(tmp_path):
     write_shards(str(tmp_path), UNEVEN)
     out = run_distributed(_ddp_reader, 2, (str(tmp_path), 2))

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from datamodules.base import Preprocess
 from datamodules.transforms import default_image_transform
 from mmalign.models.timm_models import check_timm_name, create_timm_model
-from mmalign.optim import warmup_cosine
+from mmalign.optim import adamw_warmup_cosine
 
 
 class ImageClassifier(pl.LightningModule):
@@ -126,12 +126,6 @@ class ImageClassifier(pl.LightningModule):
         return out
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.hparams.warmup_steps, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        h = self.hparams
+        return adamw_warmup_cosine(self.model.named_parameters(), self.trainer.estimated_stepping_batches, h.lr,
+                                   h.weight_decay, warmup_steps=h.warmup_steps)

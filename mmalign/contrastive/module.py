@@ -15,14 +15,15 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.base import Preprocess
-from mmalign.optim import warmup_cosine
+from mmalign.optim import adamw_warmup_cosine
 from mmalign.distributed import average_gradients_
+from mmalign.evaluation.scaffold import EvalScaffold
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
 
 LossName = Literal["clip", "siglip"]
 
 
-class ContrastiveModule(pl.LightningModule):
+class ContrastiveModule(EvalScaffold, pl.LightningModule):
     """Contrastive image-text training on an open_clip model.
 
     Args:
@@ -53,7 +54,8 @@ class ContrastiveModule(pl.LightningModule):
             through a feature cache: memory of one micro-batch, gradients (and negatives) of the
             whole batch. Plain ``trainer.accumulate_grad_batches`` would NOT add negatives.
         lr: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay (not on norms, biases, embeddings or logit scale/bias).
+        weight_decay: AdamW weight decay (``mmalign.optim.decays``: matrices only; not on norms, biases,
+            embeddings or the logit scale/bias).
         betas: AdamW betas.
         eps: AdamW epsilon.
         warmup_steps: Linear warm-up, then cosine decay over the run.
@@ -133,9 +135,9 @@ class ContrastiveModule(pl.LightningModule):
         self.__dict__["_forward"] = torch.compile(self.model) if compile else self.model
         self.loss_fn = ClipLoss(label_smoothing) if loss == "clip" else SigLipLoss(siglip_exchange)
         self.automatic_optimization = accumulate_micro_batches == 1
-        self._eval_metrics: dict[str, dict[str, Any]] = {}
         self._zeroshot_path = zeroshot_classes  # read at the first evaluation: the data may not exist yet
         self._zeroshot_spec = None
+        self._zeroshot_weights = None
 
     def _load_image_tower(self, path: str) -> None:
         from mmalign.models.weights import load_weights, read_state_dict
@@ -243,16 +245,8 @@ class ContrastiveModule(pl.LightningModule):
 
         clamp_logit_scale_(self.model.logit_scale.data, self.hparams.max_logit_scale)
 
-    # ---- evaluation ---------------------------------------------------------------------------
-    def _val_names(self) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None)
-        return list(getattr(dm, "val_names", ["val"]))
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_eval(self._val_names())
-
-    def on_test_epoch_start(self) -> None:
-        self._start_eval(["test"])
+    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    eval_progress_keys = ("zeroshot_top1",)
 
     def set_zeroshot_classes(self, path: str | None, label_field: str | None = None) -> None:
         """Switch the class spec (and label field) used by zero-shot evaluation."""
@@ -260,35 +254,37 @@ class ContrastiveModule(pl.LightningModule):
         if label_field is not None:
             self.hparams["zeroshot_label_field"] = label_field
 
-    def _start_eval(self, names: list[str]) -> None:
-        from mmalign.evaluation import EmbeddingGeometry, RetrievalRecall, ZeroShotAccuracy, build_zeroshot_weights
+    def prepare_eval(self) -> None:
+        from mmalign.evaluation import build_zeroshot_weights, load_class_spec
 
-        weights = None
+        self._zeroshot_weights = None
         if self._zeroshot_path and self._zeroshot_spec is None:
-            from mmalign.evaluation import load_class_spec
-
             self._zeroshot_spec = load_class_spec(self._zeroshot_path)
         if self._zeroshot_spec is not None:
-            tok = self.preprocess.tokenizer
             spec = self._zeroshot_spec
-            weights = build_zeroshot_weights(lambda t: self.model.encode_text(t.to(self.device)), tok,
-                                             spec.classnames, spec.templates)
-        self._eval_metrics = {}
-        for name in names:
-            m = {"retrieval": RetrievalRecall(chunk_size=self.hparams.retrieval_chunk_size),
-                 "geometry": EmbeddingGeometry(max_samples=4096)}
-            if weights is not None:
-                m["zeroshot"] = ZeroShotAccuracy(weights, per_class=True)
-            self._eval_metrics[name] = {k: v.to(self.device) for k, v in m.items()}
+            self._zeroshot_weights = build_zeroshot_weights(lambda t: self.model.encode_text(t.to(self.device)),
+                                                            self.preprocess.tokenizer, spec.classnames, spec.templates)
+
+    def build_eval_metrics(self, split: str) -> dict:
+        from mmalign.evaluation import EmbeddingGeometry, RetrievalRecall, ZeroShotAccuracy
+
+        m = {"retrieval": RetrievalRecall(chunk_size=self.hparams.retrieval_chunk_size),
+             "geometry": EmbeddingGeometry(max_samples=4096)}
+        if self._zeroshot_weights is not None:
+            m["zeroshot"] = ZeroShotAccuracy(self._zeroshot_weights, per_class=True)
+        return m
+
+    def eval_key(self, kind: str, key: str) -> str:
+        return f"zeroshot_{key}" if kind == "zeroshot" else key
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._val_names()[dataloader_idx])
+        self._eval_step(batch, self.eval_split_names()[dataloader_idx])
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict, name: str) -> None:
-        metrics = self._eval_metrics[name]
+        metrics = self.eval_metrics(name)
         if "tokens" in batch:
             img, txt = self.encode(batch["image"], batch["tokens"])
             metrics["retrieval"].update(img, txt)
@@ -322,51 +318,14 @@ class ContrastiveModule(pl.LightningModule):
         self._fields_seen = sorted(set().union(*(m.keys() for m in meta))) if meta else ["(no json)"]
         return None
 
-    def on_validation_epoch_end(self) -> None:
-        self._end_eval()
-
-    def on_test_epoch_end(self) -> None:
-        self._end_eval()
-
-    def _end_eval(self) -> None:
-        self.eval_results: dict[str, dict[str, Any]] = {}
-        for name, metrics in self._eval_metrics.items():
-            values: dict[str, float] = {}
-            for kind, metric in metrics.items():
-                if not metric.update_called:
-                    continue
-                for key, value in metric.compute().items():
-                    full = f"{name}/{'zeroshot_' if kind == 'zeroshot' else ''}{key}"
-                    if torch.is_tensor(value) and value.numel() == 1:
-                        values[full] = float(value)
-                    self.eval_results.setdefault(name, {})[full] = value.tolist() if torch.is_tensor(value) else value
-            for key, value in values.items():
-                self.log(key, value, prog_bar=key.endswith("zeroshot_top1"), add_dataloader_idx=False)
-        self._eval_metrics = {}
-
     def on_fit_end(self) -> None:
-        rows = {k: float(v) for k, v in self.trainer.callback_metrics.items()
-                if "zeroshot" in k or k.endswith(("i2t_r1", "t2i_r1"))}
-        if rows and self.trainer.is_global_zero:
-            width = max(len(k) for k in rows)
-            print("\nfinal validation metrics")
-            for k in sorted(rows):
-                print(f"  {k:<{width}}  {rows[k]:.4f}")
+        self.print_final_metrics(lambda k: "zeroshot" in k or k.endswith(("i2t_r1", "t2i_r1")))
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            exclude = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n or "embedding" in n
-            (no_decay if exclude else decay).append(p)
         h = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=h.lr, betas=h.betas, eps=h.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(h.warmup_steps, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.model.named_parameters(), self.trainer.estimated_stepping_batches, h.lr,
+                                   h.weight_decay, h.betas, h.eps, h.warmup_steps)
 
     def export_open_clip(self, out_dir: str) -> str:
         """Write this model as an open_clip checkpoint folder; returns the weights file."""

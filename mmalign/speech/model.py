@@ -200,7 +200,7 @@ class SpeechTextModel(nn.Module):
         self.text = TextEncoder(vocab_size, d_model, text_layers, heads, dropout)
         self.shared = make_blocks("transformer", shared_layers, d_model, heads, dropout)
         # Tells the shared blocks which modality they are reading (index 0 speech, 1 text).
-        self.modality = nn.Parameter(torch.zeros(2, d_model)) if shared_layers else None
+        self.modality_embedding = nn.Parameter(torch.zeros(2, d_model)) if shared_layers else None
         self.speech_proj = nn.Linear(d_model, embed_dim)
         self.text_proj = nn.Linear(d_model, embed_dim)
         self.ctc_head = nn.Linear(d_model, vocab_size)
@@ -208,7 +208,7 @@ class SpeechTextModel(nn.Module):
     def _shared(self, x: Tensor, lengths: Tensor, modality: int) -> Tensor:
         if not len(self.shared):
             return x
-        return _run(self.shared, x + self.modality[modality], lengths)
+        return _run(self.shared, x + self.modality_embedding[modality], lengths)
 
     def encode_speech(self, feats: Tensor, frames: Tensor) -> dict[str, Tensor]:
         h, lengths = self.speech(feats, frames)

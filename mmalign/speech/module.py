@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.base import Preprocess
+from mmalign.evaluation.scaffold import EvalScaffold
 
 from .tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
@@ -31,7 +32,7 @@ _DEFAULT_SPEC_AUGMENT = {"freq_masks": 2, "freq_width": 15, "time_masks": 2, "ti
                          "time_width_ratio": 0.1}
 
 
-class SpeechTextAligner(pl.LightningModule):
+class SpeechTextAligner(EvalScaffold, pl.LightningModule):
     """Speech-text alignment with contrastive, CTC and best-alignment consistency losses.
 
     Args:
@@ -61,7 +62,7 @@ class SpeechTextAligner(pl.LightningModule):
         consistency_gamma: Soft-DTW temperature in cost units.
         consistency_cost: ``cosine`` or ``sqeuclidean`` frame-token cost.
         lr: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay (not on norms, biases, embeddings, the logit scale).
+        weight_decay: AdamW weight decay (``mmalign.optim.decays``: matrices only).
         betas: AdamW betas.
         warmup_steps: Linear warm-up, then cosine decay over the run.
         retrieval_chunk_size: Query chunk of the retrieval evaluator.
@@ -126,8 +127,6 @@ class SpeechTextAligner(pl.LightningModule):
         self.contrastive = MultiPositiveContrastiveLoss(multi_positive)
         self.consistency = AlignmentConsistencyLoss(consistency_mode, consistency_gamma, consistency_cost,
                                                     normalize=True, divergence=True)
-        self._eval_metrics: dict[str, dict[str, Any]] = {}
-        self.eval_results: dict[str, dict[str, float]] = {}
 
     # ---- data hand-over -----------------------------------------------------------------------
     @property
@@ -187,34 +186,30 @@ class SpeechTextAligner(pl.LightningModule):
 
         clamp_logit_scale_(self.logit_scale.data, self.hparams.max_logit_scale)
 
-    # ---- evaluation ---------------------------------------------------------------------------
-    def _val_names(self) -> list[str]:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return list(getattr(dm, "val_names", ["val"]))
+    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    eval_progress_keys = ("speech2text_r1",)
+    _RENAME = {"i2t": "text2speech", "t2i": "speech2text"}
 
-    def on_validation_epoch_start(self) -> None:
-        self.start_eval(self._val_names())
-
-    def on_test_epoch_start(self) -> None:
-        self.start_eval(["test"])
-
-    def start_eval(self, names: list[str]) -> None:
+    def build_eval_metrics(self, split: str) -> dict:
         from torchmetrics.text import CharErrorRate, WordErrorRate
 
         from mmalign.evaluation import EmbeddingGeometry, RetrievalRecall
 
         from .metrics import OnsetError
 
-        self._eval_metrics = {}
-        for name in names:
-            m = {"retrieval": RetrievalRecall(chunk_size=self.hparams.retrieval_chunk_size),
-                 "geometry": EmbeddingGeometry(max_samples=4096)}
-            if self.hparams.ctc_weight > 0:
-                m.update(wer=WordErrorRate(), cer=CharErrorRate(), onset=OnsetError(self.hparams.onset_tolerance_ms))
-            self._eval_metrics[name] = {k: v.to(self.device) for k, v in m.items()}
+        m = {"retrieval": RetrievalRecall(chunk_size=self.hparams.retrieval_chunk_size),
+             "geometry": EmbeddingGeometry(max_samples=4096)}
+        if self.hparams.ctc_weight > 0:
+            m.update(wer=WordErrorRate(), cer=CharErrorRate(), onset=OnsetError(self.hparams.onset_tolerance_ms))
+        return m
+
+    def eval_key(self, kind: str, key: str) -> str:
+        head, _, tail = key.partition("_")
+        key = f"{self._RENAME[head]}_{tail}" if head in self._RENAME else key
+        return key.replace("uniformity_image", "uniformity_speech")  # geometry gets (speech, text)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.eval_step(batch, self._val_names()[dataloader_idx])
+        self.eval_step(batch, self.eval_split_names()[dataloader_idx])
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.eval_step(batch, "test")
@@ -223,7 +218,7 @@ class SpeechTextAligner(pl.LightningModule):
     def eval_step(self, batch: dict, name: str) -> None:
         from .metrics import greedy_ctc_decode, transcript_ids
 
-        metrics = self._eval_metrics[name]
+        metrics = self.eval_metrics(name)
         parts, sp, tx = self.losses(batch, local_only=True)
         bs = len(batch["text"])
         for k, v in parts.items():
@@ -264,55 +259,13 @@ class SpeechTextAligner(pl.LightningModule):
             as_t = lambda v: torch.tensor(v, dtype=torch.float64, device=self.device)  # noqa: E731
             metric.update(as_t(pred), as_t(true), as_t(base))
 
-    def on_validation_epoch_end(self) -> None:
-        self.end_eval()
-
-    def on_test_epoch_end(self) -> None:
-        self.end_eval()
-
-    def end_eval(self) -> dict[str, dict[str, float]]:
-        rename = {"i2t": "text2speech", "t2i": "speech2text"}
-        self.eval_results = {}
-        for name, metrics in self._eval_metrics.items():
-            values: dict[str, float] = {}
-            for kind, metric in metrics.items():
-                if not metric.update_called:
-                    continue
-                out = metric.compute()
-                if not isinstance(out, dict):
-                    out = {kind: out}
-                for key, value in out.items():
-                    head, _, tail = key.partition("_")
-                    key = f"{rename[head]}_{tail}" if head in rename else key
-                    key = key.replace("uniformity_image", "uniformity_speech")  # geometry gets (speech, text)
-                    values[f"{name}/{key}"] = float(value)
-            for key, value in values.items():
-                self.log(key, value, prog_bar=key.endswith("speech2text_r1"), add_dataloader_idx=False)
-            self.eval_results[name] = values
-        self._eval_metrics = {}
-        return self.eval_results
-
     def on_fit_end(self) -> None:
-        if not self.trainer.is_global_zero or not self.eval_results:
-            return
-        print("\nfinal validation metrics")
-        for name, values in self.eval_results.items():
-            for k in sorted(values):
-                print(f"  {k:<32}  {values[k]:.4f}")
+        self.print_final_metrics()
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        from mmalign.optim import warmup_cosine
+        from mmalign.optim import adamw_warmup_cosine
 
-        decay, no_decay = [], []
-        for n, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            exclude = p.ndim < 2 or "norm" in n or "embed" in n or "logit_scale" in n or n.endswith("modality")
-            (no_decay if exclude else decay).append(p)
         h = self.hparams
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=h.lr, betas=h.betas)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(h.warmup_steps, total))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.named_parameters(), self.trainer.estimated_stepping_batches, h.lr,
+                                   h.weight_decay, h.betas, warmup_steps=h.warmup_steps)

@@ -37,9 +37,9 @@ def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 
     from .stream import CorruptionStream
 
     if not isinstance(model, TTAModel):
-        raise TypeError(f"adapt needs model.class_path: mmalign.tta.module.TTAModel, got {type(model).__name__}.")
+        raise TypeError(f"adapt needs model.class_path: mmalign.tta.TTAModel, got {type(model).__name__}.")
     if not isinstance(datamodule, CorruptionStream):
-        raise TypeError("adapt needs data.class_path: mmalign.tta.stream.CorruptionStream, got "
+        raise TypeError("adapt needs data.class_path: mmalign.tta.CorruptionStream, got "
                         f"{type(datamodule).__name__}.")
     out_dir = out_dir or os.path.join(trainer.default_root_dir, "adapt")
     device = trainer.strategy.root_device
