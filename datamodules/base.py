@@ -19,7 +19,8 @@ import lightning.pytorch as pl
 from .health import DataHealth
 from .shards import ShardError, ShardIndex, _is_remote, expand_shards, index_shard, read_sizes_file
 from .slots import batches_per_rank, get_rank, get_world_size
-from .stream import EvalLoader, InMemoryDataset, StreamingDataset, StreamingLoader, UnpaddedDistributedSampler
+from .eval_sets import EvalLoader, InMemoryDataset, UnpaddedDistributedSampler
+from .stream import StreamingDataset, StreamingLoader
 
 log = logging.getLogger(__name__)
 

@@ -221,7 +221,7 @@ def main() -> None:
     p.add_argument("--c-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--d-batch", type=int, default=128)
     p.add_argument("--d-steps", type=int, default=150)
-    p.add_argument("--out", default="bench_contrastive.json")
+    p.add_argument("--out", default="outputs/bench/contrastive.json")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from datamodules.generate import generate_dataset

@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--repeats", type=int, default=2, help="best of N timings per row")
-    p.add_argument("--out", default="bench_data.json")
+    p.add_argument("--out", default="outputs/bench/data.json")
     a = p.parse_args()
     torch.set_num_threads(1)  # decoding is per-process; keep the plain loop on one core like a worker
 

@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--max-batches", type=int, default=None, help="per domain (quick checks)")
     p.add_argument("--source-samples", type=int, default=2000, help="labelled source subset for CAFA")
     p.add_argument("--shrinkage", type=float, default=0.1)
-    p.add_argument("--out", default="bench_tta.json")
+    p.add_argument("--out", default="outputs/bench/tta.json")
     args = p.parse_args(argv)
     ckpts = {k: v for k, v in (("digits", args.digits_ckpt), ("shapes", args.shapes_ckpt)) if v}
     if not ckpts:

@@ -92,7 +92,7 @@ def feature_cache_backward(
         raise ValueError(f"rerun_atol must be >= 0, got {rerun_atol!r}")
 
     # Pass 1: features of every micro-batch, no activations kept.
-    states, cached, needs_grad = [], [], []
+    states, cached = [], []
     for i, micro_batch in enumerate(micro_batches):
         states.append(_rng_state() if preserve_rng else None)
         with torch.no_grad():

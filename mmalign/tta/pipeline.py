@@ -19,7 +19,7 @@ from .stream import StreamResult, run_stream
 def labelled_batches(datamodule, max_samples: int | None, batch_size: int = 256) -> Iterable[dict]:
     """Labelled source samples (``train_shards``, eval transform) of an image-label datamodule."""
     from datamodules.shards import expand_shards
-    from datamodules.stream import EvalLoader, InMemoryDataset
+    from datamodules.eval_sets import EvalLoader, InMemoryDataset
 
     if datamodule.shards.get("fit") is None:
         raise ValueError("CAFA statistics need labelled source data: set data.init_args.train_shards "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from datamodules.image_label import ImageLabelDataModule
-from datamodules.stream import EvalLoader, InMemoryDataset
+from datamodules.eval_sets import EvalLoader, InMemoryDataset
 
 SETTINGS = ("continual", "reset", "episodic")
 

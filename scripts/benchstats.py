@@ -1,0 +1,106 @@
+"""Seed statistics and result files, shared by every ``scripts/bench_*.py``.
+
+``interval(values)`` is the mean with a 95% confidence interval (Student t over the seeds);
+``compare(a, b)`` says whether two arms differ (Welch's t-test, two-sided, p < 0.05) and by how
+much; ``cell`` formats ``mean ± half-width``. Benchmarks call ``save(path, payload)`` so every
+result lands under ``outputs/bench/`` (git-ignored) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    half_width: float  # 95% CI half-width (nan with fewer than 2 values)
+    n: int
+    sd: float
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+
+def _t95(dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
+
+
+def interval(values) -> Interval:
+    """Mean and 95% confidence interval of ``values`` (one per seed)."""
+    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not xs:
+        return Interval(float("nan"), float("nan"), 0, float("nan"))
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return Interval(mean, float("nan"), len(xs), float("nan"))
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return Interval(mean, _t95(len(xs) - 1) * sd / math.sqrt(len(xs)), len(xs), sd)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    diff: float  # mean(a) - mean(b)
+    p_value: float
+    significant: bool
+    overlap: bool  # the two 95% intervals overlap (then 5 seeds are wanted)
+
+    def verdict(self, better: str = "higher") -> str:
+        if not self.significant:
+            return f"no significant difference (p={self.p_value:.2f})"
+        a_better = self.diff > 0 if better == "higher" else self.diff < 0
+        return f"{'A' if a_better else 'B'} better (p={self.p_value:.3f})"
+
+
+def compare(a, b, alpha: float = 0.05) -> Comparison:
+    """Welch's two-sided t-test between two arms' per-seed values."""
+    from scipy import stats
+
+    ia, ib = interval(a), interval(b)
+    if ia.n < 2 or ib.n < 2:
+        return Comparison(ia.mean - ib.mean, float("nan"), False, True)
+    res = stats.ttest_ind([float(x) for x in a], [float(x) for x in b], equal_var=False)
+    p = float(res.pvalue) if not math.isnan(float(res.pvalue)) else 1.0
+    overlap = not (ia.high < ib.low or ib.high < ia.low)
+    return Comparison(ia.mean - ib.mean, p, p < alpha, overlap)
+
+
+def cell(values, digits: int = 1, scale: float = 1.0) -> str:
+    """``mean ± half-width`` of the 95% interval (just the mean for one seed)."""
+    i = interval([v * scale for v in values])
+    if i.n == 0:
+        return "n/a"
+    if i.n < 2:
+        return f"{i.mean:.{digits}f}"
+    return f"{i.mean:.{digits}f} ± {i.half_width:.{digits}f}"
+
+
+def save(path: str, payload: dict) -> str:
+    """Write ``payload`` as strict JSON (NaN -> null), creating the folder; returns the path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def clean(o):
+        if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+            return None
+        if isinstance(o, dict):
+            return {str(k): clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        if isinstance(o, (Interval, Comparison)):
+            return clean(asdict(o))
+        return o
+
+    with open(path, "w") as f:
+        json.dump(clean(payload), f, indent=2, allow_nan=False)
+    print(f"wrote {path}")
+    return path
