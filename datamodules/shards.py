@@ -1,7 +1,8 @@
 """Finding, checking and reading webdataset shards.
 
 A shard spec may be a brace pattern (``data/train-{000..009}.tar``), a list of specs, a directory
-(every ``*.tar`` in it, sorted), a glob, a ``pipe:`` command or several specs joined with ``::``
+(every ``*.tar`` in it, sorted; a directory of images instead is read as an image folder, see
+``datamodules.folders``), a glob, a ``pipe:`` command or several specs joined with ``::``
 (webdataset's convention). Local shards are indexed once at set-up: sample counts, which members
 each sample carries and, on request, the small text members (labels). That index is what lets the
 stream hand every rank the same number of batches and lets bad configs fail before training.
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
+from .folders import FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder, iter_folder_samples
+
 SIZES_FILE = "sizes.json"  # webdataset/img2dataset-style {shard basename: sample count}
 
 
@@ -28,7 +31,7 @@ class ShardError(ValueError):
 
 
 def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
+    return url.startswith("pipe:") or ("://" in url and not url.startswith(FOLDER_SCHEME))
 
 
 def expand_shards(spec: str | Sequence[str] | None, what: str = "shards") -> list[str]:
@@ -44,11 +47,16 @@ def expand_shards(spec: str | Sequence[str] | None, what: str = "shards") -> lis
             if _is_remote(part):
                 urls.append(part)
                 continue
+            if part.startswith(FOLDER_SCHEME):
+                urls.append(part)
+                continue
             for path in braceexpand.braceexpand(os.path.expanduser(part)):
                 if os.path.isdir(path):
                     found = sorted(glob.glob(os.path.join(path, "*.tar")))
+                    if not found and is_image_folder(path):  # an ImageFolder / folder of images
+                        found = folder_shards(path)
                     if not found:
-                        raise ShardError(f"{what}: directory '{path}' holds no *.tar shards.")
+                        raise ShardError(f"{what}: directory '{path}' holds no *.tar shards and no images.")
                     urls.extend(found)
                 elif any(c in path for c in "*?["):
                     found = sorted(glob.glob(path))
@@ -92,6 +100,8 @@ def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequ
 
     ``required`` lists member alternatives every usable sample needs (e.g. ``(("jpg", "png"), ("txt",))``);
     the index counts the samples that have them all."""
+    if url.startswith(FOLDER_SCHEME):
+        return _index_folder(url, read_exts, required)
     keys: dict[str, set[str]] = {}
     texts: dict[str, dict[str, str]] = {}
     try:
@@ -108,6 +118,23 @@ def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequ
     counts = Counter(ext for exts in keys.values() for ext in exts)
     bad = [k for k, exts in keys.items() if not all(exts & set(group) for group in required)]
     return ShardIndex(url, len(keys), counts, texts, len(keys) - len(bad), bad[:3])
+
+
+def _index_folder(url: str, read_exts: Sequence[str], required: Sequence[Sequence[str]]) -> ShardIndex:
+    n, counts, labelled = folder_index_members(url)
+    texts = {}
+    if labelled and "cls" in read_exts:  # labels come from the folder names: read them without the images
+        texts = {s["__key__"]: {"cls": s["cls"].decode()} for s in _folder_labels(url)}
+    complete = n if all(any(counts.get(e) for e in group) for group in required) else 0
+    return ShardIndex(url, n, Counter(counts), texts, complete, [])
+
+
+def _folder_labels(url: str) -> Iterator[dict]:
+    from .folders import parse_url, scan
+
+    root, lo, hi = parse_url(url)
+    for rel, cls in scan(root).files[lo:hi]:
+        yield {"__key__": rel.rpartition(".")[0], "cls": str(cls).encode()}
 
 
 def write_sizes_file(directory: str, sizes: dict[str, int]) -> str:
@@ -158,8 +185,8 @@ def write_shards(out_dir: str, samples: Iterable[dict], shard_size: int, prefix:
 
 def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:
     """Sample counts from ``sizes.json`` files next to the shards, when present."""
-    sizes: dict[str, int] = {}
-    for directory in {os.path.dirname(u) for u in urls if not _is_remote(u)}:
+    sizes: dict[str, int] = {u: folder_size(u) for u in urls if u.startswith(FOLDER_SCHEME)}
+    for directory in {os.path.dirname(u) for u in urls if not _is_remote(u) and not u.startswith(FOLDER_SCHEME)}:
         path = os.path.join(directory, SIZES_FILE)
         if os.path.isfile(path):
             with open(path) as f:
@@ -179,6 +206,9 @@ def iter_tar_samples(url: str, errors: list[str], start: int = 0) -> Iterator[di
     caller counts it) instead of killing the run, because one bad file in a 10k-shard set must not
     cost a day of training.
     """
+    if url.startswith(FOLDER_SCHEME):
+        yield from iter_folder_samples(url, errors, start)
+        return
     yield from _read_tar(url, errors, skip=start)
     if start > 0:
         again: list[str] = []  # a truncation shows up in both reads: report it once

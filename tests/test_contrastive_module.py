@@ -77,13 +77,44 @@ def test_export_loads_in_open_clip_with_same_embeddings(tmp_path):
     m.model.eval()
     b = batch(3)
     path = m.export_open_clip(str(tmp_path / "export"))
-    again = open_clip.create_model("mmalign-test-tiny", pretrained=path).eval()
+    again = open_clip.create_model("mmalign-test-tiny", pretrained=path).eval()  # registered in this process
     local = open_clip.create_model(f"local-dir:{tmp_path / 'export'}").eval()
     with torch.no_grad():
         ref = m.model.encode_image(b["image"]), m.model.encode_text(b["tokens"])
         for other in (again, local):
             assert torch.allclose(other.encode_image(b["image"]), ref[0], atol=1e-6)
             assert torch.allclose(other.encode_text(b["tokens"]), ref[1], atol=1e-6)
+
+
+def test_exported_weights_load_by_name_in_a_fresh_process(tmp_path):
+    """``open_clip.create_model(NAME, pretrained=FILE)`` in a new interpreter, with only open_clip."""
+    import subprocess
+    import sys
+
+    import open_clip
+
+    from mmalign.models.open_clip_models import register_model_config
+
+    name = f"mmalign-test-export-{os.getpid()}"
+    register_model_config(name, TINY)
+    m = CLIP(model_name=name, model_cfg=TINY).eval()
+    b = batch(3)
+    path = m.export_open_clip(str(tmp_path / "export"), register=True)
+    installed = os.path.join(os.path.dirname(open_clip.__file__), "model_configs", f"{name}.json")
+    try:
+        with torch.no_grad():
+            torch.save({"image": b["image"], "tokens": b["tokens"], "img": m.model.encode_image(b["image"]),
+                        "txt": m.model.encode_text(b["tokens"])}, str(tmp_path / "ref.pt"))
+        code = (f"import torch, open_clip\nref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+                f"m = open_clip.create_model({name!r}, pretrained={path!r}).eval()\nwith torch.no_grad():\n"
+                "    ok = torch.allclose(m.encode_image(ref['image']), ref['img'], atol=1e-6) and "
+                "torch.allclose(m.encode_text(ref['tokens']), ref['txt'], atol=1e-6)\nprint('SAME', ok)")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert "SAME True" in res.stdout, res.stderr[-2000:]
+    finally:
+        if os.path.isfile(installed):
+            os.remove(installed)
 
 
 class SGDCLIP(CLIP):
@@ -192,3 +223,28 @@ def test_grad_checkpointing_gives_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from mmalign import cli
+
+    rng = np.random.default_rng(0)
+    for c in ("red_circle", "blue_square", "green_star"):
+        (in_tmp / "photos" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(in_tmp / "photos" / c / f"{i}.jpg")
+    export = tiny().export_open_clip(str(in_tmp / "export"))
+    cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
+                     "init_args": {"model_name": "mmalign-test-tiny", "model_cfg": TINY, "pretrained": export}},
+           "data": {"class_path": "datamodules.ImageLabelDataModule",
+                    "init_args": {"test_shards": str(in_tmp / "photos"), "num_workers": 0, "batch_size": 4}},
+           "trainer": {"enable_progress_bar": False, "logger": False}}
+    (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
+    cli.main(["zeroshot", "-c", "zs.yaml", "--out=zs"])
+    report = json.loads((in_tmp / "zs" / "zeroshot.json").read_text())
+    assert report["num_classes"] == 3 and report["classes"] == "image folder names"
+    assert set(report["per_class_top1"]) == {"red circle", "blue square", "green star"} and 0 <= report["top1"] <= 1

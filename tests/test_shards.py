@@ -77,3 +77,49 @@ def test_generation_on_first_use(tmp_path, caplog):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (16, 3, 16, 16) and batch["label"].max() < 10
     assert len(dm.val_dataloader().dataset) == 179
+
+
+def _folder(root, classes, per_class):
+    import numpy as np
+    from PIL import Image
+
+    for c in classes:
+        d = root / c if c else root
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(d / f"{c or 'img'}{i}.png")
+    return str(root)
+
+
+def test_image_folder_reads_like_shards(tmp_path):
+    from datamodules.folders import folder_shards
+
+    root = _folder(tmp_path / "pets", ["cat", "dog", "emu"], 30)  # 90 images -> 64+ virtual shards
+    urls = expand_shards(root)
+    assert urls == folder_shards(root) and len(urls) == 45 and urls[0].startswith("folder://")
+    dm = ImageLabelDataModule(train_shards=root, val_shards=root, num_workers=2, batch_size=10, num_classes=3,
+                              image_size=8)
+    dm.setup("fit")
+    keys, labels = [], []
+    for b in dm.train_dataloader():
+        keys += b["key"]
+        labels += b["label"].tolist()
+    # one epoch over 2 readers of 46 and 44 images in 9 batches of 10: each reads its own part
+    assert len(keys) == 90 and len(set(keys)) >= 84
+    assert {k.split("/")[0]: l for k, l in zip(keys, labels)} == {"cat": 0, "dog": 1, "emu": 2}
+    assert sum(len(b["key"]) for b in dm.val_dataloader()) == 90
+    with pytest.raises(ValueError, match=r"label 2 is outside \[0, 2\)"):
+        ImageLabelDataModule(train_shards=root, num_workers=0, batch_size=10, num_classes=2).setup("fit")
+
+
+def test_unlabelled_image_folder_has_no_labels(tmp_path):
+    root = _folder(tmp_path / "raw", [""], 5)
+    dm = ImageTextDataModule(val_shards=root, num_workers=0)
+    with pytest.raises(ShardError, match="no sample with a .txt member"):
+        dm.setup("validate")  # images but no captions: the wrong datamodule, said at set-up
+    from mmalign.tta import TargetStream
+
+    stream = TargetStream(test_shards=root, num_workers=0, batch_size=4, image_size=8)
+    assert not stream.labelled and stream.domain_names == ["target"]
+    batches = list(stream.domain_batches("target"))
+    assert [len(b["key"]) for b in batches] == [4, 1] and set(batches[0]["label"].tolist()) == {-1}

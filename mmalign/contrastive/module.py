@@ -248,9 +248,12 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
     # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
     eval_progress_keys = ("zeroshot_top1",)
 
-    def set_zeroshot_classes(self, path: str | None, label_field: str | None = None) -> None:
-        """Switch the class spec (and label field) used by zero-shot evaluation."""
-        self._zeroshot_path, self._zeroshot_spec = path, None
+    def set_zeroshot_classes(self, classes, label_field: str | None = None) -> None:
+        """Switch the class spec (a spec file path or a ``ClassSpec``) and label field used by zero-shot evaluation."""
+        from mmalign.evaluation.prompts import ClassSpec
+
+        is_spec = isinstance(classes, ClassSpec)
+        self._zeroshot_path, self._zeroshot_spec = (None if is_spec else classes), (classes if is_spec else None)
         if label_field is not None:
             self.hparams["zeroshot_label_field"] = label_field
 
@@ -262,6 +265,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
             self._zeroshot_spec = load_class_spec(self._zeroshot_path)
         if self._zeroshot_spec is not None:
             spec = self._zeroshot_spec
+            self._zeroshot_path = self._zeroshot_path or "the image folder's class names"
             self._zeroshot_weights = build_zeroshot_weights(lambda t: self.model.encode_text(t.to(self.device)),
                                                             self.preprocess.tokenizer, spec.classnames, spec.templates)
 
@@ -327,11 +331,13 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         return adamw_warmup_cosine(self.model.named_parameters(), self.trainer.estimated_stepping_batches, h.lr,
                                    h.weight_decay, h.betas, h.eps, h.warmup_steps)
 
-    def export_open_clip(self, out_dir: str) -> str:
-        """Write this model as an open_clip checkpoint folder; returns the weights file."""
+    def export_open_clip(self, out_dir: str, register: bool = False) -> str:
+        """Write this model as an open_clip checkpoint folder (``register``: also install its
+        architecture among open_clip's configs, see ``mmalign.models.open_clip_models``); returns
+        the weights file."""
         from mmalign.models.open_clip_models import export_open_clip
 
-        return export_open_clip(self.model, self.hparams.model_name, out_dir)
+        return export_open_clip(self.model, self.hparams.model_name, out_dir, register)
 
 
 class CLIP(ContrastiveModule):

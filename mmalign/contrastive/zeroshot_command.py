@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 
-def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls", out: str | None = None,
+def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field: str = "cls", out: str | None = None,
              ckpt_path: str | None = None) -> dict:
     """Zero-shot classification of an open_clip model on a labelled webdataset: prints a table, writes JSON.
 
     Args:
         classes: Class-spec file: ``{"classnames": [...], "templates": ["a photo of a {}.", ...]}``;
-            the class index of a sample is its label.
+            the class index of a sample is its label. Default, when ``test_shards`` is an image
+            folder (``root/<class>/...``): its sub-folder names (``_`` read as a space) with the
+            generic templates of ``mmalign/data/prompts/default.json``.
         label_field: Where the label is: ``cls`` (an image-label datamodule's ``.cls``) or a json field.
         out: Folder for ``zeroshot.json`` (default: ``<trainer.default_root_dir>/zeroshot``).
         ckpt_path: An mmalign checkpoint to evaluate (else the model as configured, e.g. with
@@ -22,6 +24,8 @@ def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls",
     if not isinstance(model, ContrastiveModule):
         raise TypeError(f"zeroshot needs an mmalign.contrastive model (CLIP/SigLIP), got {type(model).__name__}.")
     out = out or os.path.join(trainer.default_root_dir, "zeroshot")
+    if classes is None:
+        classes = _folder_classes(datamodule)
     model.set_zeroshot_classes(classes, label_field)
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     results = getattr(model, "eval_results", {}).get("test", {})
@@ -32,7 +36,7 @@ def zeroshot(trainer, model, datamodule, classes: str, label_field: str = "cls",
                          "with an image-label datamodule.")
     spec = model._zeroshot_spec
     per_class = results.get("test/zeroshot_per_class_top1")
-    report = {"classes": classes, "num_classes": len(spec.classnames), "templates": len(spec.templates),
+    report = {"classes": classes if isinstance(classes, str) else "image folder names", "num_classes": len(spec.classnames), "templates": len(spec.templates),
               "top1": results["test/zeroshot_top1"], "top5": results.get("test/zeroshot_top5"),
               "mean_per_class_top1": results.get("test/zeroshot_mean_per_class_top1"),
               "per_class_top1": dict(zip(spec.classnames, per_class)) if per_class else None,
@@ -60,3 +64,17 @@ def _strict(obj):
     if isinstance(obj, (list, tuple)):
         return [_strict(v) for v in obj]
     return obj
+
+
+def _folder_classes(datamodule):
+    from datamodules.folders import FOLDER_SCHEME, class_names
+    from datamodules.shards import expand_shards
+    from mmalign.evaluation.prompts import ClassSpec, default_templates
+
+    spec = getattr(datamodule, "shards", {}).get("test")
+    urls = expand_shards(spec, "test_shards") if spec is not None else []
+    names = class_names(urls[0]) if urls and urls[0].startswith(FOLDER_SCHEME) else []
+    if not names:
+        raise ValueError("zeroshot: give --classes (a class-spec file); only an image folder with one sub-folder "
+                         "per class (test_shards: root/<class>/...) supplies class names by itself.")
+    return ClassSpec(tuple(n.replace("_", " ") for n in names), default_templates())

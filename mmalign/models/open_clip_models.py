@@ -141,9 +141,16 @@ def open_clip_transforms(model: nn.Module, image_size: int | None = None, augmen
     return train, val
 
 
-def export_open_clip(model: nn.Module, model_name: str, out_dir: str) -> str:
-    """Save ``model`` so that ``open_clip.create_model(model_name, pretrained=<file>)`` and
-    ``open_clip.create_model("local-dir:<out_dir>")`` both rebuild it. Returns the weights path."""
+def export_open_clip(model: nn.Module, model_name: str, out_dir: str, register: bool = False) -> str:
+    """Save ``model`` so that ``open_clip.create_model("local-dir:<out_dir>")`` rebuilds it, and with
+    the architecture shipped beside the weights as ``<model_name>.json`` (open_clip's config format).
+
+    ``register=True`` also installs that config among open_clip's own model configs, so that in any
+    fresh process ``open_clip.create_model(model_name, pretrained=<weights>)`` works (an inline
+    ``model_cfg`` architecture is otherwise known only to the process that registered it); a
+    different config already installed under that name is an error, never overwritten. Returns the
+    weights path.
+    """
     import open_clip
     import torch
 
@@ -156,4 +163,34 @@ def export_open_clip(model: nn.Module, model_name: str, out_dir: str) -> str:
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
         json.dump({"model_cfg": cfg, "preprocess_cfg": pp, "model_name": model_name}, f, indent=1)
+    with open(os.path.join(out_dir, f"{model_name}.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    if register:
+        register_exported_config(os.path.join(out_dir, f"{model_name}.json"))
     return weights
+
+
+def register_exported_config(config_file: str) -> str:
+    """Install an exported ``<name>.json`` into open_clip's ``model_configs`` folder; returns its path."""
+    import open_clip
+
+    name = os.path.basename(config_file)[: -len(".json")]
+    with open(config_file) as f:
+        cfg = json.load(f)
+    target_dir = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
+    target = os.path.join(target_dir, f"{name}.json")
+    if os.path.isfile(target):
+        with open(target) as f:
+            if json.load(f) != cfg:
+                raise FileExistsError(f"open_clip already has a different model config '{name}' ({target}); export "
+                                      "under another model_name.")
+        return target
+    if not os.access(target_dir, os.W_OK):
+        raise PermissionError(f"cannot write {target_dir}: load with open_clip.add_model_config('{config_file}') "
+                              f"then open_clip.create_model('{name}', pretrained=...) instead.")
+    tmp = target + f".tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=1)
+    os.replace(tmp, target)
+    open_clip.add_model_config(target)  # this process sees it too
+    return target

@@ -7,15 +7,20 @@ the command.
 from __future__ import annotations
 
 def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 1, out_dir: str | None = None,
-          save_adapted: bool = False, max_batches: int | None = None, plot: bool = True) -> dict:
-    """Adapt a trained classifier at test time (source/norm/tent/tent_filter/cafa) over a corruption stream.
+          save_adapted: bool = False, max_batches: int | None = None, plot: bool = True,
+          write_predictions: bool | None = None) -> dict:
+    """Adapt a trained classifier at test time (source/norm/tent/tent_filter/cafa) along a stream of domains.
 
     The adaptation loop runs here, not in a Lightning loop: Lightning evaluates under
     ``torch.inference_mode``, which forbids the gradient steps TENT and CAFA take on test data.
     The command enables gradients itself (``inference_mode(False)`` + ``enable_grad``) around each
     step, on the device the trainer picked (``trainer.accelerator``); other trainer options do not
     apply. Outputs in ``out_dir``: ``results.json``, ``errors.csv``, ``error_stream.png`` and,
-    with ``save_adapted``, ``adapted_<method>.ckpt`` (the source checkpoint is never written).
+    with ``save_adapted``, ``adapted_<method>.ckpt`` (the source checkpoint is never written), and
+    ``predictions.jsonl`` (one line per sample and method: key, class, confidence).
+
+    The stream is ``data.class_path: mmalign.tta.CorruptionStream`` (the corruption benchmark) or
+    ``mmalign.tta.TargetStream`` (your own shards or image folder, labelled or not).
 
     Args:
         setting: ``continual`` (never reset), ``reset`` (reset at every domain shift) or
@@ -24,28 +29,47 @@ def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 
         out_dir: Output folder (default: ``<trainer.default_root_dir>/adapt``).
         save_adapted: Save each adapting method's final weights as an ImageClassifier checkpoint.
         max_batches: Cap on batches per domain (smoke tests).
-        plot: Write the PNG plot of error along the stream.
+        plot: Write the PNG plot of error (or entropy, unlabelled) along the stream.
+        write_predictions: Write ``predictions.jsonl``; default: when the stream is unlabelled.
     """
     import os
 
     import torch
 
+    import json
+
+    from .domains import DomainStream
     from .module import TTAModel
     from .pipeline import adapt as run_adaptation
     from .pipeline import method_summary
     from .report import error_table, write_outputs
-    from .stream import CorruptionStream
 
     if not isinstance(model, TTAModel):
         raise TypeError(f"adapt needs model.class_path: mmalign.tta.TTAModel, got {type(model).__name__}.")
-    if not isinstance(datamodule, CorruptionStream):
-        raise TypeError("adapt needs data.class_path: mmalign.tta.CorruptionStream, got "
+    if not isinstance(datamodule, DomainStream):
+        raise TypeError("adapt needs data.class_path: mmalign.tta.CorruptionStream or mmalign.tta.TargetStream, got "
                         f"{type(datamodule).__name__}.")
     out_dir = out_dir or os.path.join(trainer.default_root_dir, "adapt")
     device = trainer.strategy.root_device
     datamodule.prepare_data()
     datamodule.setup("test")
-    result, methods = run_adaptation(model, datamodule, setting, rounds, max_batches, out_dir, device, log=print)
+    os.makedirs(out_dir, exist_ok=True)
+    sink, pred_path = None, os.path.join(out_dir, "predictions.jsonl")
+    if write_predictions or (write_predictions is None and not datamodule.labelled):
+        pred_file = open(pred_path, "w")
+
+        def sink(p):
+            labels = p["label"] or [None] * len(p["pred"])
+            for key, c, conf, y in zip(p["keys"] or [None] * len(p["pred"]), p["pred"], p["confidence"], labels):
+                pred_file.write(json.dumps({"method": p["method"], "round": p["round"] + 1, "domain": p["domain"],
+                                            "key": key, "pred": c, "confidence": round(conf, 5),
+                                            **({"label": y} if y is not None else {})}) + "\n")
+    try:
+        result, methods = run_adaptation(model, datamodule, setting, rounds, max_batches, out_dir, device, log=print,
+                                         on_predictions=sink)
+    finally:
+        if sink is not None:
+            pred_file.close()
     print(error_table(result))
     tput = result.throughput()
     if "source" in tput:
@@ -57,6 +81,8 @@ def adapt(trainer, model, datamodule, setting: str = "continual", rounds: int = 
         print("filter kept: " + ", ".join(f"{n} {100 * v:.1f}% of samples"
                                           for n, v in extra["filter_kept_fraction"].items()))
     paths = write_outputs(result, out_dir, plot, extra)
+    if sink is not None:
+        paths["predictions"] = pred_path
     if save_adapted:
         src = os.path.realpath(model.hparams.source_checkpoint) if model.hparams.source_checkpoint else None
         for name, m in methods.items():

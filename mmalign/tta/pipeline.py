@@ -76,13 +76,17 @@ def check_labels_fit(model: TTAModel, datamodule) -> None:
 
 def adapt(model: TTAModel, datamodule, setting: str = "continual", rounds: int = 1, max_batches: int | None = None,
           out_dir: str = "runs/adapt", device: str | torch.device = "cpu", batch_size: int | None = None,
-          log: Callable[[str], None] = print, stats: SourceStats | None = None) -> tuple[StreamResult, dict]:
-    """Run every method of ``model`` along ``datamodule``'s domains; returns the result and the methods."""
-    check_labels_fit(model, datamodule)
+          log: Callable[[str], None] = print, stats: SourceStats | None = None,
+          on_predictions: Callable[[dict], None] | None = None) -> tuple[StreamResult, dict]:
+    """Run every method of ``model`` along ``datamodule``'s domains (a ``DomainStream``); returns the
+    result and the methods."""
+    if datamodule.labelled:
+        check_labels_fit(model, datamodule)
     if "cafa" in model.hparams.methods and stats is None:
         stats = source_statistics(model, datamodule, out_dir, device, log, datamodule.source_max_samples)
     methods = {n: m.to(device) for n, m in model.build_methods(stats).items()}
-    result = run_stream(methods, datamodule, setting, rounds, max_batches, device, batch_size=batch_size, log=log)
+    result = run_stream(methods, datamodule, setting, rounds, max_batches, device, batch_size=batch_size, log=log,
+                        on_predictions=on_predictions)
     return result, methods
 
 

@@ -1,4 +1,8 @@
-"""Outputs of a TTA run: the per-domain error table (stdout), JSON, CSV and the error-along-stream plot."""
+"""Outputs of a TTA run: the per-domain table (stdout), JSON, CSV and the plot along the stream.
+
+A labelled stream reports error %; an unlabelled one the mean prediction entropy (nats), the only
+signal it has (``entropy_by_round_domain`` is written for labelled streams too).
+"""
 
 from __future__ import annotations
 
@@ -17,18 +21,20 @@ def _short(domain: str) -> str:
 
 def error_table(result: StreamResult) -> str:
     """Rows = methods, columns = domains (last round) + mean of the first and of the last round."""
-    last = result.domain_errors(result.rounds - 1)
-    per_round = result.round_errors()
+    labelled = result.labelled
+    last = result.domain_errors(result.rounds - 1) if labelled else result.domain_entropy(result.rounds - 1)
+    per_round = result.round_errors() if labelled else result.round_entropy()
     cols = [_short(d) for d in result.domains]
     extra = ["mean"] if result.rounds == 1 else ["mean r1", f"mean r{result.rounds}"]
     width = max(6, *(len(c) for c in cols))
     head = f"{'method':<12}" + "".join(f"{c:>{width + 1}}" for c in cols + extra)
-    lines = [f"error % ({result.setting}, {result.rounds} round(s); domain columns: "
+    what = "error %" if labelled else "unlabelled: mean prediction entropy (nats)"
+    lines = [f"{what} ({result.setting}, {result.rounds} round(s); domain columns: "
              f"{'last round' if result.rounds > 1 else 'one pass'})", head, "-" * len(head)]
     for m in result.methods:
         vals = [last[m][d] for d in result.domains]
         vals += [per_round[m][0]] if result.rounds == 1 else [per_round[m][0], per_round[m][-1]]
-        lines.append(f"{m:<12}" + "".join(f"{v:>{width + 1}.1f}" for v in vals))
+        lines.append(f"{m:<12}" + "".join(f"{v:>{width + 1}.{1 if labelled else 3}f}" for v in vals))
     return "\n".join(lines)
 
 
@@ -37,8 +43,11 @@ def summary(result: StreamResult) -> dict:
     base = tput.get("source")
     return {
         "setting": result.setting, "rounds": result.rounds, "domains": result.domains, "methods": result.methods,
-        "error_by_round_domain": [result.domain_errors(r) for r in range(result.rounds)],
-        "error_by_round": result.round_errors(),
+        "labelled": result.labelled,
+        "error_by_round_domain": [result.domain_errors(r) for r in range(result.rounds)] if result.labelled else None,
+        "error_by_round": result.round_errors() if result.labelled else None,
+        "entropy_by_round_domain": [result.domain_entropy(r) for r in range(result.rounds)],
+        "entropy_by_round": result.round_entropy(),
         "images_per_s": tput,
         "throughput_vs_source": {m: v / base for m, v in tput.items()} if base and not math.isnan(base) else {},
         "images_per_method": result.images,
@@ -46,26 +55,38 @@ def summary(result: StreamResult) -> dict:
 
 
 def write_outputs(result: StreamResult, out_dir: str, plot: bool = True, extra: dict | None = None) -> dict[str, str]:
-    """Write ``results.json``, ``errors.csv`` (method, round, domain, error %, n) and
-    ``error_stream.png``; return their paths."""
+    """Write ``results.json`` (strict JSON), ``errors.csv`` (method, round, domain, error %, mean
+    entropy, n; the error is empty for an unlabelled stream) and the plot; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "errors.csv")}
     with open(paths["json"], "w") as fh:
-        json.dump({**summary(result), **(extra or {})}, fh, indent=2)
-    counts: dict[tuple, list[int]] = {}
+        json.dump(_strict({**summary(result), **(extra or {})}), fh, indent=2, allow_nan=False)
+    counts: dict[tuple, list] = {}
     for r in result.records:
-        acc = counts.setdefault((r["method"], r["round"], r["domain"]), [0, 0])
-        acc[0] += r["wrong"]
-        acc[1] += r["n"]
+        acc = counts.setdefault((r["method"], r["round"], r["domain"]), [0, 0.0, 0, True])
+        acc[0] += r["wrong"] or 0
+        acc[1] += r["entropy"]
+        acc[2] += r["n"]
+        acc[3] &= r["wrong"] is not None
     with open(paths["csv"], "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["method", "round", "domain", "error_pct", "n"])
-        for (m, rnd, d), (wrong, n) in counts.items():
-            w.writerow([m, rnd + 1, d, f"{100.0 * wrong / n:.3f}", n])
+        w.writerow(["method", "round", "domain", "error_pct", "entropy", "n"])
+        for (m, rnd, d), (wrong, ent, n, labelled) in counts.items():
+            w.writerow([m, rnd + 1, d, f"{100.0 * wrong / n:.3f}" if labelled else "", f"{ent / n:.4f}", n])
     if plot:
-        paths["png"] = os.path.join(out_dir, "error_stream.png")
+        paths["png"] = os.path.join(out_dir, "error_stream.png" if result.labelled else "entropy_stream.png")
         plot_stream(result, paths["png"])
     return paths
+
+
+def _strict(obj):
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
 
 
 def plot_stream(result: StreamResult, path: str) -> None:
@@ -76,6 +97,7 @@ def plot_stream(result: StreamResult, path: str) -> None:
     matplotlib.use("Agg")  # headless; never opens a window
     import matplotlib.pyplot as plt
 
+    labelled = result.labelled
     fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(result.domains) * result.rounds ** 0.5), 4))
     shifts = []
     for m in result.methods:
@@ -87,16 +109,17 @@ def plot_stream(result: StreamResult, path: str) -> None:
             prev = key
             seen += r["n"]
             xs.append(seen)
-            ys.append(100.0 * r["wrong"] / r["n"])
+            ys.append(100.0 * r["wrong"] / r["n"] if labelled else r["entropy"] / r["n"])
         ax.plot(xs, ys, label=m, lw=1)
     for x, d, rnd in shifts:
         ax.axvline(x, color="grey", lw=0.4, ls=":")
         if rnd == 0 and len(result.domains) > 1:
             ax.text(x, 1.0, _short(d), rotation=90, fontsize=6, va="bottom", transform=ax.get_xaxis_transform())
     ax.set_xlabel("images seen")
-    ax.set_ylabel("batch error %")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"error along the stream ({result.setting}, {result.rounds} round(s))", fontsize=9, pad=40)
+    ax.set_ylabel("batch error %" if labelled else "batch mean entropy (nats)")
+    if labelled:
+        ax.set_ylim(0, 100)
+    ax.set_title(f"{'error' if labelled else 'entropy'} along the stream ({result.setting}, {result.rounds} round(s))", fontsize=9, pad=40)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

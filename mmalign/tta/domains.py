@@ -1,0 +1,230 @@
+"""The data a model adapts on: a sequence of domains, each read once per round in a fixed order.
+
+``DomainStream`` is what the adaptation loop needs (``domain_names`` and ``domain_batches``), with
+labelled or unlabelled samples; two sources are built in:
+
+- ``CorruptionStream``: the CIFAR-10-C style benchmark, ``domains_dir/{corruption}/{severity}/*.tar``
+  written on first use from ``test_shards`` (``datamodules.corrupt``), in the benchmark order;
+- ``TargetStream``: your own data, tar shards or an image folder (``datamodules.folders``), one
+  domain per entry of ``domains`` in the order given, labelled (errors reported) or not
+  (predictions written, entropy tracked).
+
+Inside a domain the samples may be permuted by ``seed`` (a fixed permutation: every round and every
+method sees the same batches); batches never straddle two domains, so reset-each-shift is exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from datamodules.eval_sets import EvalLoader, InMemoryDataset
+from datamodules.image_label import ImageLabelDataModule
+from datamodules.shards import expand_shards
+
+UNLABELLED = -1
+
+
+class DomainStream(ImageLabelDataModule):
+    """Base of the adaptation streams: domains held in memory (still encoded), read in order.
+
+    Args:
+        shuffle: Permute samples inside each domain with ``seed``.
+        cache_decoded: Keep decoded domains in memory (fast repeated rounds; ~12 KB per 32 px image).
+        source_max_samples: Cap on labelled source samples (``train_shards``) for CAFA statistics.
+        **kwargs: ``ImageLabelDataModule``/``StreamingDataModule`` arguments; ``train_shards`` is the
+            labelled source data CAFA's statistics come from.
+    """
+
+    labelled = True
+
+    def __init__(self, shuffle: bool = True, cache_decoded: bool = False, source_max_samples: int = 2000,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.shuffle, self.cache_decoded, self.source_max_samples = shuffle, cache_decoded, source_max_samples
+        self._raw: dict[str, InMemoryDataset] = {}
+        self._decoded: dict[str, dict] = {}
+
+    @property
+    def domain_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def domain_spec(self, domain: str):
+        raise NotImplementedError
+
+    def _dataset(self, domain: str) -> InMemoryDataset:
+        if domain not in self._raw:
+            urls = expand_shards(self.domain_spec(domain), f"domain {domain}")
+            self._raw[domain] = InMemoryDataset(urls, self._decode_eval, self.max_eval_samples)
+            if len(self._raw[domain]) == 0:
+                raise ValueError(f"domain {domain} holds no samples.")
+        return self._raw[domain]
+
+    def _order(self, n: int, domain_index: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + domain_index)
+        return torch.randperm(n, generator=g)
+
+    def domain_batches(self, domain: str, batch_size: int | None = None) -> Iterator[dict]:
+        """Batches of one domain in their fixed order: ``image``, ``label`` (``-1`` when unlabelled), ``key``."""
+        bs = batch_size or self.eval_batch_size
+        index = self.domain_names.index(domain)
+        if self.cache_decoded:
+            if domain not in self._decoded:
+                batches = list(self._loader(domain, 256, torch.arange(len(self._dataset(domain)))))
+                self._decoded[domain] = {"image": torch.cat([b["image"] for b in batches]),
+                                         "label": torch.cat([b["label"] for b in batches]),
+                                         "key": [k for b in batches for k in b["key"]]}
+            cached = self._decoded[domain]
+            order = self._order(len(cached["label"]), index)
+            for i in range(0, len(order), bs):
+                idx = order[i:i + bs]
+                yield {"image": cached["image"][idx], "label": cached["label"][idx],
+                       "key": [cached["key"][j] for j in idx.tolist()]}
+            return
+        yield from self._loader(domain, bs, self._order(len(self._dataset(domain)), index))
+
+    def _loader(self, domain: str, bs: int, order: torch.Tensor):
+        from torch.utils.data import Subset
+
+        ds = Subset(self._dataset(domain), order.tolist())
+        return EvalLoader(ds, self.collate, "test", self.health, batch_size=bs, shuffle=False,
+                          num_workers=self.num_workers)
+
+
+class CorruptionStream(DomainStream):
+    """Corrupted test domains for test-time adaptation.
+
+    Args:
+        domains_dir: Folder written by ``scripts/make_corrupted.py`` (relative to ``data_root``).
+        corruptions: ``all`` (the 15 benchmark corruptions in benchmark order) or a list, streamed
+            in the given order.
+        severities: Severity or severities (1..5); each corruption visits them in the given order.
+        corruption_seed: Seed of the corruptions written on first use.
+        **kwargs: ``DomainStream`` arguments (``shuffle`` defaults to true: shards are often
+            class-sorted, and a single-class batch is a label shift TTA was not meant to face).
+            ``test_shards`` is the clean test set corrupted on first use.
+    """
+
+    def __init__(self, domains_dir: str, corruptions: str | list[str] = "all", severities: int | list[int] = 5,
+                 corruption_seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        from datamodules.corruptions import CORRUPTIONS, check_name_severity
+
+        self.corruptions = list(CORRUPTIONS) if corruptions == "all" else (
+            [corruptions] if isinstance(corruptions, str) else list(corruptions))
+        self.severities = [severities] if isinstance(severities, int) else list(severities)
+        if not self.corruptions or not self.severities:
+            raise ValueError("corruptions and severities must name at least one domain.")
+        for c in self.corruptions:
+            for s in self.severities:
+                check_name_severity(c, s)
+        self.domains_dir = self._rooted(domains_dir)
+        self.corruption_seed = corruption_seed
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [f"{c}/{s}" for c in self.corruptions for s in self.severities]
+
+    def domain_spec(self, domain: str) -> str:
+        return os.path.join(self.domains_dir, domain)
+
+    def _missing(self) -> list[str]:
+        return [d for d in self.domain_names
+                if not os.path.isdir(os.path.join(self.domains_dir, d))
+                or not any(f.endswith(".tar") for f in os.listdir(os.path.join(self.domains_dir, d)))]
+
+    def prepare_data(self) -> None:
+        super().prepare_data()  # generates the built-in clean data when configured
+        missing = self._missing()
+        if not missing:
+            return
+        if self.shards["test"] is None:
+            raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}. Write them with "
+                                    "scripts/make_corrupted.py, or set test_shards to the clean test set.")
+        from datamodules.corrupt import corrupt_shards
+
+        corrs = sorted({d.split("/")[0] for d in missing}, key=self.corruptions.index)
+        sevs = sorted({int(d.split("/")[1]) for d in missing})
+        corrupt_shards(self.shards["test"], self.domains_dir, corrs, sevs, seed=self.corruption_seed, verbose=False)
+
+    def setup(self, stage: str) -> None:
+        missing = self._missing()
+        if missing:
+            raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}; run "
+                                    "prepare_data() or scripts/make_corrupted.py first.")
+
+
+class TargetStream(DomainStream):
+    """Your own target data as the adaptation stream.
+
+    Args:
+        domains: Domains in stream order, ``{name: spec}`` (a spec is anything ``train_shards`` takes:
+            shard files, a brace pattern, a directory of shards, or an image folder). Default: one
+            domain ``target`` holding ``test_shards``.
+        labels: ``auto`` (labelled when every sample of the first domain carries a label: ``.cls``,
+            ``label_key``, or a class sub-folder), ``true`` (required; a sample without one is skipped
+            and counted) or ``false`` (ignore labels: only predictions and entropy are reported).
+        **kwargs: ``DomainStream`` arguments (``shuffle`` defaults to false here: a real stream keeps
+            its order). ``num_classes`` is taken from the model.
+    """
+
+    def __init__(self, domains: dict[str, str | list[str]] | None = None, labels: str | bool = "auto",
+                 shuffle: bool = False, **kwargs) -> None:
+        super().__init__(shuffle=shuffle, **kwargs)
+        if labels not in ("auto", True, False):
+            raise ValueError(f"labels must be 'auto', true or false, got {labels!r}.")
+        if domains is not None and not domains:
+            raise ValueError("domains: give at least one {name: shards} entry, or leave it unset to use test_shards.")
+        self._domains = {k: self._rooted(v) for k, v in (domains or {}).items()}
+        self.labels = labels
+        self._labelled: bool | None = None if labels == "auto" else bool(labels)
+
+    @property
+    def domain_names(self) -> list[str]:
+        return list(self._domains) if self._domains else ["target"]
+
+    def domain_spec(self, domain: str):
+        if self._domains:
+            return self._domains[domain]
+        if self.shards["test"] is None:
+            raise ValueError("TargetStream needs domains ({name: shards or image folder}) or test_shards.")
+        return self.shards["test"]
+
+    @property
+    def labelled(self) -> bool:
+        if self._labelled is None:
+            from datamodules.shards import index_shard
+
+            first = expand_shards(self.domain_spec(self.domain_names[0]), "domain")
+            member = "cls" if self.label_key == "cls" else "json"
+            indexes = [index_shard(u, ("cls", "json")) for u in first if "://" not in u or u.startswith("folder://")]
+            self._labelled = bool(indexes) and all(_has_labels(ix, self.label_key, member) for ix in indexes)
+        return self._labelled
+
+    def setup(self, stage: str) -> None:
+        self.required = (self.required[0],) if not self.labelled else self.required
+
+    def decode(self, sample: dict, train: bool) -> dict:
+        if self.labelled:
+            return super().decode(sample, train)
+        # unlabelled: the image only; a label the data may carry anyway is ignored
+        from datamodules.image_text import find_image, read_json
+        from datamodules.shards import decode_image_bytes
+        from datamodules.transforms import default_image_transform
+
+        transform = self.preprocess.eval_transform or default_image_transform(self.image_size, False)
+        return {"image": transform(decode_image_bytes(find_image(sample))), "label": UNLABELLED,
+                "key": sample["__key__"], "meta": read_json(sample)}
+
+
+def _has_labels(index, label_key: str, member: str) -> bool:
+    if label_key == "cls":
+        return index.ext_counts.get("cls", 0) == index.num_samples
+    import json
+
+    return all(label_key in json.loads(t.get("json") or "{}") for t in index.texts.values()) and \
+        len(index.texts) == index.num_samples
