@@ -135,7 +135,7 @@ def test_cafa_statistics_follow_the_source_checkpoint(tmp_path, data_root):
 def test_zeroshot_unknown_label_field_and_strict_json(in_tmp, data_root):
     import yaml
 
-    from mmalign.contrastive.zeroshot_command import _strict
+    from mmalign.jsonout import strict as _strict
     from tests.test_contrastive_module import TINY
 
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",

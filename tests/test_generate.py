@@ -26,7 +26,7 @@ def test_shapes_deterministic_and_heldout_disjoint(tmp_path):
     kw = dict(num_train=60, num_val=10, num_test=10, num_heldout=30, shard_size=30, image_size=32)
     a = generate_dataset("shapes", str(tmp_path / "a"), seed=3, **kw)
     generate_dataset("shapes", str(tmp_path / "b"), seed=3, **kw)
-    c = generate_dataset("shapes", str(tmp_path / "c"), seed=4, **kw)
+    generate_dataset("shapes", str(tmp_path / "c"), seed=4, **kw)
     shard = "train/shard-000000.tar"
     assert _digest(tmp_path / "a" / shard) == _digest(tmp_path / "b" / shard)
     assert _digest(tmp_path / "a" / shard) != _digest(tmp_path / "c" / shard)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field: str = "cls", out: str | None = None,
@@ -20,6 +19,7 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
             ``model.init_args.pretrained`` pointing at open_clip weights).
     """
     from mmalign.contrastive import ContrastiveModule
+    from mmalign.jsonout import dump
 
     if not isinstance(model, ContrastiveModule):
         raise TypeError(f"zeroshot needs an mmalign.contrastive model (CLIP/SigLIP), got {type(model).__name__}.")
@@ -50,20 +50,9 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
             print(f"  {'mean per-class top-1':<22} {100 * report['mean_per_class_top1']:6.2f} %")
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "zeroshot.json")
-        with open(path, "w") as f:  # strict JSON: a class never seen has no accuracy (null, not NaN)
-            json.dump(_strict(report), f, indent=1, allow_nan=False)
+        dump(report, path)  # strict JSON: a class never seen has no accuracy (null, not NaN)
         print(f"  wrote {path}")
     return report
-
-
-def _strict(obj):
-    if isinstance(obj, float) and obj != obj or obj in (float("inf"), float("-inf")):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 def _folder_classes(datamodule):

@@ -11,6 +11,8 @@ import json
 import math
 import os
 
+from mmalign.jsonout import strict
+
 from .stream import StreamResult
 
 
@@ -60,7 +62,7 @@ def write_outputs(result: StreamResult, out_dir: str, plot: bool = True, extra: 
     os.makedirs(out_dir, exist_ok=True)
     paths = {"json": os.path.join(out_dir, "results.json"), "csv": os.path.join(out_dir, "errors.csv")}
     with open(paths["json"], "w") as fh:
-        json.dump(_strict({**summary(result), **(extra or {})}), fh, indent=2, allow_nan=False)
+        json.dump(strict({**summary(result), **(extra or {})}), fh, indent=2, allow_nan=False)
     counts: dict[tuple, list] = {}
     for r in result.records:
         acc = counts.setdefault((r["method"], r["round"], r["domain"]), [0, 0.0, 0, True])
@@ -77,16 +79,6 @@ def write_outputs(result: StreamResult, out_dir: str, plot: bool = True, extra: 
         paths["png"] = os.path.join(out_dir, "error_stream.png" if result.labelled else "entropy_stream.png")
         plot_stream(result, paths["png"])
     return paths
-
-
-def _strict(obj):
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 def plot_stream(result: StreamResult, path: str) -> None:
