@@ -268,11 +268,26 @@ def average_gradients_(params) -> None:
 def fully_shard_blocks(model: torch.nn.Module, blocks, mesh) -> None:
     """FSDP2: shard each block (its own all-gather/free unit), then the remaining root parameters.
 
-    Used by ``configure_model`` under Lightning's ModelParallelStrategy (which supplies ``mesh``).
+    Scalar parameters (CLIP's logit scale, SigLIP's bias) cannot be sharded (``fully_shard`` refuses
+    0-d tensors): they stay replicated and a gradient hook averages them over the data-parallel
+    group, which is what DDP would do. Used by ``configure_model`` under Lightning's
+    ModelParallelStrategy (which supplies ``mesh``) and tested with gloo on CPU.
     """
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     for block in blocks:
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(model, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, ignored_params=scalars or None)
+    fully_shard(model, mesh=dp_mesh, ignored_params=scalars or None)
+    group = dp_mesh.get_group()
+    world = dist.get_world_size(group)
+    for p in scalars:
+        if p.requires_grad:
+            p.register_hook(lambda g, group=group, world=world: _averaged(g, group, world))
+
+
+def _averaged(grad: torch.Tensor, group, world: int) -> torch.Tensor:
+    grad = grad.clone()
+    dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+    return grad / world

@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.base import Preprocess
 from datamodules.transforms import default_image_transform
+from mmalign.models import compile_in_place
 from mmalign.models.timm_models import check_timm_name, create_timm_model
 from mmalign.optim import adamw_warmup_cosine
 
@@ -34,7 +35,8 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: AdamW weight decay (not applied to norms and biases).
         warmup_steps: Linear warm-up steps before cosine decay over the run.
         label_smoothing: Cross-entropy label smoothing.
-        compile: Wrap the network in ``torch.compile``.
+        compile: ``torch.compile`` the network: ``true`` (inductor) or ``torch.compile`` arguments
+            (``{mode: max-autotune}``); state-dict keys are unchanged.
     """
 
     def __init__(
@@ -52,7 +54,7 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 0,
         label_smoothing: float = 0.0,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -62,8 +64,7 @@ class ImageClassifier(pl.LightningModule):
         check_timm_name(model_name)
         self.save_hyperparameters()
         self.model = create_timm_model(model_name, num_classes, pretrained, checkpoint_path, **(model_kwargs or {}))
-        # kept out of the module tree (plain __dict__ entry) so the weights are not registered twice
-        self.__dict__["_net"] = torch.compile(self.model) if compile else self.model
+        compile_in_place(self.model, compile)
         top5 = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -80,7 +81,7 @@ class ImageClassifier(pl.LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._net(images)
+        return self.model(images)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.hparams.num_classes):
