@@ -1,86 +1,123 @@
 #!/usr/bin/env python
-"""TTA corruption benchmark: source / norm / tent / tent_filter / cafa on digits-C and shapes-C.
+"""TTA corruption benchmark on digits-C and shapes-C, with seed intervals and significance tests.
 
-Protocol (REFERENCES.md "Benchmark protocol"): severity 5, the 15 corruptions in benchmark order,
-batch 200 (or the largest the set allows), error %. The continual setting is the first pass of
-the long-term run (the stream and methods are deterministic, so a separate one-pass run would
-repeat it exactly); long-term is the last of ``--rounds`` passes. Seeds permute the samples inside
-each domain (domain order fixed). Throughput = images/s of each method over the whole run,
-measured in the same process, as a ratio to plain inference (``source``).
+Protocol (REFERENCES.md "Benchmark protocol"): the 15 corruptions at severity 5 in benchmark order,
+batch 200 (or the largest the set allows), error %. Continual = round 1 of the run; long-term = the
+last of ``--rounds`` passes over the whole stream (never reset). A seed permutes the samples inside
+each domain (the domain order is fixed); methods are deterministic given the order, so seeds are
+the run-to-run variance.
 
-    python scripts/bench_tta.py --digits-ckpt D.ckpt --shapes-ckpt S.ckpt --data-root data \\
-        --out /work/scratch/tta/bench.json
-Sources are trained with ``python -m mmalign fit -c configs/classify/{digits,shapes}.yaml``.
+Arms (all in lockstep on the same batches, one process):
+  source, norm, tent                     the baselines
+  filter                                 TENT + wisdom-of-crowds filter, diversity over the kept samples
+  filter_batch                           the same with the diversity term over the whole batch (the
+                                         public reimplementation's reading)
+  cafa_classwise, cafa_shared            CAFA with class-wise or shared (tied) covariance
+
+For every arm: mean ± 95% interval over the seeds (``scripts/benchstats.py``); the comparisons the
+questions need (filter_batch vs filter and vs tent in round 1; cafa_classwise vs cafa_shared) with
+Welch's test. Throughput = images/s of each arm over the run, as a ratio to plain inference.
+
+    python scripts/bench_tta.py --digits-ckpt D.ckpt --shapes-ckpt S.ckpt --data-root data32 --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import sys
 import time
+
+from benchstats import cell, compare, save
 
 DATASETS = {  # clean test split, labelled source split, label key
     "digits": ("digits/test", "digits/train", "cls"),
     "shapes": ("shapes/test", "shapes/train", "shape_id"),
 }
+ARMS = ("source", "norm", "tent", "filter", "filter_batch", "cafa_classwise", "cafa_shared")
+QUESTIONS = [("filter_batch", "filter", 0, "lower"), ("filter_batch", "tent", 0, "lower"), ("filter", "tent", 0, "lower"),
+             ("cafa_classwise", "cafa_shared", 0, "lower"), ("cafa_classwise", "cafa_shared", -1, "lower"),
+             ("filter", "tent", -1, "lower"), ("tent", "norm", -1, "lower")]
+
+
+def build_arms(model, stream, arms, shrinkage, source_samples, log):
+    """{arm: TTAMethod}; CAFA's two statistics come from the same labelled source subset."""
+    from mmalign.tta.cafa_stats import compute_source_stats
+    from mmalign.tta.methods import TTAConfig, build_method
+    from mmalign.tta.pipeline import labelled_batches
+
+    cfg = model.cfg
+    stats = {}
+    for cov in ("classwise", "shared"):
+        if f"cafa_{cov}" in arms:
+            stats[cov] = compute_source_stats(model.source, labelled_batches(stream, source_samples), model.num_classes,
+                                              cov, shrinkage, source_samples)
+            log(f"CAFA {cov} statistics from {stats[cov].meta['num_samples']} source samples")
+    batch_cfg = TTAConfig(**{**cfg.__dict__, "filter_diversity": "batch"})
+    table = {"source": lambda: build_method("source", model.source, cfg),
+             "norm": lambda: build_method("norm", model.source, cfg),
+             "tent": lambda: build_method("tent", model.source, cfg),
+             "filter": lambda: build_method("tent_filter", model.source, cfg),
+             "filter_batch": lambda: build_method("tent_filter", model.source, batch_cfg),
+             "cafa_classwise": lambda: build_method("cafa", model.source, cfg, stats.get("classwise")),
+             "cafa_shared": lambda: build_method("cafa", model.source, cfg, stats.get("shared"))}
+    return {a: table[a]() for a in arms}
 
 
 def run_dataset(name, ckpt, args, log):
     import torch
 
-    from mmalign.tta import TTAModel
-    from mmalign.tta.pipeline import adapt, method_summary, source_statistics
-    from mmalign.tta.stream import CorruptionStream
+    from mmalign.tta import CorruptionStream, TTAModel
+    from mmalign.tta.stream import run_stream
 
     test, train, label_key = DATASETS[name]
-    model = TTAModel(ckpt, methods=args.methods, lr=args.lr, cafa_shrinkage=args.shrinkage)
+    model = TTAModel(ckpt, methods=["source"], lr=args.lr)
     stream = CorruptionStream(data_root=args.data_root, domains_dir=f"{name}-c", corruptions=args.corruptions,
                               severities=args.severity, test_shards=test, train_shards=train, label_key=label_key,
                               generate=name, batch_size=args.batch_size, num_workers=0, cache_decoded=True,
-                              preprocess=model.preprocess, source_max_samples=args.source_samples)
+                              preprocess=model.preprocess, num_classes=model.num_classes)
     stream.prepare_data()
     stream.setup("test")
-    stats = source_statistics(model, stream, "outputs/bench", "cpu", log, args.source_samples) \
-        if "cafa" in args.methods else None
-    out = []
+    runs = []
     for seed in args.seeds:
         torch.manual_seed(seed)
         stream.seed = seed
+        methods = build_arms(model, stream, args.arms, args.shrinkage, args.source_samples, log)
         t0 = time.time()
-        res, methods = adapt(model, stream, "continual", args.rounds, args.max_batches, log=lambda s: None,
-                             stats=stats)
+        res = run_stream(methods, stream, "continual", args.rounds, args.max_batches)
         rounds = res.round_errors()
-        out.append({"seed": seed, "error_by_round": rounds, "images_per_s": res.throughput(),
-                    "domain_errors_round1": res.domain_errors(0),
-                    "domain_errors_last": res.domain_errors(args.rounds - 1),
-                    **method_summary(methods), "seconds": time.time() - t0})
+        runs.append({"seed": seed, "error_by_round": rounds, "images_per_s": res.throughput(),
+                     "domain_errors_round1": res.domain_errors(0), "domain_errors_last": res.domain_errors(args.rounds - 1),
+                     "filter_kept_fraction": {n: m.kept_fraction for n, m in methods.items() if hasattr(m, "kept_fraction")},
+                     "seconds": time.time() - t0})
         log(f"{name} seed {seed} ({time.time() - t0:.0f}s): " + "  ".join(
             f"{m} {r[0]:.1f}->{r[-1]:.1f}" for m, r in rounds.items()))
-    n_images = sum(len(stream._decoded[d][1]) for d in stream.domain_names)
-    return {"checkpoint": ckpt, "domains": stream.domain_names, "images_per_pass": n_images, "runs": out}
+    return {"checkpoint": ckpt, "domains": stream.domain_names, "runs": runs}
 
 
-def table(results, methods, rounds):
-    def cell(vals):
-        return f"{statistics.mean(vals):5.1f}±{statistics.pstdev(vals):3.1f}" if len(vals) > 1 else f"{vals[0]:5.1f}"
-
-    head = f"{'dataset':<8}{'setting':<18}" + "".join(f"{m:>14}" for m in methods)
-    lines = [head, "-" * len(head)]
+def summarise(results, arms, rounds):
+    lines, verdicts = [], {}
+    head = f"{'dataset':<8}{'setting':<16}" + "".join(f"{a:>16}" for a in arms)
+    lines += [head, "-" * len(head)]
     for name, res in results.items():
-        for label, idx in (("continual (r1)", 0), (f"long-term (r{rounds})", rounds - 1)):
-            vals = {m: [run["error_by_round"][m][idx] for run in res["runs"]] for m in methods}
-            lines.append(f"{name:<8}{label:<18}" + "".join(f"{cell(vals[m]):>14}" for m in methods))
-        tp = {m: statistics.mean(run["images_per_s"][m] for run in res["runs"]) for m in methods}
-        if "source" in tp:
-            lines.append(f"{name:<8}{'img/s (x source)':<18}" +
-                         "".join(f"{tp[m]:>7.0f} ({tp[m] / tp['source']:.2f})" for m in methods))
-    return "\n".join(lines)
+        runs = res["runs"]
+        for label, idx in (("round 1", 0), (f"round {rounds}", rounds - 1)):
+            lines.append(f"{name:<8}{label:<16}" + "".join(
+                f"{cell([r['error_by_round'][a][idx] for r in runs]):>16}" for a in arms))
+        tp = {a: sum(r["images_per_s"][a] for r in runs) / len(runs) for a in arms}
+        lines.append(f"{name:<8}{'x source speed':<16}" + "".join(
+            f"{tp[a] / tp['source']:>16.2f}" if "source" in tp else f"{'':>16}" for a in arms))
+        for a, b, idx, better in QUESTIONS:
+            if a in arms and b in arms:
+                c = compare([r["error_by_round"][a][idx] for r in runs], [r["error_by_round"][b][idx] for r in runs])
+                key = f"{name}: {a} vs {b}, round {idx + 1 if idx >= 0 else rounds}"
+                verdicts[key] = {"diff_pct_points": c.diff, "p": c.p_value, "significant": c.significant,
+                                 "overlap": c.overlap, "verdict": c.verdict(better).replace("A", a).replace("B", b)}
+                lines.append(f"  {key}: {c.diff:+.2f} points, {verdicts[key]['verdict']}")
+    return "\n".join(lines), verdicts
 
 
 def main(argv=None):
     from datamodules.corruptions import CORRUPTIONS
-    from mmalign.tta.methods import METHODS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--digits-ckpt")
@@ -89,10 +126,10 @@ def main(argv=None):
     p.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS))
     p.add_argument("--severity", type=int, default=5)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--max-batches", type=int, default=None, help="per domain (quick checks)")
     p.add_argument("--source-samples", type=int, default=2000, help="labelled source subset for CAFA")
     p.add_argument("--shrinkage", type=float, default=0.1)
@@ -104,12 +141,10 @@ def main(argv=None):
                 "configs/classify/digits.yaml).")
     log = lambda s: print(s, flush=True)  # noqa: E731
     results = {name: run_dataset(name, ck, args, log) for name, ck in ckpts.items()}
-    text = table(results, args.methods, args.rounds)
+    text, verdicts = summarise(results, args.arms, args.rounds)
     print(text)
-    with open(args.out, "w") as fh:
-        json.dump({"args": vars(args), "results": results, "table": text}, fh, indent=2)
-    print(f"wrote {args.out}")
+    save(args.out, {"args": vars(args), "results": results, "verdicts": verdicts, "table": text})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

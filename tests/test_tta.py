@@ -69,6 +69,22 @@ def test_filter_keeps_exactly_non_dropping_samples():
     assert logits.grad[~keep].abs().sum() == 0  # dropped samples give no gradient
 
 
+def test_filter_whole_batch_diversity_reads_every_sample():
+    """diversity="batch" (the public reimplementation): the mean prediction is the batch's, so the
+    rejected samples get gradient from that term alone; with nothing kept the term still applies."""
+    logits = torch.randn(4, 3, requires_grad=True)
+    keep = torch.tensor([True, False, True, False])
+    loss = filtered_entropy_loss(logits, keep, alpha=0.5, diversity="batch")
+    mean_p = logits.softmax(-1).mean(0)
+    torch.testing.assert_close(loss, softmax_entropy(logits[keep]).mean() + 0.5 * (mean_p * mean_p.log()).sum())
+    loss.backward()
+    assert logits.grad[~keep].abs().sum() > 0
+    none_kept = filtered_entropy_loss(logits.detach(), torch.zeros(4, dtype=torch.bool), alpha=0.5, diversity="batch")
+    torch.testing.assert_close(none_kept, 0.5 * (mean_p * mean_p.log()).sum().detach())
+    with pytest.raises(ValueError, match="diversity='kep'"):
+        filtered_entropy_loss(logits, keep, diversity="kep")
+
+
 def test_empty_filter_selection_no_update_no_nan():
     assert filtered_entropy_loss(torch.randn(3, 4), torch.zeros(3, dtype=torch.bool)) is None
     model = tiny_cnn()

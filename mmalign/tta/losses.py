@@ -17,16 +17,24 @@ def crowd_filter_mask(p_adapt: torch.Tensor, p_orig: torch.Tensor) -> torch.Tens
     return p_adapt.gather(1, c_o).squeeze(1) >= p_orig.gather(1, c_o).squeeze(1)
 
 
-def filtered_entropy_loss(logits: torch.Tensor, keep: torch.Tensor, alpha: float = 0.5) -> torch.Tensor | None:
-    """Mean entropy of the kept samples minus ``alpha`` x entropy of their mean prediction (the
-    diversity term keeps the kept set from collapsing onto one class). ``None`` when nothing is kept:
-    the caller must skip the update (a mean over zero samples is NaN)."""
-    if not bool(keep.any()):
+def filtered_entropy_loss(logits: torch.Tensor, keep: torch.Tensor, alpha: float = 0.5,
+                          diversity: str = "kept") -> torch.Tensor | None:
+    """Mean entropy of the kept samples minus ``alpha`` x entropy of a mean prediction (the diversity
+    term keeps predictions from collapsing onto one class).
+
+    ``diversity="kept"`` averages the predictions of the kept samples; ``"batch"`` those of the whole
+    batch, as the public reimplementation (UniEnt's ``ostta.py``) does: there the term also pulls on
+    the samples the filter rejected. ``None`` when there is nothing to minimise (no sample kept and no
+    whole-batch term): the caller skips the update, as a mean over zero samples is NaN.
+    """
+    if diversity not in ("kept", "batch"):
+        raise ValueError(f"diversity={diversity!r}; choose 'kept' or 'batch'.")
+    any_kept = bool(keep.any())
+    if not any_kept and not (alpha and diversity == "batch"):
         return None
-    kept = logits[keep]
-    loss = softmax_entropy(kept).mean()
+    loss = softmax_entropy(logits[keep]).mean() if any_kept else logits.new_zeros(())
     if alpha:
-        mean_p = kept.softmax(-1).mean(0)
+        mean_p = (logits[keep] if diversity == "kept" else logits).softmax(-1).mean(0)
         loss = loss + alpha * (mean_p * mean_p.clamp_min(1e-12).log()).sum()  # = -alpha * H(mean_p)
     return loss
 

@@ -31,6 +31,7 @@ class TTAConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adapt_norms: str | list[str] = "all"
     filter_alpha: float = 0.5
+    filter_diversity: str = "kept"
     cafa_denominator: str = "all"
     small_batch: str = "error"
     extra: dict = field(default_factory=dict)
@@ -40,6 +41,8 @@ class TTAConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         if self.small_batch not in SMALL_BATCH:
             raise ValueError(f"small_batch={self.small_batch!r}; choose one of {list(SMALL_BATCH)}.")
+        if self.filter_diversity not in ("kept", "batch"):
+            raise ValueError(f"filter_diversity={self.filter_diversity!r}; choose 'kept' or 'batch'.")
         if self.cafa_denominator not in ("all", "others"):
             raise ValueError(f"cafa_denominator={self.cafa_denominator!r}; choose 'all' or 'others'.")
 
@@ -166,7 +169,7 @@ class TentFilter(TTAMethod):
         self.last["kept"] = float(keep.float().mean())
         self.kept += int(keep.sum())
         self.seen += keep.numel()
-        self._update(filtered_entropy_loss(logits, keep, self.cfg.filter_alpha))
+        self._update(filtered_entropy_loss(logits, keep, self.cfg.filter_alpha, self.cfg.filter_diversity))
         return logits.detach()
 
 

@@ -34,6 +34,8 @@ class TTAModel(pl.LightningModule):
             ``layernorm``, ``groupnorm`` or a list of module-name regexes. BatchNorm always
             normalises with test-batch statistics in the adapting methods and ``norm``.
         filter_alpha: Weight of the mean-prediction entropy (diversity) term of ``tent_filter``.
+        filter_diversity: Whose mean prediction that term uses: ``kept`` (the filtered samples) or
+            ``batch`` (the whole batch, as the public reimplementation does).
         small_batch: Batches of one image with BatchNorm: ``error`` (default) or ``source_stats``
             (predict with the source running statistics, no update).
         cafa_stats: Source statistics file; default ``<checkpoint stem>.cafa_stats.pt`` next to the
@@ -60,6 +62,7 @@ class TTAModel(pl.LightningModule):
         lr: float = 1e-3,
         adapt_norms: str | list[str] = "all",
         filter_alpha: float = 0.5,
+        filter_diversity: str = "kept",
         small_batch: str = "error",
         cafa_stats: str | None = None,
         cafa_covariance: str = "auto",
@@ -70,7 +73,7 @@ class TTAModel(pl.LightningModule):
         super().__init__()
         check_methods(methods)
         self.save_hyperparameters()
-        self.cfg = TTAConfig(lr=lr, adapt_norms=adapt_norms, filter_alpha=filter_alpha,
+        self.cfg = TTAConfig(lr=lr, adapt_norms=adapt_norms, filter_alpha=filter_alpha, filter_diversity=filter_diversity,
                              cafa_denominator=cafa_denominator, small_batch=small_batch)
         from .source import load_source
 
