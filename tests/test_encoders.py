@@ -106,3 +106,26 @@ def test_mmalign_clip_checkpoint_teaches(tmp_path):
     assert tokens.shape == (2, 16, 32)  # 4x4 grid, prefix token dropped, width 32
     visual = dict(clip.model.visual.named_parameters())
     assert all(torch.equal(p, visual[n]) for n, p in t.model.named_parameters() if n in visual)
+
+
+def test_torchvision_weights_convert_to_timm_by_position():
+    """The MobileNetV2 fetch path: torchvision's layout renamed onto timm's gives the same outputs."""
+    import timm
+    import torchvision
+
+    from mmalign.models.weights import CheckpointMismatchError, convert_by_position
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2().eval()
+    with torch.no_grad():
+        for m in tv.modules():  # non-trivial BN statistics, so a misplaced buffer would show
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    model = timm.create_model("mobilenetv2_100", pretrained=False).eval()
+    model.load_state_dict(convert_by_position(tv.state_dict(), model))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tv(x))
+    with pytest.raises(CheckpointMismatchError, match="not the same architecture"):
+        convert_by_position(tv.state_dict(), timm.create_model("resnet18", pretrained=False))

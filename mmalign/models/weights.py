@@ -142,3 +142,21 @@ def load_weights(model: nn.Module, path: str, *, strict: bool = True, drop: Iter
                                       + "; ".join(parts) + ". Check the model name/config matches the checkpoint.")
     model.load_state_dict(sd, strict=False)
     return {"missing": missing, "unexpected": unexpected, "dropped": dropped}
+
+
+def convert_by_position(source: dict[str, torch.Tensor], model: nn.Module, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Rename a state dict of the same architecture written by another library (torchvision's
+    MobileNetV2 for timm's ``mobilenetv2_100``): tensors are matched in registration order, which
+    both libraries keep, and every shape must agree, so a different architecture fails loudly
+    instead of loading garbage."""
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise CheckpointMismatchError(f"{what}: {len(source)} tensors for a model with {len(target)}; not the same "
+                                      "architecture.")
+    out = {}
+    for (src_key, v), (key, ref) in zip(source.items(), target.items()):
+        if v.shape != ref.shape:
+            raise CheckpointMismatchError(f"{what}: {src_key} {tuple(v.shape)} lands on {key} {tuple(ref.shape)}; not "
+                                          "the same architecture (or not the same layer order).")
+        out[key] = v
+    return out
