@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
+from .tarfast import TarFormatError, iter_members
 from .folders import FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder, iter_folder_samples
 
 SIZES_FILE = "sizes.json"  # webdataset/img2dataset-style {shard basename: sample count}
@@ -105,15 +106,16 @@ def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequ
     keys: dict[str, set[str]] = {}
     texts: dict[str, dict[str, str]] = {}
     try:
-        with tarfile.open(url, "r:") as tf:
-            for member in tf:
-                if not member.isreg() or os.path.basename(member.name).startswith("__"):
+        with open(url, "rb") as f:
+            want = lambda name: split_key(name)[1] in read_exts  # noqa: E731
+            for name, _, data in iter_members(f, want, os.fstat(f.fileno()).st_size):
+                if os.path.basename(name).startswith("__"):
                     continue
-                key, ext = split_key(member.name)
+                key, ext = split_key(name)
                 keys.setdefault(key, set()).add(ext)
-                if ext in read_exts:
-                    texts.setdefault(key, {})[ext] = tf.extractfile(member).read().decode("utf-8", "replace")
-    except (tarfile.TarError, OSError) as exc:
+                if data is not None:
+                    texts.setdefault(key, {})[ext] = data.decode("utf-8", "replace")
+    except (TarFormatError, OSError, ValueError) as exc:
         raise ShardError(f"shard '{url}' is not a readable tar file ({exc}). Re-create or remove it.") from exc
     counts = Counter(ext for exts in keys.values() for ext in exts)
     bad = [k for k, exts in keys.items() if not all(exts & set(group) for group in required)]
@@ -222,27 +224,36 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
 
     current: dict | None = None
     index = -1  # position of the current sample in the shard
+    state = {"key": None, "index": -1}
+
+    def want(name: str) -> bool:  # read a payload only for samples at positions >= skip
+        key = split_key(name)[0]
+        if key != state["key"]:
+            state["key"], state["index"] = key, state["index"] + 1
+        return state["index"] >= skip and (stop is None or state["index"] < stop)
+
     stream = None
     try:
-        stream = gopen(url, "rb")
-        with tarfile.open(fileobj=stream, mode="r|*") as tf:
-            for member in tf:
-                if not member.isreg():
-                    continue
-                key, ext = split_key(member.name)
-                if os.path.basename(key).startswith("__"):
-                    continue
-                if current is None or current["__key__"] != key:
-                    if current is not None and index >= skip:
-                        yield current
-                    index += 1
-                    if stop is not None and index >= stop:
-                        current = None
-                        break
-                    current = {"__key__": key, "__url__": url}
-                if index >= skip:  # tarfile's stream mode skips unread payloads by itself
-                    current[ext] = tf.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
+        local = not _is_remote(url) and url.endswith(".tar")
+        stream = open(url, "rb") if local else gopen(url, "rb")
+        size = os.fstat(stream.fileno()).st_size if local else None
+        members = iter_members(stream, want, size) if local or not url.endswith(("gz", "tgz")) else \
+            _tarfile_members(stream)
+        for name, _, data in members:
+            key, ext = split_key(name)
+            if os.path.basename(key).startswith("__"):
+                continue
+            if current is None or current["__key__"] != key:
+                if current is not None and index >= skip:
+                    yield current
+                index += 1
+                if stop is not None and index >= stop:
+                    current = None
+                    break
+                current = {"__key__": key, "__url__": url}
+            if index >= skip and data is not None:
+                current[ext] = data
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         errors.append(f"{url}: unreadable after key {current['__key__'] if current else '-'} ({exc})")
         current = None  # a sample cut by the truncation is incomplete; drop it
     finally:
@@ -250,6 +261,14 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
             stream.close()
     if current is not None and index >= skip:
         yield current
+
+
+def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes]]:
+    """Compressed shards (``.tar.gz``): the standard library reads them."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tf:
+        for member in tf:
+            if member.isreg():
+                yield member.name, member.size, tf.extractfile(member).read()
 
 
 def decode_image_bytes(data: bytes):

@@ -12,6 +12,10 @@
     batch sizes with the same number of steps.
 (d) text tower: the real pretrained all-MiniLM-L6-v2 (locked, APE-style) against a text tower
     trained from scratch, same image tower, steps and batch; held-out zero-shot top-1.
+(peer) mmalign ``fit`` beside open_clip's own trainer (``open_clip_train.main``) on the same shards,
+    model config, batch, steps and seed: end-to-end wall time and samples/s of each whole process,
+    and zero-shot top-1 of both final models by the same evaluator (``scripts/peer_openclip.py``).
+    Needs ``--peer-deps``: ``pip install --target DIR --no-deps pandas pytz tzdata webdataset==0.2.86``.
 """
 
 from __future__ import annotations
@@ -210,7 +214,7 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str =
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d"])
+    p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d", "peer"])
     p.add_argument("--root", default="data", help="data root; shapes is generated there if missing")
     p.add_argument("--a-batch", type=int, default=64)
     p.add_argument("--a-steps", type=int, default=30)
@@ -221,8 +225,17 @@ def main() -> None:
     p.add_argument("--c-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--d-batch", type=int, default=128)
     p.add_argument("--d-steps", type=int, default=150)
+    p.add_argument("--peer-config", default=os.path.join(os.path.dirname(__file__), "..", "configs/clip/shapes_clip.yaml"))
+    p.add_argument("--peer-deps", help="folder with pandas + webdataset 0.2.86 for open_clip_train")
+    p.add_argument("--peer-seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--peer-workers", type=int, default=2)
+    p.add_argument("--peer-threads", type=int, default=2)
+    p.add_argument("--peer-epochs", type=int, default=None, help="override the config's max_epochs (both runs)")
+    p.add_argument("--peer-workdir", default="outputs/bench/peer")
     p.add_argument("--out", default="outputs/bench/contrastive.json")
     a = p.parse_args()
+    if "peer" in a.parts and not a.peer_deps:
+        p.error("--parts peer needs --peer-deps (see the module docstring)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from datamodules.generate import generate_dataset
 
@@ -233,8 +246,9 @@ def main() -> None:
             result.update({k: v for k, v in json.load(f).items() if k != "meta"})
 
     def save():
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=1)
+        from benchstats import save as save_json
+
+        save_json(a.out, result)
 
     if "a" in a.parts:
         r = throughput(a.root, a.a_batch, a.a_steps, warmup=5)
@@ -279,6 +293,19 @@ def main() -> None:
         print(f"\n(d) text tower, CLIP, batch {a.d_batch}, {a.d_steps} steps: held-out / seen zero-shot top-1")
         for r in rows:
             print(f"  {r['text']:<8} {100 * r['heldout_zeroshot_top1']:6.1f}% / {100 * r['val_zeroshot_top1']:6.1f}%")
+    if "peer" in a.parts:
+        from peer_openclip import peer_run, summarise
+
+        runs = []
+        for seed in a.peer_seeds:
+            runs.append(peer_run(os.path.abspath(a.peer_config), os.path.abspath(a.root), os.path.abspath(a.peer_deps),
+                                 seed, a.peer_workers, a.peer_threads, os.path.abspath(a.peer_workdir), a.peer_epochs))
+            print(json.dumps(runs[-1]), flush=True)
+            result["peer"] = {"runs": runs}
+            save()
+        text, stats = summarise(runs)
+        result["peer"]["summary"] = {"table": text, **{k: v.__dict__ for k, v in stats.items()}}
+        print("\n(peer) " + text)
     save()
     print(f"wrote {a.out}")
 

@@ -123,3 +123,38 @@ def test_unlabelled_image_folder_has_no_labels(tmp_path):
     assert not stream.labelled and stream.domain_names == ["target"]
     batches = list(stream.domain_batches("target"))
     assert [len(b["key"]) for b in batches] == [4, 1] and set(batches[0]["label"].tolist()) == {-1}
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "ustar"])
+def test_fast_tar_reader_agrees_with_tarfile(tmp_path, fmt):
+    import io
+    import tarfile
+
+    from datamodules.tarfast import TarFormatError, iter_members
+
+    path = tmp_path / "a.tar"
+    fmt_id = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}[fmt]
+    long = "d" * 60 + "/" + "x" * (95 if fmt == "ustar" else 150)  # past 100 chars: prefix, PAX or GNU long name
+    with tarfile.open(path, "w", format=fmt_id) as tf:
+        for i, (name, payload) in enumerate([(f"{long}{0}.png", b"\x89PNG" * 300), ("short.txt", b"hi"),
+                                              ("dir/", None), ("big.bin", bytes(range(256)) * 9)]):
+            info = tarfile.TarInfo(name.rstrip("/"))
+            if payload is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+                continue
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+    with tarfile.open(path) as tf:
+        want = [(m.name, m.size, tf.extractfile(m).read()) for m in tf if m.isreg()]
+    with open(path, "rb") as f:
+        got = list(iter_members(f, file_size=os.path.getsize(path)))
+    assert got == want
+    data = path.read_bytes()
+    for cut in (len(data) // 2 // 512 * 512, len(data) // 2 + 100):  # at a block boundary, and inside a block
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        with open(tmp_path / "cut.tar", "rb") as f, pytest.raises(TarFormatError):
+            list(iter_members(f, file_size=cut))
+    (tmp_path / "junk.tar").write_bytes(b"junk" * 300)
+    with open(tmp_path / "junk.tar", "rb") as f, pytest.raises(TarFormatError, match="checksum"):
+        list(iter_members(f))
