@@ -201,6 +201,28 @@ def ring_shift_with_grad(x: torch.Tensor, direction: int = 1) -> torch.Tensor:
     return _ShiftWithGrad.apply(x, send_to, recv_from, tag)
 
 
+def ring_shift_no_grad(x: torch.Tensor, direction: int = 1) -> torch.Tensor:
+    """Send ``x`` one step around the ring and receive the neighbour's block, outside autograd.
+
+    For losses that run the ring inside their own ``autograd.Function`` (``losses.tiled``): there
+    the backward re-runs the ring itself, so the shift must not record a graph that would keep
+    every received block alive. ``direction`` as in :func:`ring_shift_with_grad`; every rank must
+    call it with the same shape and direction; in a single process it returns ``x``.
+    """
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be +1 (to the right) or -1 (to the left), got {direction!r}")
+    if not is_dist() or get_world_size() == 1:
+        return x
+    left, right = _neighbours()
+    send_to, recv_from = (right, left) if direction == 1 else (left, right)
+    tag = _TAG_RIGHTWARD if direction == 1 else _TAG_LEFTWARD
+    with torch.no_grad():
+        x = x.detach().contiguous()
+        out = torch.empty_like(x)
+        _p2p([(x, send_to, tag)], [(out, recv_from, tag)])
+    return out
+
+
 class _BidirWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, to_left: torch.Tensor, to_right: torch.Tensor):

@@ -40,6 +40,10 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         loss: ``clip`` (softmax InfoNCE) or ``siglip`` (pairwise sigmoid).
         siglip_exchange: ``ring`` (neighbour exchange, B x B memory) or ``gather`` (B x N).
         label_smoothing: CLIP loss label smoothing (the improved-CLIP recipe uses 0.1).
+        loss_tile_size: ``null`` builds the full logit matrix (B x N for CLIP, B x B blocks for the
+            SigLIP ring). An int T computes the same loss and gradients in T x T tiles recomputed in
+            backward (``mmalign.losses.tiled``): memory kept for backward no longer grows with the
+            square of the batch, for roughly the same step time. 256-1024 suits most batches.
         init_logit_scale: Initial log scale (default: log(1/0.07) for CLIP, log 10 for SigLIP).
         init_logit_bias: Initial SigLIP bias (default -10).
         max_logit_scale: The scale is clamped to at most this after every optimizer step.
@@ -80,6 +84,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         loss: LossName | None = None,
         siglip_exchange: Literal["ring", "gather"] = "ring",
         label_smoothing: float = 0.0,
+        loss_tile_size: int | None = None,
         init_logit_scale: float | None = None,
         init_logit_bias: float | None = None,
         max_logit_scale: float = 100.0,
@@ -110,6 +115,10 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        if loss_tile_size is not None and (isinstance(loss_tile_size, bool) or not isinstance(loss_tile_size, int)
+                                           or loss_tile_size < 1):
+            raise ValueError(f"loss_tile_size must be a positive int (e.g. 256) or null for the untiled loss, got "
+                             f"{loss_tile_size!r}.")
         self.save_hyperparameters()
         self.hparams["loss"] = loss  # the subclass default, recorded so checkpoints rebuild the same loss
         from mmalign.models.open_clip_models import create_open_clip
@@ -136,7 +145,8 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         from mmalign.models import compile_in_place
 
         compile_in_place(self.model, compile)
-        self.loss_fn = ClipLoss(label_smoothing) if loss == "clip" else SigLipLoss(siglip_exchange)
+        self.loss_fn = (ClipLoss(label_smoothing, tile_size=loss_tile_size) if loss == "clip"
+                        else SigLipLoss(siglip_exchange, tile_size=loss_tile_size))
         self.automatic_optimization = accumulate_micro_batches == 1
         self._zeroshot_path = zeroshot_classes  # read at the first evaluation: the data may not exist yet
         self._zeroshot_spec = None

@@ -36,6 +36,7 @@ from mmalign.distributed import (
     ring_exchange_bidir_with_grad,
     ring_shift_with_grad,
 )
+from mmalign.losses.tiled import check_tile_size, tiled_clip_loss, tiled_siglip_loss
 
 LossKind = Literal["clip", "siglip"]
 
@@ -171,13 +172,21 @@ class ClipLoss(nn.Module):
             Kept only to demonstrate and compare; never use it for training.
         cache_labels: keep the label tensor per (device, B, rank offset) instead of rebuilding it.
         check_inputs: validate shapes/NaNs with one tiny all-gather and a host sync per call.
+        tile_size: ``None`` builds the B x N logits (today's path). An int computes the same loss and
+            gradients in tile_size x tile_size tiles recomputed in backward (``losses.tiled``), so
+            memory kept for backward is O((B + N) x D) instead of O(B x N); ``return_logits`` is then
+            unavailable.
     """
 
     def __init__(self, label_smoothing: float = 0.0, gather_with_grad: bool = True, cache_labels: bool = True,
-                 check_inputs: bool = True) -> None:
+                 check_inputs: bool = True, tile_size: int | None = None) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+        self.tile_size = check_tile_size(tile_size, type(self).__name__)
+        if self.tile_size is not None and not gather_with_grad:
+            raise ValueError("ClipLoss: tile_size needs gather_with_grad=True; the detached gather is a known bug "
+                             "kept only for comparison and has no tiled version.")
         self.label_smoothing = float(label_smoothing)
         self.gather_with_grad = bool(gather_with_grad)
         self.cache_labels = bool(cache_labels)
@@ -222,6 +231,12 @@ class ClipLoss(nn.Module):
             "InfoNCE is 0 with zero gradient and nothing can be learned.",
         )
         b = image_features.shape[0]
+        if self.tile_size is not None:
+            if return_logits:
+                raise ValueError(f"{who}: return_logits=True needs the B x N logits that tile_size={self.tile_size} "
+                                 "exists to avoid; use a ClipLoss without tile_size to inspect logits.")
+            return tiled_clip_loss(image_features, self._global(text_features, rank, world), logit_scale, rank,
+                                   world, self.tile_size, self.label_smoothing)
         all_image = self._global(image_features, rank, world)
         all_text = self._global(text_features, rank, world)
         # Local rows x global columns: [B, D] @ [D, N] -> [B, N].
@@ -248,12 +263,18 @@ class SigLipLoss(nn.Module):
             is odd), peak memory B x B per block; ``"gather"`` all-gathers them (B x N, simpler).
             Both give exactly the global-batch loss and gradients.
         check_inputs: validate shapes/NaNs with one tiny all-gather and a host sync per call.
+        tile_size: ``None`` builds each B x B (ring) or B x N (gather) block of logits. An int computes
+            the same loss and gradients in tile_size x tile_size tiles recomputed in backward
+            (``losses.tiled``); the ring then runs inside one autograd Function whose backward re-runs
+            it, so memory kept for backward is O(B x D) (ring) or O(N x D) (gather).
     """
 
-    def __init__(self, exchange: Literal["ring", "gather"] = "ring", check_inputs: bool = True) -> None:
+    def __init__(self, exchange: Literal["ring", "gather"] = "ring", check_inputs: bool = True,
+                 tile_size: int | None = None) -> None:
         super().__init__()
         if exchange not in ("ring", "gather"):
             raise ValueError(f"exchange must be 'ring' or 'gather', got {exchange!r}")
+        self.tile_size = check_tile_size(tile_size, type(self).__name__)
         self.exchange = exchange
         self.check_inputs = bool(check_inputs)
         self._signs: dict[tuple, torch.Tensor] = {}
@@ -288,6 +309,9 @@ class SigLipLoss(nn.Module):
             "and the bias up and learns to call every pair a match.",
         )
         b = image_features.shape[0]
+        if self.tile_size is not None:
+            return tiled_siglip_loss(image_features, text_features, logit_scale, logit_bias, rank, world,
+                                     self.tile_size, self.exchange)
         if world == 1 or self.exchange == "gather":
             all_text = text_features if world == 1 else all_gather_with_grad(text_features,
                                                                              check_sizes=not self.check_inputs)
