@@ -160,7 +160,7 @@ def _report(cases: list[dict], batches: list[int], stats) -> dict:
             rows.append(row)
 
             def t(c):
-                return stats.cell(c["times_s"], digits=2) if ran(c) else (c or {}).get("status", "-")
+                return stats.cell(c["times_s"], digits=2) if ran(c) else ("skipped" if c else "-")
 
             mem_ratio = (f"{row['memory_ratio']:.1f}x" if "memory_ratio" in row else
                          f"~{row['memory_ratio_extrapolated']:.0f}x*" if "memory_ratio_extrapolated" in row else "-")
