@@ -32,32 +32,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning.pytorch as pl  # noqa: E402
 
-VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-RESNET = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
-TEACHERS = {  # name -> (config that trains it, FlowMatchingDiffusion teacher arguments)
-    "vit": ("configs/repa/teacher_vit_shapes.yaml",
-            dict(teacher_kind="timm", teacher_name="vit_tiny_patch16_224",
-                 teacher_kwargs={"model_kwargs": VIT, **IMAGENET})),
+TEACHERS = {  # name -> (config that trains it, whether its tokens are interpolated to the student's grid)
+    "vit": ("configs/repa/teacher_vit_shapes.yaml", False),  # 8x8 patch tokens at 32 px: the DiT's grid
     # 4x4 map at 32 px (output_stride 8), its tokens upsampled to the student's 8x8 grid
-    "resnet": ("configs/repa/teacher_resnet_shapes.yaml",
-               dict(teacher_kind="timm", teacher_name="resnet18", teacher_interpolate_tokens=True,
-                    teacher_kwargs={"model_kwargs": {**RESNET, "output_stride": 8}, "input_size": 32, **IMAGENET})),
+    "resnet": ("configs/repa/teacher_resnet_shapes.yaml", True),
 }
 DIT = {"num_layers": 6, "patch_size": 4, "num_attention_heads": 4, "attention_head_dim": 32}
 UNET = {"block_out_channels": [32, 64, 64, 128]}
-ARMS = {
-    "dit_none": dict(backbone="dit", backbone_kwargs=DIT, align="none"),
-    "dit_repa": dict(backbone="dit", backbone_kwargs=DIT, align="repa", hook_point="transformer_blocks.1"),
-    "unet_none": dict(backbone="unet", backbone_kwargs=UNET, align="none"),
-    "unet_urepa": dict(backbone="unet", backbone_kwargs=UNET, align="urepa", hook_point="mid_block", align_grid=8,
-                       manifold_weight=3.0),
-    "unet_cos": dict(backbone="unet", backbone_kwargs=UNET, align="urepa", hook_point="mid_block", align_grid=8,
-                     manifold_weight=0.0),
+ARMS = {  # name -> (backbone, AlignSpec fields)
+    "dit_none": ("dit", dict(mode="none")),
+    "dit_repa": ("dit", dict(mode="repa", hook_point="transformer_blocks.1")),
+    "unet_none": ("unet", dict(mode="none")),
+    "unet_urepa": ("unet", dict(mode="urepa", hook_point="mid_block", grid=8, manifold_weight=3.0)),
+    "unet_cos": ("unet", dict(mode="urepa", hook_point="mid_block", grid=8, manifold_weight=0.0)),
 }
 BASELINE = {"dit_repa": "dit_none", "unet_urepa": "unet_none", "unet_cos": "unet_none"}
-# the ResNet of configs/classify/shapes.yaml, as an FD network independent of the teacher
-FD_RESNET = dict(fd_kind="timm", fd_name="resnet18", fd_kwargs={"model_kwargs": RESNET, "input_size": 32, **IMAGENET})
 
 
 class Recorder(pl.Callback):
@@ -105,16 +94,21 @@ def train_teacher(args) -> str:
 
 
 def build_arm(name: str, args, teacher_ckpt: str, fd_samples: int):
-    from mmalign.repa import FlowMatchingDiffusion
+    """One arm; teacher and FD network are classifier checkpoints whose architecture the model reads
+    from their hyper-parameters. Every arm gets the teacher, so without --fd-ckpt the FD network is
+    the teacher's for the unaligned arms too."""
+    from mmalign.repa import (AlignSpec, DiffusionSpec, FDSpec, FlowMatchingDiffusion, NetworkSpec, OptimSpec,
+                              TeacherSpec)
 
-    fd = dict(FD_RESNET, fd_checkpoint=args.fd_ckpt) if args.fd_ckpt else {}
-    arm = dict(ARMS[name])
-    arm["backbone_kwargs"] = {**arm["backbone_kwargs"],
-                              **(args.dit_kwargs if arm["backbone"] == "dit" else args.unet_kwargs)}
-    return FlowMatchingDiffusion(num_classes=36, image_size=32, projector_dim=512, align_lambda=0.5, lr=args.lr,
-                                 warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, fd_num_samples=fd_samples,
-                                 fd_sample_steps=args.fd_steps, teacher_checkpoint=teacher_ckpt,
-                                 **TEACHERS[args.teacher][1], **fd, **arm)
+    backbone, align = ARMS[name]
+    kwargs = {**DIT, **args.dit_kwargs} if backbone == "dit" else {**UNET, **args.unet_kwargs}
+    fd_net = NetworkSpec(kind="classifier", checkpoint=args.fd_ckpt) if args.fd_ckpt else None
+    return FlowMatchingDiffusion(
+        diffusion=DiffusionSpec(backbone=backbone, backbone_kwargs=kwargs, image_size=32, num_classes=36),
+        align=AlignSpec(weight=0.5, projector_dim=512, **align),
+        teacher=TeacherSpec(kind="classifier", checkpoint=teacher_ckpt, interpolate_tokens=TEACHERS[args.teacher][1]),
+        fd=FDSpec(network=fd_net, num_samples=fd_samples, sample_steps=args.fd_steps),
+        optim=OptimSpec(lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay))
 
 
 def measure_overhead(args, teacher_ckpt: str, reps: int) -> dict:
@@ -129,7 +123,6 @@ def measure_overhead(args, teacher_ckpt: str, reps: int) -> dict:
     opts = {}
     for a, m in models.items():
         m.log = lambda *a_, **k_: None  # no trainer attached
-        m._aux_to_device()
         opts[a] = m.configure_optimizers()["optimizer"]
     times = {a: [] for a in models}
     for r in range(reps + 2):  # the first two rounds warm up allocators and caches
@@ -139,7 +132,7 @@ def measure_overhead(args, teacher_ckpt: str, reps: int) -> dict:
             loss = m.training_step(batch, r)
             opts[a].zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.trainable_parameters(), m.hparams.grad_clip)
+            torch.nn.utils.clip_grad_norm_(m.trainable_parameters(), m.cfg.optim.grad_clip)
             opts[a].step()
             m.on_train_batch_end(loss, batch, r)  # the EMA update
             if r >= 2:
@@ -243,7 +236,7 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--fd-ckpt", default=None,
-                   help="ResNet ckpt of configs/classify/shapes.yaml as FD network (default: the teacher)")
+                   help="classifier ckpt of configs/classify/shapes.yaml as FD network (default: the teacher)")
     p.add_argument("--dit-kwargs", type=json.loads, default="{}", help='JSON overrides of the DiT size, e.g. \'{"num_layers": 4}\'')
     p.add_argument("--unet-kwargs", type=json.loads, default="{}", help="JSON overrides of the UNet size")
     p.add_argument("--overhead-reps", type=int, default=20, help="interleaved timing rounds; 0 = skip")

@@ -3,6 +3,8 @@
 Configs compose: a complete base, optionally plus one overlay (``-c base.yaml -c overlay.yaml``).
 ``CASES`` is the table of compositions with the overrides that make each run in seconds; every
 YAML under ``configs/`` must appear in it. One case per method is the smoke fit of the fast tier.
+Overrides may name ``{teacher_ckpt}`` / ``{fd_ckpt}``: tiny ``ImageClassifier`` checkpoints written
+once per session, standing in for the trained teacher and FD network that REPA configs point at.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ ADAPT_QUICK = ("--model.init_args.source_checkpoint=null", "--model.init_args.mo
                "--data.init_args.source_max_samples=64", "--data.init_args.num_workers=0",
                "--data.init_args.batch_size=16", "--max_batches=2", "--rounds=2", "--save_adapted=true",
                "--out_dir=adapt_out")
-FD_QUICK = ("--model.init_args.fd_num_samples=8", "--model.init_args.fd_sample_steps=2")
+FD_QUICK = ("--model.init_args.fd.num_samples=8", "--model.init_args.fd.sample_steps=2",
+            "--model.init_args.fd.network.checkpoint={fd_ckpt}")
+TEACHER_QUICK = FD_QUICK + ("--model.init_args.teacher.checkpoint={teacher_ckpt}",)
 
 
 @dataclass(frozen=True)
@@ -63,17 +67,41 @@ CASES = {
                         "--data.init_args.test_shards=digits/test", "--data.init_args.num_workers=0",
                         "--data.init_args.batch_size=16", "--max_batches=2", "--out_dir=adapt_out")),
     "repa-dit": Case(("repa/dit_base.yaml",), quick=FD_QUICK, smoke=True),
-    "repa-dit-repa": Case(("repa/dit_repa.yaml",), quick=FD_QUICK),
+    "repa-dit-repa": Case(("repa/dit_base.yaml", "repa/repa.yaml"), quick=TEACHER_QUICK),
     "repa-unet": Case(("repa/unet_base.yaml",), quick=FD_QUICK),
-    "repa-unet-urepa": Case(("repa/unet_urepa.yaml",), quick=FD_QUICK),
+    "repa-unet-urepa": Case(("repa/unet_base.yaml", "repa/urepa.yaml"), quick=TEACHER_QUICK),
     "repa-teacher-resnet": Case(("repa/teacher_resnet_shapes.yaml",)),
     "repa-teacher-vit": Case(("repa/teacher_vit_shapes.yaml",)),
 }
 
 
-def _args(case: Case) -> list[str]:
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """``{placeholder: path}`` of tiny classifier checkpoints: a dilated ResNet teacher (4x4 map at 32 px,
+    as configs/repa/teacher_resnet_shapes.yaml) and a plain ResNet FD network."""
+    import lightning
+    import torch
+
+    from mmalign.classify import ImageClassifier
+
+    root = tmp_path_factory.mktemp("ckpts")
+    tiny = {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 16], "stem_width": 8}
+    out = {}
+    for key, kwargs in (("{teacher_ckpt}", {**tiny, "output_stride": 8}), ("{fd_ckpt}", tiny)):
+        m = ImageClassifier("resnet18", num_classes=36, image_size=32, model_kwargs=kwargs)
+        path = str(root / f"{key.strip('{}')}.ckpt")
+        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
+                    "pytorch-lightning_version": lightning.__version__}, path)
+        out[key] = path
+    return out
+
+
+def _args(case: Case, checkpoints: dict[str, str]) -> list[str]:
     files = [a for f in case.files for a in ("-c", os.path.join(ROOT, "configs", f))]
-    return [case.command, *files, *case.quick, *(FIT_QUICK if case.command == "fit" else ())]
+    quick = list(case.quick)
+    for key, path in checkpoints.items():
+        quick = [q.replace(key, path) for q in quick]
+    return [case.command, *files, *quick, *(FIT_QUICK if case.command == "fit" else ())]
 
 
 def test_every_shipped_config_is_in_the_table():
@@ -94,18 +122,18 @@ def test_config_parses(name, in_tmp, capsys):
     assert exit_info.value.code in (0, None) and "class_path:" in out and "${" not in out
 
 
-def _run(case: Case):
-    c = cli.main(_args(case))
+def _run(case: Case, checkpoints: dict[str, str]):
+    c = cli.main(_args(case, checkpoints))
     if case.command == "fit":
         assert c.trainer.global_step == 2
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.smoke])
-def test_smoke_run_per_method(name, in_tmp):
-    _run(CASES[name])
+def test_smoke_run_per_method(name, in_tmp, checkpoints):
+    _run(CASES[name], checkpoints)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.runs_here and not c.smoke])
-def test_every_config_runs_two_steps(name, in_tmp):
-    _run(CASES[name])
+def test_every_config_runs_two_steps(name, in_tmp, checkpoints):
+    _run(CASES[name], checkpoints)

@@ -9,7 +9,8 @@ VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads"
 RESNET = {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 32], "stem_width": 8}
 CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16},
         "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
-SPECS = {
+SPECS = {  # (kind, name, kwargs); kind classifier builds from a tiny ImageClassifier checkpoint (made per test)
+    "classifier": ("classifier", None, {}),
     "timm_vit": ("timm", "vit_tiny_patch16_224", {"model_kwargs": VIT}),
     "timm_resnet": ("timm", "resnet18", {"model_kwargs": RESNET, "input_size": 32}),
     "open_clip": ("open_clip", "ViT-B-32", {"model_kwargs": CLIP}),
@@ -25,9 +26,10 @@ def test_registry_covers_kinds():
 
 @pytest.mark.parametrize("spec", list(SPECS))
 @pytest.mark.parametrize("grid", [4, 8])
-def test_tokens_on_requested_grid(spec, grid):
+def test_tokens_on_requested_grid(spec, grid, tmp_path):
     kind, name, kw = SPECS[spec]
-    t = build_teacher(kind, name, grid=grid, **kw)
+    ckpt = _classifier_ckpt(tmp_path / "clf.ckpt") if kind == "classifier" else None
+    t = build_teacher(kind, name, ckpt, grid=grid, **kw)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     tok = t.encode(x)
     assert t.grid_size == grid and tok.shape == (3, grid * grid, t.embed_dim)
@@ -36,6 +38,29 @@ def test_tokens_on_requested_grid(spec, grid):
     assert not any(p.requires_grad for p in t.parameters())
     t.train()
     assert not t.training and not any(m.training for m in t.modules())
+
+
+def _classifier_ckpt(path, **kw):
+    import lightning
+
+    from mmalign.classify import ImageClassifier
+
+    clf = ImageClassifier("resnet18", num_classes=5, image_size=32, model_kwargs=RESNET, **kw)
+    torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams),
+                "pytorch-lightning_version": lightning.__version__}, str(path))
+    return str(path)
+
+
+def test_classifier_kind_reads_the_architecture(tmp_path):
+    import timm
+
+    path = _classifier_ckpt(tmp_path / "clf.ckpt", mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
+    t = build_teacher("classifier", None, path)
+    ref = timm.create_model("resnet18", num_classes=0, **RESNET)
+    assert t.embed_dim == ref.num_features and t.input_size == 32 and t.mean == (0.1, 0.2, 0.3)
+    assert "5 classes" in t.describe() and path in t.describe()
+    with pytest.raises(ValueError, match="needs a checkpoint_path"):
+        build_teacher("classifier", None)
 
 
 def test_vit_drops_prefix_and_uses_final_norm():
@@ -86,7 +111,7 @@ def test_open_clip_checkpoint_file(tmp_path):
 def test_fixed_grid_teacher_errors():
     t = build_teacher("timm", "vit_tiny_patch16_224", model_kwargs=VIT)
     t.resizable = False
-    with pytest.raises(GridMismatchError, match="teacher_interpolate_tokens"):
+    with pytest.raises(GridMismatchError, match=r"teacher\.interpolate_tokens"):
         t.set_grid(16)
 
 

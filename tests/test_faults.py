@@ -263,7 +263,7 @@ def f_zeroshot_bad_labels(t, d):
 def f_repa_no_teacher(t, d):
     from mmalign.repa import FlowMatchingDiffusion
 
-    return FlowMatchingDiffusion(align="repa")
+    return FlowMatchingDiffusion(align={"mode": "repa"})
 
 
 def f_speech_consistency_alone(t, d):

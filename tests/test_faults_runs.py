@@ -103,9 +103,10 @@ def test_predict_writes_classifier_predictions(in_tmp):
 
 
 def test_predict_writes_repa_sample_grids(in_tmp):
-    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--model.init_args.fd_num_samples=0",
-                "--model.init_args.predict_num_samples=4", "--model.init_args.sample_steps=2",
-                "--model.init_args.predict_dir=grids", "--model.init_args.backbone_kwargs.num_layers=1", *QUICK)
+    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--model.init_args.fd.num_samples=0",
+                "--model.init_args.sampling.num_samples=4", "--model.init_args.sampling.steps=2",
+                "--model.init_args.sampling.out_dir=grids", "--model.init_args.diffusion.backbone_kwargs.num_layers=1",
+                *QUICK)
     assert p.trainer.predict_loop.batch_progress.total.completed == 1
     assert len(glob.glob("grids/samples_rank0_*.png")) == 1
 

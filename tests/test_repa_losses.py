@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mmalign.repa.alignment import AlignmentHead, manifold_loss, repa_cosine_loss, upsample_tokens
+from mmalign.repa.losses import manifold_loss, repa_cosine_loss
+from mmalign.repa.projector import AlignmentHead, upsample_tokens
 from mmalign.repa.ema import EMA
 from mmalign.repa.sampling import sample
 
@@ -76,6 +77,17 @@ def test_ema_tracks_and_has_no_grad():
     assert not any(p.requires_grad for p in ema.parameters())
     with torch.no_grad():
         net.weight.add_(1.0)
-    before = ema.model.weight.clone()
+    before = ema.module.weight.clone()
     ema.update(net, 0)
-    assert torch.allclose(ema.model.weight, 0.5 * before + 0.5 * net.weight)
+    assert torch.allclose(ema.module.weight, 0.5 * before + 0.5 * net.weight)
+
+
+def test_ema_warmup_follows_the_step():
+    net = torch.nn.Linear(3, 3)
+    ema = EMA(net, decay=0.999)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    before = ema.module.weight.clone()
+    ema.update(net, 0)  # d_0 = min(0.999, 1 / 10)
+    assert torch.allclose(ema.module.weight, 0.1 * before + 0.9 * net.weight, atol=1e-6)
+    assert int(ema.n_averaged) == 2 and not ema.train().training

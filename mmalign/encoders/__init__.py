@@ -4,7 +4,9 @@
 ``forward_tokens(images) -> (B, N, D)``, ``grid_size``, ``input_size``, ``mean``/``std``,
 ``encode(images_in_[-1,1], grid=None)`` and a pooled ``forward`` usable as an FD feature network.
 
-Kinds: ``timm`` (any timm model) and ``open_clip`` (an open_clip image tower). Other packages add
+Kinds: ``classifier`` (an ``ImageClassifier`` checkpoint: the timm architecture is read from its
+saved hyper-parameters, only the path is given), ``timm`` (any timm model) and ``open_clip`` (an
+open_clip image tower). Other packages add
 kinds with ``@register_teacher("kind")`` on a builder ``fn(name, checkpoint_path, **kwargs)``
 (e.g. mmalign's own CLIP checkpoints). Heavy libraries are imported inside the builders only.
 """
@@ -40,6 +42,16 @@ def _timm(name: str, checkpoint_path: str | None = None, **kwargs: Any) -> Teach
     return TimmTeacher(name, checkpoint_path, **kwargs)
 
 
+@register_teacher("classifier")
+def _classifier(name: str | None, checkpoint_path: str | None = None, **kwargs: Any) -> TeacherEncoder:
+    if checkpoint_path is None:
+        raise ValueError("teacher kind 'classifier' needs a checkpoint_path: the ImageClassifier checkpoint whose "
+                         "hyper-parameters name the architecture.")
+    from .timm_teacher import teacher_from_classifier
+
+    return teacher_from_classifier(checkpoint_path, name, **kwargs)
+
+
 @register_teacher("open_clip")
 def _open_clip(name: str, checkpoint_path: str | None = None, **kwargs: Any) -> TeacherEncoder:
     from .open_clip_teacher import OpenClipTeacher
@@ -47,7 +59,7 @@ def _open_clip(name: str, checkpoint_path: str | None = None, **kwargs: Any) -> 
     return OpenClipTeacher(name, checkpoint_path, **kwargs)
 
 
-def build_teacher(kind: str, name: str, checkpoint_path: str | None = None, grid: int | None = None,
+def build_teacher(kind: str, name: str | None, checkpoint_path: str | None = None, grid: int | None = None,
                   **kwargs: Any) -> TeacherEncoder:
     """Build a frozen teacher; with ``grid``, resize its input so the token grid is ``grid x grid``
     (``GridMismatchError`` when that is impossible)."""

@@ -89,14 +89,14 @@ class TeacherEncoder(nn.Module):
         if not self.resizable:
             raise GridMismatchError(
                 f"teacher {self.name} has a fixed {self.grid_size}x{self.grid_size} token grid and cannot give "
-                f"{grid}x{grid}. Change the student's token grid (patch size / image size / align_grid) or set "
-                "teacher_interpolate_tokens: true to interpolate the teacher tokens instead.")
+                f"{grid}x{grid}. Change the student's token grid (patch size / image size / align.grid) or set "
+                "teacher.interpolate_tokens: true to interpolate the teacher tokens instead.")
         self._resize(grid * self.stride)
         self.input_size = grid * self.stride
         got = self.check_grid()
         if got != grid:
             raise GridMismatchError(f"teacher {self.name} at {self.input_size}px gives a {got}x{got} grid, not {grid}x{grid}. "
-                                    "Set teacher_interpolate_tokens: true or pick a student grid the teacher supports.")
+                                    "Set teacher.interpolate_tokens: true or pick a student grid the teacher supports.")
 
     @torch.no_grad()
     def check_grid(self) -> int:
@@ -127,7 +127,7 @@ class TeacherEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, images: Tensor, value_range: Sequence[float] = (-1.0, 1.0), grid: int | None = None) -> Tensor:
         """Tokens of raw images; ``grid`` bilinearly interpolates the token grid to ``grid x grid``
-        (the ``teacher_interpolate_tokens`` option) instead of resizing the input."""
+        (the ``teacher.interpolate_tokens`` option of REPA) instead of resizing the input."""
         tokens = self.forward_tokens(self.prepare(images, value_range)).float()
         if grid is not None and grid != self.grid_size:
             b, n, d = tokens.shape

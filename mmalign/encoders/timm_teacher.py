@@ -84,3 +84,35 @@ class TimmTeacher(TeacherEncoder):
         self.freeze()  # set_input_size creates a new pos_embed Parameter
 
 
+
+def classifier_architecture(checkpoint_path: str) -> dict[str, Any]:
+    """TimmTeacher arguments saved in an ``ImageClassifier`` checkpoint's hyper-parameters: model
+    name, constructor kwargs, input size and normalisation (read with ``weights_only=True``), so a
+    teacher or FD network is given by its checkpoint path alone."""
+    from mmalign.models.weights import load_checkpoint_file
+
+    raw = load_checkpoint_file(checkpoint_path, mmap=True)  # weights_only: a crafted file cannot run code
+    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+    if not isinstance(hp, dict) or not hp.get("model_name"):
+        raise ValueError(f"checkpoint '{checkpoint_path}' holds no ImageClassifier hyper-parameters (model_name), so "
+                         "the architecture cannot be read from it. Use kind: timm with the model name (and "
+                         "kwargs.model_kwargs) for a plain weights file.")
+    arch: dict[str, Any] = {"name": hp["model_name"], "model_kwargs": dict(hp.get("model_kwargs") or {}),
+                            "num_classes": hp.get("num_classes")}
+    for key, field in (("image_size", "input_size"), ("mean", "mean"), ("std", "std")):
+        if hp.get(key) is not None:
+            arch[field] = tuple(hp[key]) if key != "image_size" else int(hp[key])
+    return arch
+
+
+def teacher_from_classifier(checkpoint_path: str, name: str | None = None, **overrides: Any) -> TimmTeacher:
+    """The backbone of an ``ImageClassifier`` checkpoint as a teacher (head dropped); ``overrides``
+    replace what the checkpoint says (``input_size``, ``mean``, ``std``)."""
+    arch = classifier_architecture(checkpoint_path)
+    if name is not None and name != arch["name"]:
+        raise ValueError(f"name '{name}' disagrees with the checkpoint's model_name '{arch['name']}'; leave name unset "
+                         "for kind: classifier (it is read from the checkpoint).")
+    model_name, num_classes = arch.pop("name"), arch.pop("num_classes")
+    teacher = TimmTeacher(model_name, checkpoint_path, **{**arch, **overrides})
+    teacher.name = f"classifier:{model_name} ({num_classes} classes, {checkpoint_path})"
+    return teacher

@@ -4,5 +4,7 @@ Light on import (torch/lightning only): diffusers, timm and open_clip load insid
 """
 
 from .module import FlowMatchingDiffusion
+from .specs import AlignSpec, DiffusionSpec, FDSpec, NetworkSpec, OptimSpec, SamplingSpec, TeacherSpec
 
-__all__ = ["FlowMatchingDiffusion"]
+__all__ = ["AlignSpec", "DiffusionSpec", "FDSpec", "FlowMatchingDiffusion", "NetworkSpec", "OptimSpec", "SamplingSpec",
+           "TeacherSpec"]

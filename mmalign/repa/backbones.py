@@ -10,6 +10,9 @@ Time ``t`` in ``[0, 1]`` (1 = pure noise) is fed to diffusers' sinusoidal embedd
 the scale their frequencies were designed for. Label ``num_classes`` is the null (unconditional)
 class used by classifier-free guidance; label dropout is done by the LightningModule, so diffusers'
 own DiT label dropout is switched off here (it would drop labels a second time).
+
+``HookCapture`` keeps a hook point's output during the velocity forward, so alignment needs no
+second pass and no copy of diffusers' forward code.
 """
 
 from __future__ import annotations
@@ -122,3 +125,29 @@ def probe_hook(backbone: DiffusionBackbone, module: nn.Module) -> tuple[int, ...
     finally:
         handle.remove()
     return seen[0]
+
+
+class HookCapture:
+    """Forward hook that keeps the output of one backbone module while ``active``.
+
+    The hook stores a reference (no copy), so the alignment loss back-propagates into exactly the
+    blocks up to the hook point.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.active = False
+        self.value: Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args, output) -> None:
+        if self.active:
+            self.value = output[0] if isinstance(output, tuple) else output
+
+    def pop(self) -> Tensor:
+        if self.value is None:
+            raise RuntimeError("the alignment hook captured nothing: the hooked module did not run in this forward.")
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        self.handle.remove()

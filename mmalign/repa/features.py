@@ -62,7 +62,7 @@ class FeatureStore:
     def __init__(self, directory: str) -> None:
         meta_path = os.path.join(directory, "meta.json")
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"teacher_features '{directory}' has no meta.json; write it with "
+            raise FileNotFoundError(f"teacher.features '{directory}' has no meta.json; write it with "
                                     "`mmalign precompute_teacher -c <config> --out_dir <dir>`.")
         with open(meta_path) as f:
             self.meta = json.load(f)
@@ -70,14 +70,14 @@ class FeatureStore:
         for path in sorted(glob.glob(os.path.join(directory, "features-*.pt"))):
             self.features.update(torch.load(path, map_location="cpu", weights_only=True))
         if not self.features:
-            raise FileNotFoundError(f"teacher_features '{directory}' has no features-*.pt shards.")
+            raise FileNotFoundError(f"teacher.features '{directory}' has no features-*.pt shards.")
         self.dim, self.grid = int(self.meta["dim"]), int(self.meta["grid"])
         self.description = f"precomputed[{self.meta['teacher']}] from {directory}"
 
     def check(self, grid: int) -> None:
         if grid != self.grid:
             raise ValueError(f"precomputed teacher features are on a {self.grid}x{self.grid} grid but the student aligns "
-                             f"at {grid}x{grid}; recompute them for this backbone or set align_grid: {self.grid}.")
+                             f"at {grid}x{grid}; recompute them for this backbone or set align.grid: {self.grid}.")
 
     def lookup(self, keys: list[str], flipped: Tensor) -> Tensor:
         missing = [k for k in keys if k not in self.features]

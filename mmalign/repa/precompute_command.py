@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+
 def precompute_teacher(trainer, model, datamodule, out_dir: str = "teacher_features", shard_size: int = 5000,
                        max_batches: int | None = None):
     """Precompute REPA teacher features (image + flip) for the training shards of a config."""
     from .features import write_features
 
-    teacher = getattr(model, "_teacher", None)
+    teacher = getattr(model, "teacher", None)
     if teacher is None:
-        raise ValueError("precompute_teacher needs a model with align != none and a teacher_name (not teacher_features).")
+        raise ValueError("precompute_teacher needs a model with align.mode != none and a teacher network "
+                         "(teacher.checkpoint or teacher.name, not teacher.features).")
     datamodule.setup("fit")
     # the module flips images itself, so the train transform is deterministic: one epoch covers every key
     loader = datamodule.train_dataloader()
@@ -21,6 +23,6 @@ def precompute_teacher(trainer, model, datamodule, out_dir: str = "teacher_featu
             yield batch
 
     meta = write_features(batches(), teacher.to(model.device), out_dir, grid=model.align_grid, shard_size=shard_size,
-                          interpolate=model.hparams.teacher_interpolate_tokens)
+                          interpolate=model.cfg.teacher.interpolate_tokens)
     print(f"wrote {meta['num_samples']} samples in {meta['shards']} shard(s) to {out_dir}: {meta['teacher']}")
     return meta

@@ -83,8 +83,8 @@ class NaNGuard(pl.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss.detach()).all():
-            lr = pl_module.hparams.get("lr") if hasattr(pl_module, "hparams") else None
-            lower = f"--model.init_args.lr={lr / 2:g}" if isinstance(lr, (int, float)) else "--model.init_args.lr=..."
+            key, lr = optimizer_hparam(getattr(pl_module, "hparams", {}), "lr")
+            lower = f"--model.init_args.{key}={lr / 2:g}" if isinstance(lr, (int, float)) else "--model.init_args.lr=..."
             raise NonFiniteLossError(
                 f"non-finite loss ({float(loss.detach().float().mean())}) at global step {trainer.global_step}, "
                 f"epoch {trainer.current_epoch}. No update was applied. Resume from the last checkpoint with a lower "
@@ -94,6 +94,18 @@ class NaNGuard(pl.Callback):
 
 # hyper-parameters whose new value a resumed run applies to the restored optimizer
 _OPTIMIZER_KEYS = ("lr", "weight_decay")
+
+
+def optimizer_hparam(hparams: Any, name: str) -> tuple[str, Any]:
+    """``(option path, value)`` of an optimizer hyper-parameter: top-level (``lr``) or grouped under
+    ``optim`` (``optim.lr``, modules whose options are specs); ``(name, None)`` when absent."""
+    hp = dict(hparams or {})
+    if name in hp:
+        return name, hp[name]
+    group = hp.get("optim")
+    if isinstance(group, dict) and name in group:
+        return f"optim.{name}", group[name]
+    return name, None
 
 
 class ResumeOverrides(pl.Callback):
@@ -116,8 +128,11 @@ class ResumeOverrides(pl.Callback):
         if not self._old:
             return
         now = dict(pl_module.hparams)
-        changes = {k: (self._old[k], now[k]) for k in _OPTIMIZER_KEYS
-                   if k in self._old and k in now and self._old[k] != now[k]}
+        changes = {}
+        for k in _OPTIMIZER_KEYS:
+            (_, old), (_, new) = optimizer_hparam(self._old, k), optimizer_hparam(now, k)
+            if old is not None and new is not None and old != new:
+                changes[k] = (old, new)
         self._old = {}
         if not changes:
             return

@@ -1,0 +1,311 @@
+"""The options of ``FlowMatchingDiffusion``, grouped by concern into small frozen dataclasses.
+
+Each spec checks its own values in ``__post_init__`` (the error names the field, the bad value and
+what is allowed); ``RepaConfig`` checks the combinations (alignment needs a teacher, FD needs a
+feature network). In a YAML config every spec is a nested mapping under ``model.init_args``
+(jsonargparse builds the dataclass), e.g. ``--model.init_args.align.weight=0.25``. Specs are frozen
+so a default instance can be shared by every signature that uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any, Literal
+
+from .losses import MANIFOLD_MODES
+from .sampling import SAMPLERS
+
+BACKBONES = ("dit", "unet")
+ALIGN_MODES = ("none", "repa", "urepa")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _unit_interval(name: str, value: float, closed_top: bool = False) -> None:
+    ok = 0.0 <= value <= 1.0 if closed_top else 0.0 <= value < 1.0
+    _need(ok, f"{name} must be in [0, 1{']' if closed_top else ')'}, got {value}.")
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """What is generated and by which network.
+
+    Args:
+        backbone: ``dit`` (diffusers ``DiTTransformer2DModel``) or ``unet`` (``UNet2DModel``).
+        backbone_kwargs: diffusers constructor overrides (``num_layers``, ``patch_size``,
+            ``num_attention_heads``, ``attention_head_dim`` / ``block_out_channels`` ...).
+        image_size: Pixel side of the training images.
+        num_classes: Label classes ``[0, num_classes)``; index ``num_classes`` is the null class of CFG.
+        label_dropout: Probability of replacing a label by the null class (one network, both CFG terms).
+        hflip: Random horizontal flip, done in the module so precomputed teacher features can follow it.
+        vae_path: Local diffusers ``AutoencoderKL`` folder: train in its latent space (frozen, not saved).
+        vae_scale: Latent scale; default the VAE's ``scaling_factor``.
+    """
+
+    backbone: Literal["dit", "unet"] = "dit"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 32
+    num_classes: int = 36
+    label_dropout: float = 0.1
+    hflip: bool = True
+    vae_path: str | None = None
+    vae_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        _need(self.backbone in BACKBONES, f"diffusion.backbone must be one of {BACKBONES}, got '{self.backbone}'.")
+        _need(self.image_size >= 8, f"diffusion.image_size must be >= 8 pixels, got {self.image_size}.")
+        _need(self.num_classes >= 1, f"diffusion.num_classes must be >= 1, got {self.num_classes}.")
+        _unit_interval("diffusion.label_dropout", self.label_dropout)
+        _need(self.vae_scale is None or self.vae_scale > 0,
+              f"diffusion.vae_scale must be > 0 (or null for the VAE's scaling_factor), got {self.vae_scale}.")
+
+
+@dataclass(frozen=True)
+class AlignSpec:
+    """REPA / U-REPA: which hidden states are pulled toward the teacher's tokens, and how hard.
+
+    ``L = L_velocity + weight * (L_cos + manifold_weight * L_manifold)``; ``L_manifold`` only for ``urepa``.
+
+    Args:
+        mode: ``none``; ``repa`` (negative cosine at ``hook_point``); ``urepa`` (cosine + manifold
+            loss, the projected grid upsampled to ``grid``).
+        hook_point: Backbone module whose output is aligned (``transformer_blocks.<i>``,
+            ``mid_block``, ``down_blocks.<i>``, ``up_blocks.<i>``); default: block ~depth/3 for the
+            DiT (REPA: 8 of 28), ``mid_block`` for the U-Net (U-REPA).
+        grid: Token grid projection and teacher are compared on; default the hook's own grid for
+            ``repa``, twice it for ``urepa`` (the paper's 8x8 -> 16x16).
+        weight: ``lambda`` of the alignment loss (REPA 0.5; U-REPA 0.25-0.5).
+        manifold_weight: ``w`` of the U-REPA manifold loss (paper 3); 0 = cosine only.
+        manifold_mode: ``token`` (N x N within each image) or ``sample`` (B x B across the batch).
+        until_step: Stop aligning (and running the teacher) from this global step on; null = never.
+        projector_dim: Hidden width of the 3-layer projector (REPA 2048).
+    """
+
+    mode: Literal["none", "repa", "urepa"] = "none"
+    hook_point: str | None = None
+    grid: int | None = None
+    weight: float = 0.5
+    manifold_weight: float = 3.0
+    manifold_mode: Literal["token", "sample"] = "token"
+    until_step: int | None = None
+    projector_dim: int = 2048
+
+    def __post_init__(self) -> None:
+        _need(self.mode in ALIGN_MODES, f"align.mode must be one of {ALIGN_MODES}, got '{self.mode}'.")
+        _need(self.manifold_mode in MANIFOLD_MODES,
+              f"align.manifold_mode must be one of {MANIFOLD_MODES}, got '{self.manifold_mode}'.")
+        _need(self.weight >= 0, f"align.weight (lambda) must be >= 0, got {self.weight}.")
+        _need(self.manifold_weight >= 0, f"align.manifold_weight must be >= 0 (0 = cosine only), got "
+                                         f"{self.manifold_weight}.")
+        _need(self.grid is None or self.grid >= 1, f"align.grid must be >= 1 or null (automatic), got {self.grid}.")
+        _need(self.until_step is None or self.until_step >= 0,
+              f"align.until_step must be >= 0 or null (align throughout), got {self.until_step}.")
+        _need(self.projector_dim >= 1, f"align.projector_dim must be >= 1, got {self.projector_dim}.")
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A frozen image network from the teacher registry (``mmalign.encoders.build_teacher``).
+
+    Args:
+        kind: ``classifier`` (an ``ImageClassifier`` checkpoint: model name, kwargs, input size and
+            normalisation are read from its saved hyper-parameters, so only ``checkpoint`` is
+            given), ``timm`` (a timm model ``name`` plus a local weights file) or ``open_clip``
+            (an open_clip image tower), or any kind registered with ``register_teacher``.
+        checkpoint: Local weights / checkpoint file (``timm`` / ``open_clip`` without it: random
+            weights, smoke tests only).
+        name: Model name for ``timm`` / ``open_clip``; for ``classifier``, if given, must match the checkpoint.
+        kwargs: Builder arguments (``model_kwargs``, ``input_size``, ``mean``, ``std``, ``pretrained``);
+            for ``classifier`` they override what the checkpoint says.
+    """
+
+    kind: str = "classifier"
+    checkpoint: str | None = None
+    name: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from mmalign.encoders import teacher_kinds
+
+        kinds = teacher_kinds()
+        _need(self.kind in kinds, f"network kind must be one of {kinds}, got '{self.kind}'.")
+
+    def build(self, grid: int | None = None, where: str = "network"):
+        """The frozen ``TeacherEncoder``; ``grid`` resizes its input to that token grid. What the kind
+        needs is checked here, not at construction: a spec that is never built (FD off) may stay partial."""
+        from mmalign.encoders import build_teacher
+
+        if self.kind == "classifier":
+            _need(self.checkpoint is not None,
+                  f"{where}: kind 'classifier' reads the architecture from an ImageClassifier checkpoint, but "
+                  f"{where}.checkpoint is null. Train one (python -m mmalign fit -c configs/repa/teacher_resnet_shapes.yaml "
+                  f"for a teacher, configs/classify/shapes.yaml for the FD network) and set {where}.checkpoint to its "
+                  "runs/mmalign/version_N/checkpoints/last.ckpt, or use kind: timm with a model name.")
+        else:
+            _need(self.name is not None, f"{where}: kind '{self.kind}' needs {where}.name (the model name).")
+        return build_teacher(self.kind, self.name, self.checkpoint, grid=grid, **self.kwargs)
+
+
+@dataclass(frozen=True)
+class TeacherSpec(NetworkSpec):
+    """The alignment teacher: a registry network, or its tokens precomputed to files.
+
+    Args:
+        interpolate_tokens: Run the teacher at its native grid and bilinearly interpolate its
+            tokens to the alignment grid, instead of resizing its input (CNNs with coarse maps,
+            token-mixing models whose grid is fixed).
+        features: Directory of precomputed teacher tokens (``mmalign precompute_teacher``); the
+            teacher network is then neither built nor run, and kind/checkpoint/name are unused.
+    """
+
+    interpolate_tokens: bool = False
+    features: str | None = None
+
+
+@dataclass(frozen=True)
+class FDSpec:
+    """Frechet distance between generated and real images at every validation (logged ``val/fd``).
+
+    Args:
+        network: Feature network; null = the teacher's network (FD is then measured in the space the
+            aligned runs were pulled toward: prefer an independent classifier).
+        num_samples: Generated and real images per evaluation; 0 = no FD.
+        sample_steps: Euler steps of the FD samples.
+        cfg_scale: Guidance scale of the FD samples.
+    """
+
+    network: NetworkSpec | None = None
+    num_samples: int = 0
+    sample_steps: int = 20
+    cfg_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        _need(self.num_samples >= 0, f"fd.num_samples must be >= 0 (0 = no FD), got {self.num_samples}.")
+        _need(self.sample_steps >= 1, f"fd.sample_steps must be >= 1, got {self.sample_steps}.")
+        _need(self.cfg_scale >= 0, f"fd.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}.")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """``predict``: PNG grids of samples from the EMA weights.
+
+    Args:
+        sampler: ``euler`` or ``heun`` (two evaluations per step).
+        steps: ODE steps from noise (t = 1) to data (t = 0).
+        cfg_scale: Classifier-free guidance scale (1 = none).
+        guidance_interval: ``(lo, hi)``: guidance only for ``lo <= t <= hi`` (t = 1 is noise).
+        num_samples: Images generated (labels cycle through the classes).
+        out_dir: Folder of the PNG grids.
+        grid_cols: Images per grid row.
+    """
+
+    sampler: Literal["euler", "heun"] = "heun"
+    steps: int = 50
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    num_samples: int = 64
+    out_dir: str = "samples"
+    grid_cols: int = 8
+
+    def __post_init__(self) -> None:
+        _need(self.sampler in SAMPLERS, f"sampling.sampler must be one of {SAMPLERS}, got '{self.sampler}'.")
+        _need(self.steps >= 1, f"sampling.steps must be >= 1, got {self.steps}.")
+        _need(self.cfg_scale >= 0, f"sampling.cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}.")
+        lo, hi = self.guidance_interval
+        _need(0.0 <= lo <= hi <= 1.0, "sampling.guidance_interval must satisfy 0 <= lo <= hi <= 1 (t = 1 is noise), "
+                                      f"got {tuple(self.guidance_interval)}.")
+        _need(self.num_samples >= 1, f"sampling.num_samples must be >= 1, got {self.num_samples}.")
+        _need(self.grid_cols >= 1, f"sampling.grid_cols must be >= 1, got {self.grid_cols}.")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """AdamW at constant LR after a linear warm-up (DiT/SiT practice), clipping and the EMA.
+
+    Args:
+        lr: Learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: Linear warm-up steps.
+        grad_clip: Gradient-norm clip used when the trainer sets none; 0 = off.
+        ema_decay: Decay of the EMA of the backbone weights that evaluation and sampling use.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        _need(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
+        _need(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        for i, b in enumerate(self.betas):
+            _unit_interval(f"optim.betas[{i}]", b)
+        _need(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        _need(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
+        _unit_interval("optim.ema_decay", self.ema_decay)
+
+
+def coerce(value: Any, cls: type, where: str) -> Any:
+    """A spec from a spec, a mapping (a checkpoint's saved hyper-parameters, Python callers) or None
+    (the default); unknown keys are named with the allowed ones."""
+    if value is None or isinstance(value, cls):
+        return cls() if value is None else value
+    if is_dataclass(value):
+        value = asdict(value)
+    if not isinstance(value, dict):
+        raise TypeError(f"{where} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}.")
+    allowed = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; allowed: {sorted(allowed)}.")
+    if "network" in value and isinstance(value["network"], dict):  # FDSpec's nested network
+        value = {**value, "network": coerce(value["network"], NetworkSpec, f"{where}.network")}
+    return cls(**value)
+
+
+@dataclass(frozen=True)
+class RepaConfig:
+    """All specs of one model, with the checks that involve more than one of them."""
+
+    diffusion: DiffusionSpec
+    align: AlignSpec
+    teacher: TeacherSpec | None
+    fd: FDSpec
+    sampling: SamplingSpec
+    optim: OptimSpec
+
+    @classmethod
+    def build(cls, diffusion, align, teacher, fd, sampling, optim) -> "RepaConfig":
+        return cls(coerce(diffusion, DiffusionSpec, "diffusion"), coerce(align, AlignSpec, "align"),
+                   None if teacher is None else coerce(teacher, TeacherSpec, "teacher"), coerce(fd, FDSpec, "fd"),
+                   coerce(sampling, SamplingSpec, "sampling"), coerce(optim, OptimSpec, "optim"))
+
+    def __post_init__(self) -> None:
+        if self.align.active:
+            _need(self.teacher is not None,
+                  f"align.mode='{self.align.mode}' needs a teacher: set teacher.checkpoint (kind classifier: an "
+                  "ImageClassifier checkpoint), teacher.kind + teacher.name (timm / open_clip) or teacher.features.")
+        if self.fd.num_samples:
+            _need(self.fd_network is not None,
+                  "fd.num_samples > 0 needs an FD feature network: set fd.network (e.g. {kind: classifier, "
+                  "checkpoint: ...}) or a teacher network (a precomputed teacher has none), or fd.num_samples: 0.")
+
+    @property
+    def fd_network(self) -> NetworkSpec | None:
+        """The FD feature network: ``fd.network``, else the teacher's (none for precomputed features)."""
+        if self.fd.network is not None:
+            return self.fd.network
+        t = self.teacher
+        if t is None or t.features is not None:
+            return None
+        return NetworkSpec(t.kind, t.checkpoint, t.name, dict(t.kwargs))
