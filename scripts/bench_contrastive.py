@@ -225,7 +225,7 @@ def main() -> None:
     p.add_argument("--c-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--d-batch", type=int, default=128)
     p.add_argument("--d-steps", type=int, default=150)
-    p.add_argument("--peer-config", default=os.path.join(os.path.dirname(__file__), "..", "configs/clip/shapes_clip.yaml"))
+    p.add_argument("--peer-config", default=os.path.join(os.path.dirname(__file__), "..", "configs/clip/shapes_clip_scratch.yaml"))
     p.add_argument("--peer-deps", help="folder with pandas + webdataset 0.2.86 for open_clip_train")
     p.add_argument("--peer-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--peer-workers", type=int, default=2)

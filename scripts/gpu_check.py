@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "fsdp2" in args.parts and not args.dry_run:
         strategy = ('--trainer.strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", '
                     f'"init_args": {{"data_parallel_size": {n}, "tensor_parallel_size": 1}}}}')
-        results["fsdp2"] = _cli(["fit", "-c", "configs/clip/shapes_clip.yaml", strategy, "--trainer.max_steps=50",
+        results["fsdp2"] = _cli(["fit", "-c", "configs/clip/shapes_clip_scratch.yaml", strategy, "--trainer.max_steps=50",
                                  *quick], timeout=180)
         _save(args.out, results)
     if "throughput" in args.parts:

@@ -204,3 +204,15 @@ def test_kill_9_mid_epoch_then_resume_sees_the_uninterrupted_batches(tmp_path, d
     assert len(runs) == 1  # resumed in the same version folder
     last = torch.load(os.path.join(runs[0], "checkpoints", "last.ckpt"), weights_only=True)
     assert last["global_step"] == 20
+
+
+def test_evaluating_a_checkpoint_builds_its_architecture(in_tmp, capsys):
+    """``test``/``zeroshot``/``predict`` with --ckpt_path use the network the checkpoint holds, even when
+    the config describes another (here: wider channels); ``fit`` keeps the config's."""
+    c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", *QUICK)
+    last = os.path.join(c1.trainer.log_dir, "checkpoints", "last.ckpt")
+    other = '--model.init_args.model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}'
+    c2 = run_cli("test", "-c", DIGITS, other, f"--ckpt_path={last}", "--trainer.limit_test_batches=1", *QUICK)
+    assert "architecture taken from the checkpoint (model_kwargs" in capsys.readouterr().err
+    trained = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, trained[k]) for k, v in c2.model.state_dict().items())

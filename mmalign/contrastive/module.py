@@ -52,6 +52,8 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         lock_image_freeze_bn_stats: With ``lock_image``, also freeze BatchNorm statistics.
         lock_text: Freeze the text tower (e.g. a pretrained language model, APE-style).
         lock_text_unlocked_layers: With ``lock_text``, leave the last N layers trainable.
+        text_cache_size: With a fully locked HF text tower, cache up to N captions' pooled features
+            (``text_cache.py``): a repeated caption skips the transformer. 0 = no cache.
         grad_checkpointing: Recompute activations in backward to save memory.
         compile: ``torch.compile`` the model's forward: ``true`` (inductor) or ``torch.compile``
             arguments; state-dict keys are unchanged.
@@ -93,6 +95,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         lock_image_freeze_bn_stats: bool = False,
         lock_text: bool = False,
         lock_text_unlocked_layers: int = 0,
+        text_cache_size: int = 0,
         grad_checkpointing: bool = False,
         compile: bool | dict[str, Any] = False,
         accumulate_micro_batches: int = 1,
@@ -140,6 +143,10 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
             self.model.lock_image_tower(lock_image_unlocked_groups, lock_image_freeze_bn_stats)
         if lock_text:
             self.model.lock_text_tower(lock_text_unlocked_layers)
+        if text_cache_size:
+            from mmalign.contrastive.text_cache import enable_text_cache
+
+            enable_text_cache(self.model, text_cache_size)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         from mmalign.models import compile_in_place

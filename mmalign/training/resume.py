@@ -94,6 +94,11 @@ def read_hparams(path: str) -> dict:
     return dict(ck.get("hyper_parameters") or {}) if isinstance(ck, dict) else {}
 
 
+#: init_args that fix a network's shapes: evaluation subcommands (zeroshot, test, predict, ...) take these
+#: from the checkpoint when the config differs; ``fit`` keeps the config's (a mismatch is then an error)
+ARCHITECTURE_KEYS = frozenset({"model_name", "model_cfg", "model_kwargs", "num_classes", "image_size", "diffusion"})
+
+
 def resolve_resume(config: Any) -> dict | None:
     """Turn the subcommand's ``ckpt_path`` into a concrete file and report what resuming changes."""
     sub = _get(config, "subcommand")
@@ -127,6 +132,13 @@ def resolve_resume(config: Any) -> dict | None:
                          f"{class_path}. Use the config the checkpoint was trained with.")
     given = _norm(_get(model, "init_args", {})) or {}
     diffs = {k: (hp[k], v) for k, v in given.items() if k in hp and _norm(hp[k]) != v}
+    arch = sorted(k for k in diffs if k in ARCHITECTURE_KEYS) if sub != "fit" else []
+    if arch:  # evaluating a checkpoint: build the network it holds, not the one the config describes
+        for k in arch:
+            model.init_args[k] = hp[k]
+            del diffs[k]
+        print(f"[{sub}] architecture taken from the checkpoint ({', '.join(arch)} differ from the config).",
+              file=sys.stderr)
     if diffs:
         print("[resume] model options of this run replace the checkpoint's: "
               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diffs.items()), file=sys.stderr)
