@@ -184,6 +184,18 @@ class _ShiftWithGrad(torch.autograd.Function):
         return out, None, None, None
 
 
+def _ring_route(direction: int) -> tuple[int, int, int] | None:
+    """(send_to, recv_from, tag) of a one-step ring shift in ``direction``; None in a single process."""
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be +1 (to the right) or -1 (to the left), got {direction!r}")
+    if not is_dist() or get_world_size() == 1:
+        return None
+    left, right = _neighbours()
+    if direction == 1:
+        return right, left, _TAG_RIGHTWARD
+    return left, right, _TAG_LEFTWARD
+
+
 def ring_shift_with_grad(x: torch.Tensor, direction: int = 1) -> torch.Tensor:
     """Send ``x`` one step around the ring and receive the neighbour's block, differentiably.
 
@@ -191,14 +203,8 @@ def ring_shift_with_grad(x: torch.Tensor, direction: int = 1) -> torch.Tensor:
     the gradient of the received block back to the rank it came from. Every rank must call it with
     the same shape and direction; in a single process it returns ``x``.
     """
-    if direction not in (1, -1):
-        raise ValueError(f"direction must be +1 (to the right) or -1 (to the left), got {direction!r}")
-    if not is_dist() or get_world_size() == 1:
-        return x
-    left, right = _neighbours()
-    send_to, recv_from = (right, left) if direction == 1 else (left, right)
-    tag = _TAG_RIGHTWARD if direction == 1 else _TAG_LEFTWARD
-    return _ShiftWithGrad.apply(x, send_to, recv_from, tag)
+    route = _ring_route(direction)
+    return x if route is None else _ShiftWithGrad.apply(x, *route)
 
 
 def ring_shift_no_grad(x: torch.Tensor, direction: int = 1) -> torch.Tensor:
@@ -209,13 +215,10 @@ def ring_shift_no_grad(x: torch.Tensor, direction: int = 1) -> torch.Tensor:
     every received block alive. ``direction`` as in :func:`ring_shift_with_grad`; every rank must
     call it with the same shape and direction; in a single process it returns ``x``.
     """
-    if direction not in (1, -1):
-        raise ValueError(f"direction must be +1 (to the right) or -1 (to the left), got {direction!r}")
-    if not is_dist() or get_world_size() == 1:
+    route = _ring_route(direction)
+    if route is None:
         return x
-    left, right = _neighbours()
-    send_to, recv_from = (right, left) if direction == 1 else (left, right)
-    tag = _TAG_RIGHTWARD if direction == 1 else _TAG_LEFTWARD
+    send_to, recv_from, tag = route
     with torch.no_grad():
         x = x.detach().contiguous()
         out = torch.empty_like(x)

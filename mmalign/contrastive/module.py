@@ -19,6 +19,7 @@ from mmalign.optim import adamw_warmup_cosine
 from mmalign.distributed import average_gradients_
 from mmalign.evaluation.scaffold import EvalScaffold
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
+from mmalign.losses.tiled import check_tile_size
 
 LossName = Literal["clip", "siglip"]
 
@@ -118,10 +119,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
             raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
-        if loss_tile_size is not None and (isinstance(loss_tile_size, bool) or not isinstance(loss_tile_size, int)
-                                           or loss_tile_size < 1):
-            raise ValueError(f"loss_tile_size must be a positive int (e.g. 256) or null for the untiled loss, got "
-                             f"{loss_tile_size!r}.")
+        check_tile_size(loss_tile_size, type(self).__name__, "loss_tile_size")  # before the model is built
         self.save_hyperparameters()
         self.hparams["loss"] = loss  # the subclass default, recorded so checkpoints rebuild the same loss
         from mmalign.models.open_clip_models import create_open_clip

@@ -43,7 +43,7 @@ class CachedHFTextEncoder(HFTextEncoder):
                 if len(self._cache) < self._cache_limit:
                     self._cache[keys[i]] = feat
         feats = torch.stack([fresh[k] if k in fresh else self._cache[k] for k in keys])
-        return self.proj(feats.to(self.proj.weight.dtype if hasattr(self.proj, "weight") else feats.dtype))
+        return self.proj(feats)
 
 
 def enable_text_cache(model: torch.nn.Module, max_entries: int) -> None:

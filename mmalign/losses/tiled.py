@@ -30,13 +30,13 @@ from torch.autograd.function import once_differentiable
 from mmalign.distributed import all_gather_no_grad, all_reduce_sum, ring_shift_no_grad
 
 
-def check_tile_size(tile_size: int | None, who: str) -> int | None:
-    """Validate a ``tile_size`` argument: ``None`` (untiled) or a positive int; returns it."""
+def check_tile_size(tile_size: int | None, who: str, name: str = "tile_size") -> int | None:
+    """Validate a ``tile_size`` argument (called ``name`` at ``who``): ``None`` (untiled) or a positive int; returns it."""
     if tile_size is None:
         return None
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
         raise ValueError(
-            f"{who}: tile_size must be a positive int (the side of the square logit tiles, e.g. 256 or "
+            f"{who}: {name} must be a positive int (the side of the square logit tiles, e.g. 256 or "
             f"1024) or None for the untiled loss, got {tile_size!r}"
         )
     return tile_size
