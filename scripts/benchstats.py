@@ -2,7 +2,8 @@
 
 ``interval(values)`` is the mean with a 95% confidence interval (Student t over the seeds);
 ``compare(a, b)`` says whether two arms differ (Welch's t-test, two-sided, p < 0.05) and by how
-much; ``cell`` formats ``mean ± half-width``. Benchmarks call ``save(path, payload)`` so every
+much; ``against(values, target)`` whether a target (an accuracy floor, a time-ratio ceiling) is met
+(one-sample t-test); ``cell`` formats ``mean ± half-width``. Benchmarks call ``save(path, payload)`` so every
 result lands under ``outputs/bench/`` (git-ignored) unless told otherwise.
 """
 
@@ -75,6 +76,37 @@ def compare(a, b, alpha: float = 0.05) -> Comparison:
     return Comparison(ia.mean - ib.mean, p, p < alpha, overlap)
 
 
+@dataclass(frozen=True)
+class Target:
+    target: float
+    better: str  # "higher": values should be >= target; "lower": <= target
+    interval: Interval
+    p_value: float  # one-sample two-sided t-test of mean == target (nan with < 2 values)
+
+    @property
+    def verdict(self) -> str:
+        """``holds`` (the whole 95% interval on the right side), ``fails`` (the whole interval on the
+        wrong side) or ``not shown`` (the interval contains the target: more seeds would be needed)."""
+        i = self.interval
+        if i.n < 2:
+            ok = i.mean >= self.target if self.better == "higher" else i.mean <= self.target
+            return f"{'met' if ok else 'missed'} by one run (no interval)"
+        lo_ok = i.low >= self.target if self.better == "higher" else i.high <= self.target
+        hi_bad = i.high < self.target if self.better == "higher" else i.low > self.target
+        return "holds" if lo_ok else "fails" if hi_bad else "not shown (interval contains the target)"
+
+
+def against(values, target: float, better: str = "higher") -> Target:
+    """Is ``target`` met by the per-seed ``values``? See ``Target.verdict``."""
+    from scipy import stats
+
+    i = interval(values)
+    p = float("nan")
+    if i.n >= 2 and i.sd > 0:
+        p = float(stats.ttest_1samp([float(v) for v in values], target).pvalue)
+    return Target(float(target), better, i, p)
+
+
 def cell(values, digits: int = 1, scale: float = 1.0) -> str:
     """``mean ± half-width`` of the 95% interval (just the mean for one seed)."""
     i = interval([v * scale for v in values])
@@ -96,6 +128,8 @@ def save(path: str, payload: dict) -> str:
             return {str(k): clean(v) for k, v in o.items()}
         if isinstance(o, (list, tuple)):
             return [clean(v) for v in o]
+        if isinstance(o, Target):
+            return clean({**asdict(o), "verdict": o.verdict})
         if isinstance(o, (Interval, Comparison)):
             return clean(asdict(o))
         return o

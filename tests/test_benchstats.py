@@ -1,0 +1,48 @@
+"""The seed-statistics helper every benchmark uses (scripts/benchstats.py)."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import benchstats  # noqa: E402
+
+
+def test_interval_is_the_student_t_interval():
+    from scipy import stats
+
+    xs = [0.61, 0.54, 0.63, 0.58]
+    i = benchstats.interval(xs)
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=sum(xs) / 4, scale=stats.sem(xs))
+    assert (i.n, i.low, i.high) == (4, pytest.approx(lo), pytest.approx(hi))
+    one = benchstats.interval([0.5, float("nan")])  # nan runs are dropped; one value has no interval
+    assert one.n == 1 and one.mean == 0.5 and math.isnan(one.half_width)
+    assert benchstats.cell([0.5, 0.7], 1, 100).startswith("60.0 ± ")
+
+
+def test_compare_separates_distinct_arms_only():
+    same = benchstats.compare([1.0, 1.1, 0.9], [1.05, 0.95, 1.0])
+    far = benchstats.compare([2.0, 2.1, 1.9], [1.0, 1.1, 0.9])
+    assert not same.significant and same.overlap
+    assert far.significant and not far.overlap and far.diff == pytest.approx(1.0)
+    assert far.verdict("higher").startswith("A better") and far.verdict("lower").startswith("B better")
+
+
+def test_against_says_holds_fails_or_not_shown():
+    assert benchstats.against([0.92, 0.93, 0.94], 0.90).verdict == "holds"
+    assert benchstats.against([0.50, 0.52, 0.51], 0.60).verdict == "fails"
+    assert benchstats.against([0.55, 0.65, 0.60], 0.60).verdict.startswith("not shown")
+    assert benchstats.against([0.95, 0.97, 0.96], 1.0, better="lower").verdict == "holds"
+
+
+def test_save_writes_strict_json(tmp_path):
+    path = benchstats.save(str(tmp_path / "a" / "b.json"),
+                           {"x": float("nan"), "i": benchstats.interval([1.0, 2.0]),
+                            "t": benchstats.against([1.0, 2.0, 3.0], 0.5)})
+    with open(path) as f:
+        data = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert data["x"] is None and data["i"]["n"] == 2
+    assert data["t"]["verdict"].startswith("not shown") and data["t"]["target"] == 0.5
