@@ -8,11 +8,12 @@ Teacher (--teacher): a tiny ViT (configs/repa/teacher_vit_shapes.yaml) or a smal
 (configs/repa/teacher_resnet_shapes.yaml), trained here on the 36 shapes classes, or --teacher-ckpt.
 FD network: the teacher by default; --fd-ckpt takes the ResNet of configs/classify/shapes.yaml
 instead, so FD is not measured in the feature space the aligned arms were pulled towards.
-Reports FD at each eval step (mean over seeds), the steps each aligned arm needs to reach its baseline's
-final FD, and the training-step overhead of alignment: optimizer steps (forward, backward, AdamW) of
+Reports FD at each eval step (mean ± 95% interval over seeds, ``benchstats``), the steps each aligned arm
+needs to reach its baseline's final FD (on the seed means and per seed, with the verdict on "at most
+half the steps"), Welch's tests of final FD (aligned vs baseline, manifold vs cosine), and the training-step overhead of alignment: optimizer steps (forward, backward, AdamW) of
 each aligned arm and its baseline timed interleaved on the same batches in this process, as a ratio.
 
-    python scripts/bench_repa.py --steps 2000 --eval-every 500 --seeds 0 1 --fd-samples 1000 --out bench.json
+    python scripts/bench_repa.py --steps 2000 --eval-every 500 --seeds 0 1 2 --fd-samples 1000
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchstats import against, cell, compare, interval, save  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning.pytorch as pl  # noqa: E402
@@ -161,50 +164,79 @@ def run_arm(name: str, seed: int, args, teacher_ckpt: str) -> dict:
     return res
 
 
+def _reach(points: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which an FD curve reaches ``target``, linear in FD between the two evaluations
+    around it; None when it never does."""
+    for i, (step, fd) in enumerate(points):
+        if fd <= target:
+            if i == 0:
+                return float(step)
+            s0, f0 = points[i - 1]
+            return s0 + (step - s0) * (f0 - target) / (f0 - fd)
+    return None
+
+
 def summarise(results: list[dict], overhead: dict | None) -> dict:
+    """FD curves as mean ± 95% interval over seeds; per aligned arm the speed-up to its baseline's
+    final FD (on the seed means, and per seed against the same seed's baseline, with the verdict on
+    the REPA claim "at most half the steps", i.e. speed-up >= 2), and Welch's tests of final FD."""
     arms = sorted({r["arm"] for r in results}, key=list(ARMS).index)
-    curve, step_s = {}, {}
+    curve, step_s, final = {}, {}, {}
     for a in arms:
-        rs = [r for r in results if r["arm"] == a]
+        rs = sorted((r for r in results if r["arm"] == a), key=lambda r: r["seed"])
         steps = [s for s, _ in rs[0]["fd"]]
-        curve[a] = {s: (statistics.mean(r["fd"][i][1] for r in rs), statistics.pstdev(r["fd"][i][1] for r in rs))
-                    for i, s in enumerate(steps)}
+        curve[a] = {s: interval([r["fd"][i][1] for r in rs]) for i, s in enumerate(steps)}
+        final[a] = {r["seed"]: r["fd"][-1][1] for r in rs}
         step_s[a] = statistics.median(r["step_s_median"] for r in rs)
     summary = {"fd_curve": {a: {str(s): v for s, v in c.items()} for a, c in curve.items()}, "step_s": step_s,
-               "speedup": {}, "overhead": {}}
+               "speedup": {}, "overhead": {}, "final_fd_tests": {}}
+    by = {(r["arm"], r["seed"]): r for r in results}
     for a, base in BASELINE.items():
         if a not in curve or base not in curve:
             continue
         final_step = max(curve[base])
-        target = curve[base][final_step][0]
-        pts = sorted(curve[a])
-        reach = next((s for s in pts if curve[a][s][0] <= target), None)
-        interp = reach
-        if reach is not None and pts.index(reach) > 0:  # linear in FD between the two evaluations around it
-            s0 = pts[pts.index(reach) - 1]
-            f0, f1 = curve[a][s0][0], curve[a][reach][0]
-            interp = s0 + (reach - s0) * (f0 - target) / (f0 - f1)
+        target = curve[base][final_step].mean
+        reach = _reach(sorted((s, c.mean) for s, c in curve[a].items()), target)
+        per_seed = []
+        for seed in sorted(final[a]):
+            if (base, seed) in by:
+                r = _reach([tuple(x) for x in by[(a, seed)]["fd"]], by[(base, seed)]["fd"][-1][1])
+                per_seed.append(final_step / r if r else 1.0)  # not reached within the run: no speed-up shown
         summary["speedup"][a] = {"baseline": base, "target_fd": target, "baseline_steps": final_step,
-                                 "arm_steps": reach, "arm_steps_interpolated": interp,
-                                 "ratio": final_step / interp if interp else None}
+                                 "arm_steps_interpolated": reach, "ratio": final_step / reach if reach else None,
+                                 "per_seed_ratio": per_seed, "per_seed_interval": interval(per_seed),
+                                 "half_the_steps": against(per_seed, 2.0) if per_seed else None}
+        c = compare(list(final[a].values()), list(final[base].values()))
+        summary["final_fd_tests"][f"{a} vs {base}"] = {"diff": c.diff, "p": c.p_value, "significant": c.significant,
+                                                      "verdict": c.verdict("lower").replace("A", a).replace("B", base)}
         # the interleaved measurement when there is one: per-run medians come from different moments
         summary["overhead"][a] = overhead["ratio"][a] if overhead else step_s[a] / step_s[base]
+    if "unet_urepa" in final and "unet_cos" in final:
+        c = compare(list(final["unet_urepa"].values()), list(final["unet_cos"].values()))
+        summary["final_fd_tests"]["unet_urepa vs unet_cos"] = {
+            "diff": c.diff, "p": c.p_value, "significant": c.significant,
+            "verdict": c.verdict("lower").replace("A", "unet_urepa (manifold)").replace("B", "unet_cos")}
     return summary
 
 
 def print_table(summary: dict) -> None:
     curve = summary["fd_curve"]
     steps = sorted({int(s) for c in curve.values() for s in c})
-    print("\nFD (mean ± std over seeds) at step:")
+    print("\nFD (mean ± 95% interval over seeds) at step:")
     print(f"{'arm':<12}" + "".join(f"{s:>16}" for s in steps) + f"{'step s':>10}")
     for a, c in curve.items():
-        cells = "".join(f"{c[str(s)][0]:>9.3f} ±{c[str(s)][1]:<6.3f}" if str(s) in c else f"{'-':>16}" for s in steps)
+        cells = "".join(f"{c[str(s)].mean:>9.1f} ±{c[str(s)].half_width:<6.1f}" if str(s) in c else f"{'-':>16}"
+                        for s in steps)
         print(f"{a:<12}{cells}{summary['step_s'][a]:>10.4f}")
     for a, s in summary["speedup"].items():
         r = f"{s['ratio']:.2f}x" if s["ratio"] else "not reached"
-        print(f"{a}: reaches {s['baseline']}'s final FD {s['target_fd']:.3f} (step {s['baseline_steps']}) at step "
-              f"{s['arm_steps']} (interpolated {s['arm_steps_interpolated'] or float('nan'):.0f}) -> speed-up {r}; "
+        half = s["half_the_steps"].verdict if s["half_the_steps"] else "n/a"
+        print(f"{a}: reaches {s['baseline']}'s final FD {s['target_fd']:.1f} (step {s['baseline_steps']}) at step "
+              f"{s['arm_steps_interpolated'] or float('nan'):.0f} -> speed-up {r} on the seed means; per seed "
+              f"{cell(s['per_seed_ratio'], 2)}x (<= half the steps: {half}); "
               f"step-time overhead {summary['overhead'][a]:.2f}x")
+    for k, v in summary["final_fd_tests"].items():
+        print(f"final FD, {k}: {v['diff']:+.1f}, {v['verdict']}")
 
 
 def merge(paths: list[str], out_path: str) -> None:
@@ -216,18 +248,16 @@ def merge(paths: list[str], out_path: str) -> None:
     overhead = next((run["overhead"] for run in runs if run.get("overhead")), None)
     summary = summarise(results, overhead)
     print_table(summary)
-    with open(out_path, "w") as f:
-        json.dump({"merged": paths, "fd_network": results[0]["fd_network"],
-                   "teacher": next((r["teacher"] for r in results if r["teacher"]), None), "results": results,
-                   "overhead": overhead, "summary": summary}, f, indent=1)
-    print(f"wrote {out_path}")
+    save(out_path, {"merged": paths, "fd_network": results[0]["fd_network"],
+                    "teacher": next((r["teacher"] for r in results if r["teacher"]), None), "results": results,
+                    "overhead": overhead, "summary": summary})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--fd-samples", type=int, default=1000)
     p.add_argument("--fd-steps", type=int, default=20)
@@ -246,8 +276,8 @@ def main() -> None:
     p.add_argument("--teacher-ckpt", default=None, help="Lightning ckpt of the teacher's config; default: train one")
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--data-root", default=os.environ.get("MMALIGN_DATA", "data"))
-    p.add_argument("--work-dir", default="bench_repa_work")
-    p.add_argument("--out", default="bench_repa.json")
+    p.add_argument("--work-dir", default="outputs/bench/repa_work")
+    p.add_argument("--out", default="outputs/bench/repa.json")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="summarise the results of earlier runs (final or .partial files, e.g. one seed per "
                         "process) instead of training")
@@ -268,10 +298,7 @@ def main() -> None:
     out = {"args": vars(args), "teacher_checkpoint": teacher, "fd_network": results[0]["fd_network"],
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "results": results,
            "overhead": overhead, "summary": summary}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    save(args.out, out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speech-text alignment benchmark: which losses help, on held-out voices and held-out texts.
 
-    python scripts/bench_speech.py --data /tmp/spoken --steps 300 --out /tmp/bench_speech.json
+    python scripts/bench_speech.py --data /tmp/spoken --steps 300 --seeds 0 1 2
 
 Arms (same data, seed, model size and steps; only the loss weights differ):
   contrastive            multi-positive InfoNCE only (no CTC head: no WER / onset numbers)
@@ -25,6 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchstats import against, cell, compare, save  # noqa: E402
 
 ARMS = {
     "contrastive": dict(contrastive_weight=1.0, ctc_weight=0.0, consistency_weight=0.0),
@@ -74,13 +75,45 @@ def run_arm(name: str, args, root: str) -> dict:
             "seconds_per_step": round(train_s / args.steps, 3), **metrics}
 
 
+QUESTIONS = [("contrastive+ctc", "contrastive", "speech2text_r1", "higher"),
+             ("contrastive+ctc", "contrastive", "text2speech_r1", "higher"),
+             ("contrastive+ctc+dtw", "contrastive+ctc", "speech2text_r1", "higher"),
+             ("contrastive+ctc+dtw", "contrastive+ctc", "wer", "lower"),
+             ("contrastive+ctc+sdtw", "contrastive+ctc", "speech2text_r1", "higher"),
+             ("contrastive+ctc+sdtw", "contrastive+ctc", "wer", "lower")]
+TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"), ("wer", 0.3, "lower")]
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'arm':<22}" + "".join(f"{label:>12}" for _, label in COLUMNS) + f"{'s/step':>9}"
+    """One line per arm: each metric as mean ± 95% interval over the seeds run (``benchstats.cell``)."""
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    head = f"{'arm':<22}" + "".join(f"{label:>17}" for _, label in COLUMNS) + f"{'s/step':>9}"
     lines = [head, "-" * len(head)]
-    for r in rows:
-        cells = "".join(f"{r[k]:>12.3f}" if k in r else f"{'-':>12}" for k, _ in COLUMNS)
-        lines.append(f"{r['arm']:<22}{cells}{r['seconds_per_step']:>9.2f}")
+    for arm in arms:
+        rs = [r for r in rows if r["arm"] == arm]
+        cells = "".join(f"{cell([r[k] for r in rs], 3):>17}" if k in rs[0] else f"{'-':>17}" for k, _ in COLUMNS)
+        lines.append(f"{arm:<22}{cells}{sum(r['seconds_per_step'] for r in rs) / len(rs):>9.2f}")
     return "\n".join(lines)
+
+
+def verdicts(rows: list[dict]) -> dict:
+    """Welch's tests between arms (QUESTIONS) and the issue's targets (TARGETS) per arm."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["arm"], []).append(r)
+    out = {"comparisons": {}, "targets": {}}
+    for a, b, metric, better in QUESTIONS:
+        if a in by and b in by and metric in by[a][0] and metric in by[b][0]:
+            c = compare([r[metric] for r in by[a]], [r[metric] for r in by[b]])
+            out["comparisons"][f"{a} vs {b}: {metric}"] = {
+                "diff": c.diff, "p": c.p_value, "significant": c.significant,
+                "verdict": c.verdict(better).replace("A", a).replace("B", b)}
+    for arm, rs in by.items():
+        for metric, target, better in TARGETS:
+            if metric in rs[0]:
+                out["targets"][f"{arm}: {metric} {'>=' if better == 'higher' else '<='} {target}"] = \
+                    against([r[metric] for r in rs], target, better)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--block", choices=("conformer", "transformer"), default="conformer")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model / data-order seeds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="outputs/bench/speech.json", help="JSON output path")
     args = p.parse_args(argv)
@@ -113,20 +146,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = ensure_data(args.data, args.num_train, args.num_test, args.seed)
+    info = ensure_data(args.data, args.num_train, args.num_test, seed=0)  # one dataset; seeds vary the runs
     print(f"data {args.data}: {info['splits']}", flush=True)
     rows = []
-    for name in arms:
-        rows.append(run_arm(name, args, args.data))
-        print(f"{name}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'weights'})}", flush=True)
-    print()
+    for seed in args.seeds:
+        for name in arms:
+            args.seed = seed
+            rows.append({"seed": seed, **run_arm(name, args, args.data)})
+            print(f"{name}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'weights'})}", flush=True)
+            if args.out:
+                save(args.out + ".partial", {"config": vars(args), "rows": rows})
+    print(f"\nmean ± 95% interval over seeds {args.seeds}")
     print(table(rows))
-    result = {"config": vars(args), "data": info.get("splits"), "rows": rows}
+    v = verdicts(rows)
+    for k, c in v["comparisons"].items():
+        print(f"  {k}: {c['diff']:+.3f}, {c['verdict']}")
+    for k, t in v["targets"].items():
+        print(f"  target {k}: {t.verdict}")
+    result = {"config": vars(args), "data": info.get("splits"), "rows": rows, **v}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.out}")
+        save(args.out, result)
     return result
 
 
