@@ -6,7 +6,8 @@
 Arms (same data, seed, model size and steps; only the loss weights differ):
   contrastive            multi-positive InfoNCE only (no CTC head: no WER / onset numbers)
   contrastive+ctc        + CTC (weight 1)
-  contrastive+ctc+dtw    + hard-DTW consistency between speech frames and text tokens
+  contrastive+ctc+dtw    + hard-DTW consistency between speech frames and text tokens (cosine cost)
+  contrastive+ctc+dtw_l2 + the same hard minimum with the squared-L2 cost (Peyser et al.'s reading)
   contrastive+ctc+sdtw   + soft-DTW divergence consistency (``--arms`` to include it; ~3x a DTW step)
 
 Each arm trains for ``--steps`` steps and is evaluated on the ``test`` split (voices and texts
@@ -32,6 +33,8 @@ ARMS = {
     "contrastive+ctc": dict(contrastive_weight=1.0, ctc_weight=1.0, consistency_weight=0.0),
     "contrastive+ctc+dtw": dict(contrastive_weight=1.0, ctc_weight=1.0, consistency_weight=1.0,
                                 consistency_mode="dtw"),
+    "contrastive+ctc+dtw_l2": dict(contrastive_weight=1.0, ctc_weight=1.0, consistency_weight=1.0,
+                                   consistency_mode="dtw", consistency_cost="sqeuclidean"),
     "contrastive+ctc+sdtw": dict(contrastive_weight=1.0, ctc_weight=1.0, consistency_weight=1.0,
                                  consistency_mode="soft_dtw", consistency_gamma=0.1),
 }
@@ -79,6 +82,8 @@ QUESTIONS = [("contrastive+ctc", "contrastive", "speech2text_r1", "higher"),
              ("contrastive+ctc", "contrastive", "text2speech_r1", "higher"),
              ("contrastive+ctc+dtw", "contrastive+ctc", "speech2text_r1", "higher"),
              ("contrastive+ctc+dtw", "contrastive+ctc", "wer", "lower"),
+             ("contrastive+ctc+dtw_l2", "contrastive+ctc", "speech2text_r1", "higher"),
+             ("contrastive+ctc+dtw_l2", "contrastive+ctc", "wer", "lower"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "speech2text_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "wer", "lower")]
 TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"), ("wer", 0.3, "lower")]
@@ -87,12 +92,12 @@ TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"),
 def table(rows: list[dict]) -> str:
     """One line per arm: each metric as mean ± 95% interval over the seeds run (``benchstats.cell``)."""
     arms = list(dict.fromkeys(r["arm"] for r in rows))
-    head = f"{'arm':<22}" + "".join(f"{label:>17}" for _, label in COLUMNS) + f"{'s/step':>9}"
+    head = f"{'arm':<24}" + "".join(f"{label:>17}" for _, label in COLUMNS) + f"{'s/step':>9}"
     lines = [head, "-" * len(head)]
     for arm in arms:
         rs = [r for r in rows if r["arm"] == arm]
         cells = "".join(f"{cell([r[k] for r in rs], 3):>17}" if k in rs[0] else f"{'-':>17}" for k, _ in COLUMNS)
-        lines.append(f"{arm:<22}{cells}{sum(r['seconds_per_step'] for r in rs) / len(rs):>9.2f}")
+        lines.append(f"{arm:<24}{cells}{sum(r['seconds_per_step'] for r in rs) / len(rs):>9.2f}")
     return "\n".join(lines)
 
 
