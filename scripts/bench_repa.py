@@ -39,12 +39,17 @@ TEACHERS = {  # name -> (config that trains it, whether its tokens are interpola
     "vit": ("configs/repa/teacher_vit_shapes.yaml", False),  # 8x8 patch tokens at 32 px: the DiT's grid
     # 4x4 map at 32 px (output_stride 8), its tokens upsampled to the student's 8x8 grid
     "resnet": ("configs/repa/teacher_resnet_shapes.yaml", True),
+    # torchvision's ImageNet MobileNetV2 (scripts/fetch_mobilenet_v2.py), nothing trained here: dilated to
+    # output stride 8 and fed the 32-px images resized to 64 px, its final 1280-d map is the 8x8 grid
+    "mobilenetv2": (None, False),
 }
+MOBILENET = dict(kind="timm", name="mobilenetv2_100",
+                 kwargs={"model_kwargs": {"output_stride": 8}, "input_size": 64})
 DIT = {"num_layers": 6, "patch_size": 4, "num_attention_heads": 4, "attention_head_dim": 32}
 UNET = {"block_out_channels": [32, 64, 64, 128]}
 ARMS = {  # name -> (backbone, AlignSpec fields)
     "dit_none": ("dit", dict(mode="none")),
-    "dit_repa": ("dit", dict(mode="repa", hook_point="transformer_blocks.1")),
+    "dit_repa": ("dit", dict(mode="repa", hook_point="transformer_blocks.1")),  # --dit-hook moves it
     "unet_none": ("unet", dict(mode="none")),
     "unet_urepa": ("unet", dict(mode="urepa", hook_point="mid_block", grid=8, manifold_weight=3.0)),
     "unet_cos": ("unet", dict(mode="urepa", hook_point="mid_block", grid=8, manifold_weight=0.0)),
@@ -104,12 +109,15 @@ def build_arm(name: str, args, teacher_ckpt: str, fd_samples: int):
                               TeacherSpec)
 
     backbone, align = ARMS[name]
+    if backbone == "dit" and align["mode"] != "none":
+        align = {**align, "hook_point": args.dit_hook}
     kwargs = {**DIT, **args.dit_kwargs} if backbone == "dit" else {**UNET, **args.unet_kwargs}
     fd_net = NetworkSpec(kind="classifier", checkpoint=args.fd_ckpt) if args.fd_ckpt else None
     return FlowMatchingDiffusion(
         diffusion=DiffusionSpec(backbone=backbone, backbone_kwargs=kwargs, image_size=32, num_classes=36),
         align=AlignSpec(weight=0.5, projector_dim=512, **align),
-        teacher=TeacherSpec(kind="classifier", checkpoint=teacher_ckpt, interpolate_tokens=TEACHERS[args.teacher][1]),
+        teacher=TeacherSpec(**(MOBILENET if args.teacher == "mobilenetv2" else dict(kind="classifier")),
+                            checkpoint=teacher_ckpt, interpolate_tokens=TEACHERS[args.teacher][1]),
         fd=FDSpec(network=fd_net, num_samples=fd_samples, sample_steps=args.fd_steps),
         optim=OptimSpec(lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay))
 
@@ -268,12 +276,14 @@ def main() -> None:
     p.add_argument("--fd-ckpt", default=None,
                    help="classifier ckpt of configs/classify/shapes.yaml as FD network (default: the teacher)")
     p.add_argument("--dit-kwargs", type=json.loads, default="{}", help='JSON overrides of the DiT size, e.g. \'{"num_layers": 4}\'')
+    p.add_argument("--dit-hook", default="transformer_blocks.1", help="DiT module whose output REPA aligns")
     p.add_argument("--unet-kwargs", type=json.loads, default="{}", help="JSON overrides of the UNet size")
     p.add_argument("--overhead-reps", type=int, default=20, help="interleaved timing rounds; 0 = skip")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--teacher", default="resnet", choices=list(TEACHERS))
-    p.add_argument("--teacher-ckpt", default=None, help="Lightning ckpt of the teacher's config; default: train one")
+    p.add_argument("--teacher-ckpt", default=None, help="Lightning ckpt of the teacher's config (default: train one); "
+                   "for mobilenetv2 the weights file of scripts/fetch_mobilenet_v2.py")
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--data-root", default=os.environ.get("MMALIGN_DATA", "data"))
     p.add_argument("--work-dir", default="outputs/bench/repa_work")
@@ -285,6 +295,9 @@ def main() -> None:
     if args.merge:
         return merge(args.merge, args.out)
     torch.set_float32_matmul_precision("high")
+    if args.teacher == "mobilenetv2" and not args.teacher_ckpt:
+        p.error("--teacher mobilenetv2 needs --teacher-ckpt weights/mobilenetv2_100_imagenet.pth "
+                "(python scripts/fetch_mobilenet_v2.py writes it)")
     teacher = args.teacher_ckpt or train_teacher(args)
     overhead = measure_overhead(args, teacher, args.overhead_reps) if args.overhead_reps else None
     results = []

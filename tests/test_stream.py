@@ -51,6 +51,18 @@ def test_single_process_epoch_is_seeded(tmp_path):
     assert len(first) == 52 and len(set(first)) == len(first)  # 13 batches of 4, no repeats
 
 
+def test_in_process_decode_leaves_every_generator_alone(tmp_path, monkeypatch):
+    """With num_workers=0 the per-sample seeding runs in the training process: it must not touch a
+    device generator (torch.manual_seed re-seeds every CUDA device per sample, never restored, and
+    before CUDA starts queues a lazy re-seed with a formatted stack trace per sample)."""
+    write_shards(str(tmp_path), [6, 6])
+    reseeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeds.append)  # what torch.manual_seed calls
+    batches = list(StreamingLoader(_image_dm(str(tmp_path), 0)._train, epoch_fn=lambda: 0, num_workers=0))
+    assert len(batches) == 3
+    assert reseeds == [], f"decoding re-seeded the CUDA generators {len(reseeds)} times"
+
+
 def _decode(s):
     return {"key": s["__key__"]}
 
