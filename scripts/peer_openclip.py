@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,10 @@ def peer_run(config: str, data_root: str, deps: str, seed: int, workers: int, th
 
     # --- open_clip_train: same model, shards, batch, epochs, lr, wd, warm-up, aug, seed, fp32, CPU
     oc_dir = os.path.join(workdir, f"openclip-{seed}")
+    # a rerun in the same workdir starts clean: open_clip refuses an existing run name, and mmalign
+    # would add a version_N beside the old one, leaving two last.ckpt to choose between
+    for stale in (mm_dir, oc_dir):
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = os.path.join(tmp, f"{name}.json")
         if model_cfg:
