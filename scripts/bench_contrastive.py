@@ -322,6 +322,8 @@ def main() -> None:
     p.add_argument("--peer-threads", type=int, default=2)
     p.add_argument("--peer-epochs", type=int, default=None, help="override the config's max_epochs (both runs)")
     p.add_argument("--peer-workdir", default="outputs/bench/peer")
+    p.add_argument("--peer-merge", nargs="+", default=[], metavar="JSON",
+                   help="earlier --parts peer outputs whose runs join this summary (add seeds without re-running)")
     p.add_argument("--out", default="outputs/bench/contrastive.json")
     a = p.parse_args()
     if "peer" in a.parts and not a.peer_deps:
@@ -400,7 +402,12 @@ def main() -> None:
         from peer_openclip import peer_run, summarise
 
         runs = []
-        for seed in a.peer_seeds:
+        for path in a.peer_merge:
+            with open(path) as f:
+                runs += json.load(f)["peer"]["runs"]
+        done = {r["seed"] for r in runs}
+        result["peer"] = {"runs": runs}
+        for seed in (s for s in a.peer_seeds if s not in done):
             runs.append(peer_run(os.path.abspath(a.peer_config), os.path.abspath(a.root), os.path.abspath(a.peer_deps),
                                  seed, a.peer_workers, a.peer_threads, os.path.abspath(a.peer_workdir), a.peer_epochs))
             print(json.dumps(runs[-1]), flush=True)
