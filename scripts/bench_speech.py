@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model / data-order seeds")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="outputs/bench/speech.json", help="JSON output path")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="earlier outputs whose (seed, arm) rows join this run; those runs are not repeated")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in arms if a not in ARMS]
@@ -154,14 +156,20 @@ def main(argv: list[str] | None = None) -> dict:
     info = ensure_data(args.data, args.num_train, args.num_test, seed=0)  # one dataset; seeds vary the runs
     print(f"data {args.data}: {info['splits']}", flush=True)
     rows = []
+    for path in args.merge:
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    done = {(r["seed"], r["arm"]) for r in rows}
     for seed in args.seeds:
         for name in arms:
+            if (seed, name) in done:
+                continue
             args.seed = seed
             rows.append({"seed": seed, **run_arm(name, args, args.data)})
             print(f"{name}: {json.dumps({k: v for k, v in rows[-1].items() if k != 'weights'})}", flush=True)
             if args.out:
                 save(args.out + ".partial", {"config": vars(args), "rows": rows})
-    print(f"\nmean ± 95% interval over seeds {args.seeds}")
+    print(f"\nmean ± 95% interval over seeds {sorted({r['seed'] for r in rows})}")
     print(table(rows))
     v = verdicts(rows)
     for k, c in v["comparisons"].items():
