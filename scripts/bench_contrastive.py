@@ -31,7 +31,7 @@ import socket
 import time
 
 import torch
-from benchstats import cell, compare, interval
+from benchstats import cell, compare, interval, load_rows
 
 MODEL_CFG = {"embed_dim": 128,
              "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32,
@@ -401,17 +401,13 @@ def main() -> None:
     if "peer" in a.parts:
         from peer_openclip import peer_run, summarise
 
-        runs = []
-        for path in a.peer_merge:
-            with open(path) as f:
-                runs += json.load(f)["peer"]["runs"]
+        runs = load_rows(a.peer_merge, "peer", "runs")
         done = {r["seed"] for r in runs}
-        result["peer"] = {"runs": runs}
+        result["peer"] = {"runs": runs}  # the same list: each new run below is saved with it
         for seed in (s for s in a.peer_seeds if s not in done):
             runs.append(peer_run(os.path.abspath(a.peer_config), os.path.abspath(a.root), os.path.abspath(a.peer_deps),
                                  seed, a.peer_workers, a.peer_threads, os.path.abspath(a.peer_workdir), a.peer_epochs))
             print(json.dumps(runs[-1]), flush=True)
-            result["peer"] = {"runs": runs}
             save()
         text, stats = summarise(runs)
         result["peer"]["summary"] = {"table": text, **{k: v.__dict__ for k, v in stats.items()}}

@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchstats import against, cell, compare, save  # noqa: E402
+from benchstats import against, cell, compare, load_rows, save  # noqa: E402
 
 ARMS = {
     "contrastive": dict(contrastive_weight=1.0, ctc_weight=0.0, consistency_weight=0.0),
@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     info = ensure_data(args.data, args.num_train, args.num_test, seed=0)  # one dataset; seeds vary the runs
     print(f"data {args.data}: {info['splits']}", flush=True)
-    rows = []
-    for path in args.merge:
-        with open(path) as f:
-            rows += json.load(f)["rows"]
+    rows = load_rows(args.merge, "rows")
     done = {(r["seed"], r["arm"]) for r in rows}
     for seed in args.seeds:
         for name in arms:

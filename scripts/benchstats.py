@@ -4,7 +4,8 @@
 ``compare(a, b)`` says whether two arms differ (Welch's t-test, two-sided, p < 0.05) and by how
 much; ``against(values, target)`` whether a target (an accuracy floor, a time-ratio ceiling) is met
 (one-sample t-test); ``cell`` formats ``mean ± half-width``. Benchmarks call ``save(path, payload)`` so every
-result lands under ``outputs/bench/`` (git-ignored) unless told otherwise.
+result lands under ``outputs/bench/`` (git-ignored) unless told otherwise, and ``load_rows`` to join the per-seed
+rows of earlier result files (seeds added without re-running the old ones).
 """
 
 from __future__ import annotations
@@ -138,3 +139,15 @@ def save(path: str, payload: dict) -> str:
         json.dump(clean(payload), f, indent=2, allow_nan=False)
     print(f"wrote {path}")
     return path
+
+
+def load_rows(paths, *keys: str) -> list:
+    """The per-seed rows of earlier ``save``d results, concatenated: ``payload[keys[0]][keys[1]]...`` of each file."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            node = json.load(f)
+        for k in keys:
+            node = node[k]
+        rows += node
+    return rows
