@@ -401,7 +401,7 @@ def main() -> None:
     if "peer" in a.parts:
         from peer_openclip import peer_run, summarise
 
-        runs = load_rows(a.peer_merge, "peer", "runs")
+        runs = load_rows(a.peer_merge, "peer", "runs", match={"epochs": a.peer_epochs})
         done = {r["seed"] for r in runs}
         result["peer"] = {"runs": runs}  # the same list: each new run below is saved with it
         for seed in (s for s in a.peer_seeds if s not in done):

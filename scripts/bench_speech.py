@@ -13,7 +13,9 @@ Arms (same data, seed, model size and steps; only the loss weights differ):
 Each arm trains for ``--steps`` steps and is evaluated on the ``test`` split (voices and texts
 never seen in training): recall@1 both ways (several clips per transcript are all correct), WER
 and CER of greedy CTC decoding, word-onset error of CTC forced alignment (ms) next to the
-length-proportional baseline. Prints a table and writes JSON (``--out``). The spoken set is
+length-proportional baseline. When the data holds a ``val`` split (``--num-val``: voices and texts
+held out from both train and test) it is scored too, as ``val_<metric>``: choose recipes on
+those, report the test columns. Prints a table and writes JSON (``--out``). The spoken set is
 generated into ``--data`` on first use (needs espeak-ng: ``apt-get install -y espeak-ng``).
 """
 
@@ -40,15 +42,14 @@ ARMS = {
 }
 COLUMNS = [("speech2text_r1", "s2t R@1"), ("text2speech_r1", "t2s R@1"), ("speech2text_r5", "s2t R@5"),
            ("wer", "WER"), ("cer", "CER"), ("onset_error_ms", "onset ms"), ("onset_baseline_ms", "baseline ms"),
-           ("alignment", "align"), ("uniformity_speech", "unif sp")]
+           ("alignment", "align"), ("uniformity_speech", "unif sp"),
+           ("val_speech2text_r1", "val s2t R@1"), ("val_text2speech_r1", "val t2s R@1"), ("val_wer", "val WER")]
 
 
-def ensure_data(root: str, num_train: int, num_test: int, seed: int) -> dict:
-    from datamodules.generate import GENERATORS, generate_dataset
-    from datamodules.generate.spoken import generate
+def ensure_data(root: str, num_train: int, num_test: int, seed: int, num_val: int = 0) -> dict:
+    from datamodules.generate import generate_dataset
 
-    GENERATORS.setdefault("spoken", generate)  # until 'spoken' is registered in the package
-    return generate_dataset("spoken", root, seed=seed, num_train=num_train, num_test=num_test)
+    return generate_dataset("spoken", root, seed=seed, num_train=num_train, num_test=num_test, num_val=num_val)
 
 
 def run_arm(name: str, args, root: str) -> dict:
@@ -61,7 +62,9 @@ def run_arm(name: str, args, root: str) -> dict:
     model = SpeechTextAligner(d_model=args.d_model, embed_dim=args.d_model, speech_layers=args.speech_layers,
                               text_layers=args.text_layers, heads=4, speech_block=args.block, lr=args.lr,
                               warmup_steps=min(50, args.steps // 10), **ARMS[name])
+    has_val = os.path.isdir(os.path.join(root, "val"))
     dm = AudioTextDataModule(train_shards=os.path.join(root, "train"), val_shards=os.path.join(root, "test"),
+                             extra_val_shards={"select": os.path.join(root, "val")} if has_val else None,
                              batch_size=args.batch_size, num_workers=0, seed=args.seed,
                              preprocess=model.preprocess)
     trainer = pl.Trainer(max_steps=args.steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
@@ -73,7 +76,9 @@ def run_arm(name: str, args, root: str) -> dict:
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1)
     trainer.validate(model, dm, verbose=False)
-    metrics = {k.split("/", 1)[1]: v for k, v in model.eval_results["val"].items()}
+    metrics = {k.split("/", 1)[1]: v for k, v in model.eval_results["val"].items()}  # the test split
+    if has_val:
+        metrics.update({"val_" + k.split("/", 1)[1]: v for k, v in model.eval_results["select"].items()})
     return {"arm": name, "weights": ARMS[name], "train_seconds": round(train_s, 1),
             "seconds_per_step": round(train_s / args.steps, 3), **metrics}
 
@@ -87,6 +92,8 @@ QUESTIONS = [("contrastive+ctc", "contrastive", "speech2text_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "speech2text_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "wer", "lower")]
 TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"), ("wer", 0.3, "lower")]
+# what must agree before --merge joins earlier seeds to this run's
+RECIPE = ("num_train", "num_test", "num_val", "steps", "batch_size", "d_model", "speech_layers", "text_layers", "block", "lr")
 
 
 def table(rows: list[dict]) -> str:
@@ -127,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="spoken dataset folder (generated there if missing)")
     p.add_argument("--num-train", type=int, default=600, help="training clips when generating")
     p.add_argument("--num-test", type=int, default=100, help="held-out-voice/text clips when generating")
+    p.add_argument("--num-val", type=int, default=0,
+                   help="validation clips when generating (own held-out voices and texts; 0: no val split)")
     p.add_argument("--arms", default="contrastive,contrastive+ctc,contrastive+ctc+dtw",
                    help=f"comma-separated subset of {list(ARMS)}")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per arm")
@@ -153,9 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = ensure_data(args.data, args.num_train, args.num_test, seed=0)  # one dataset; seeds vary the runs
+    info = ensure_data(args.data, args.num_train, args.num_test, seed=0, num_val=args.num_val)  # one dataset; seeds vary the runs
     print(f"data {args.data}: {info['splits']}", flush=True)
-    rows = load_rows(args.merge, "rows")
+    rows = load_rows(args.merge, "rows", match={k: getattr(args, k) for k in RECIPE})
     done = {(r["seed"], r["arm"]) for r in rows}
     for seed in args.seeds:
         for name in arms:

@@ -141,13 +141,27 @@ def save(path: str, payload: dict) -> str:
     return path
 
 
-def load_rows(paths, *keys: str) -> list:
-    """The per-seed rows of earlier ``save``d results, concatenated: ``payload[keys[0]][keys[1]]...`` of each file."""
+def load_rows(paths, *keys: str, match: dict | None = None) -> list:
+    """The per-seed rows of earlier ``save``d results, concatenated: ``payload[keys[0]][keys[1]]...`` of each file.
+
+    ``match``: the recipe the rows must share with the run that joins them (steps, data size, model
+    size...). Each key is looked up in the row itself, else in the file's ``config``; a file run with
+    another value, or that did not record the key, is refused: seeds of different recipes must not be
+    averaged into one interval."""
     rows = []
     for path in paths:
         with open(path) as f:
-            node = json.load(f)
+            payload = json.load(f)
+        node = payload
         for k in keys:
             node = node[k]
+        config = payload.get("config") or {}
+        for row in node:
+            for key, want in (match or {}).items():
+                have = row.get(key, config.get(key, "<not recorded>"))
+                if have != want:
+                    raise ValueError(f"{path}: seed {row.get('seed')} was run with {key}={have!r}, this run uses "
+                                     f"{want!r}; only runs of the same recipe can be merged (rerun those seeds, or "
+                                     "run with the same settings).")
         rows += node
     return rows

@@ -46,3 +46,17 @@ def test_save_writes_strict_json(tmp_path):
         data = json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert data["x"] is None and data["i"]["n"] == 2
     assert data["t"]["verdict"].startswith("not shown") and data["t"]["target"] == 0.5
+
+
+def test_load_rows_joins_files_of_one_recipe_and_refuses_another(tmp_path):
+    a = benchstats.save(str(tmp_path / "a.json"), {"config": {"steps": 100, "lr": 0.002}, "rows": [{"seed": 0, "x": 1}]})
+    b = benchstats.save(str(tmp_path / "b.json"), {"config": {"steps": 100, "lr": 0.002}, "rows": [{"seed": 1, "x": 2}]})
+    rows = benchstats.load_rows([a, b], "rows", match={"steps": 100, "lr": 0.002})
+    assert [r["seed"] for r in rows] == [0, 1]
+    with pytest.raises(ValueError, match=r"seed 1 was run with steps=100, this run uses 200"):
+        benchstats.load_rows([b], "rows", match={"steps": 200})
+    # a key recorded per row wins over the file's config; an unrecorded key is refused
+    c = benchstats.save(str(tmp_path / "c.json"), {"peer": {"runs": [{"seed": 2, "epochs": 2}]}})
+    assert benchstats.load_rows([c], "peer", "runs", match={"epochs": 2})[0]["seed"] == 2
+    with pytest.raises(ValueError, match="not recorded"):
+        benchstats.load_rows([c], "peer", "runs", match={"batch": 128})

@@ -99,6 +99,18 @@ def test_splits_disjoint_and_deterministic():
     assert not any(ch.isdigit() for texts in a.train_texts.values() for t in texts for ch in t)
 
 
+def test_val_split_is_disjoint_and_leaves_the_test_partition_alone():
+    plain, carved = spoken.make_splits(0), spoken.make_splits(0, val_fraction=0.1)
+    assert carved.test_voices == plain.test_voices and carved.test_texts == plain.test_texts
+    assert carved.val_voices and set(carved.train_voices) | set(carved.val_voices) == set(plain.train_voices)
+    assert not set(carved.val_voices) & (set(carved.train_voices) | set(carved.test_voices))
+    for kind in spoken.TEXT_KINDS:
+        val, train, test = (set(x[kind]) for x in (carved.val_texts, carved.train_texts, carved.test_texts))
+        assert val and not val & train and not val & test and val | train == set(plain.train_texts[kind])
+    with pytest.raises(ValueError, match="no val split"):
+        plain.plan("val")
+
+
 def _read_tar(path):
     samples = {}
     with tarfile.open(path) as tf:
@@ -148,9 +160,11 @@ def test_make_spoken_script_writes_the_generated_layout(tmp_path):
     spec.loader.exec_module(mod)
     out = tmp_path / "spoken"
     info = mod.main(["--out", str(out), "--num-train", "4", "--num-test", "2", "--num-seen-voice", "2",
-                     "--shard-size", "3", "--seed", "5"])
+                     "--num-val", "2", "--shard-size", "3", "--seed", "5"])
     on_disk = json.loads((out / "info.json").read_text())
-    assert on_disk["dataset"] == "spoken" and on_disk["splits"] == {"train": 4, "test": 2, "test_seen_voice": 2}
+    assert on_disk["dataset"] == "spoken"
+    assert on_disk["splits"] == {"train": 4, "test": 2, "test_seen_voice": 2, "val": 2}
+    assert not set(on_disk["voices"]["val"]) & (set(on_disk["voices"]["train"]) | set(on_disk["voices"]["test"]))
     assert info["splits"] == on_disk["splits"]
     assert sorted(os.listdir(out / "train")) == ["sizes.json", "train-000000.tar", "train-000001.tar"]
     assert not set(on_disk["voices"]["train"]) & set(on_disk["voices"]["test"])

@@ -39,9 +39,9 @@ def _spoken(root: str, **kw):
 
 
 GENERATORS: dict[str, Callable[..., dict]] = {"shapes": _shapes, "digits": _digits, "spoken": _spoken}
-#: the split folders each generator writes (``spoken`` writes ``test_seen_voice`` only on request)
+#: the split folders each generator writes (``spoken`` writes ``val`` and ``test_seen_voice`` only on request)
 SPLITS: dict[str, tuple[str, ...]] = {"shapes": ("train", "val", "test", "heldout"), "digits": ("train", "val", "test"),
-                                      "spoken": ("train", "test", "test_seen_voice")}
+                                      "spoken": ("train", "test", "test_seen_voice", "val")}
 
 
 def write_split(out_dir: str, samples: Iterable[dict], shard_size: int) -> int:

@@ -1,7 +1,9 @@
 """``spoken``: words, digit strings and short sentences spoken by espeak-ng, with word onsets.
 
-Splits: ``train``; ``test`` with held-out voices AND held-out texts; optionally
-``test_seen_voice`` (training voices, held-out texts). Each sample holds ``.flac`` (16 kHz,
+Splits: ``train``; ``test`` with held-out voices AND held-out texts; optionally ``val``, a
+validation split with its own held-out voices AND texts (carved from the training side, disjoint
+from both train and test: choose recipes on it, report on ``test``), and ``test_seen_voice``
+(training voices, the test texts). Each sample holds ``.flac`` (16 kHz,
 16-bit), ``.txt`` (transcript) and ``.json`` (voice, speed, pitch, words, onsets in seconds,
 duration, kind, split). Clips failing ``check_clip`` or onset matching are skipped and counted in
 ``info.json``. Needs espeak-ng (Debian/Ubuntu package: ``apt-get install -y espeak-ng``).
@@ -13,7 +15,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,7 +35,7 @@ _NOUN = "box car dog cat book chair lamp cup bag key hat boat".split()
 _PLACE = ("under the bed", "near the door", "by the window", "behind the house", "beside the tree")
 _TEMPLATES = ("the {a} {n} is {p}", "please put the {a} {n} {p}", "i can see a {a} {n}", "where is the {a} {n}")
 TEXT_KINDS = ("word", "digits", "sentence")
-SPLIT_NAMES = ("train", "test", "test_seen_voice")
+SPLIT_NAMES = ("train", "test", "test_seen_voice", "val")  # order fixes each split's RNG stream
 
 
 def text_pool(seed: int = 0, num_digit_strings: int = 300) -> dict[str, list[str]]:
@@ -59,34 +61,51 @@ def split_items(items: list[str], test_fraction: float, seed: int) -> tuple[list
 @dataclass
 class SpokenSplits:
     """Voices and texts per split. ``test`` uses only held-out voices AND held-out texts;
-    ``test_seen_voice`` pairs training voices with held-out texts (text generalisation only)."""
+    ``val`` (when carved) likewise with voices and texts of its own; ``test_seen_voice`` pairs
+    training voices with the test texts (text generalisation only)."""
 
     train_voices: list[str]
     test_voices: list[str]
     train_texts: dict[str, list[str]]
     test_texts: dict[str, list[str]]
+    val_voices: list[str] = field(default_factory=list)
+    val_texts: dict[str, list[str]] = field(default_factory=dict)
 
     def plan(self, split: str) -> tuple[list[str], dict[str, list[str]]]:
+        if split == "val" and not self.val_voices:
+            raise ValueError("no val split was carved: make_splits(val_fraction > 0)")
         return {
             "train": (self.train_voices, self.train_texts),
             "test": (self.test_voices, self.test_texts),
             "test_seen_voice": (self.train_voices, self.test_texts),
+            "val": (self.val_voices, self.val_texts),
         }[split]
 
 
-def make_splits(seed: int = 0, test_fraction: float = 0.2, voices: tuple[str, ...] = ALL_VOICES) -> SpokenSplits:
-    """Hold out ``test_fraction`` of the voices and of each kind's texts, deterministically.
+def make_splits(seed: int = 0, test_fraction: float = 0.2, voices: tuple[str, ...] = ALL_VOICES,
+                val_fraction: float = 0.0) -> SpokenSplits:
+    """Hold out ``test_fraction`` of the voices and of each kind's texts, deterministically; with
+    ``val_fraction > 0`` hold out that fraction of the *remaining* voices and texts for ``val``.
 
-    A voice is an accent+variant pair: a held-out pair may share its accent or its variant with
-    training pairs, but never both. Held-out texts are whole strings (digit strings and sentences
-    reuse the training vocabulary; the 60 single words are disjoint as words).
+    The test partition does not depend on ``val_fraction``: the same seed gives the same test
+    voices and texts with or without a val split (only the training side shrinks). A voice is an
+    accent+variant pair: a held-out pair may share its accent or its variant with training pairs,
+    but never both. Held-out texts are whole strings (digit strings and sentences reuse the
+    training vocabulary; the 60 single words are disjoint as words).
     """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     pool = text_pool(seed)
     train_v, test_v = split_items(list(voices), test_fraction, seed)
-    tr, te = {}, {}
+    tr, te, va = {}, {}, {}
     for k, kind in enumerate(TEXT_KINDS):
         tr[kind], te[kind] = split_items(pool[kind], test_fraction, seed + 1000 * (k + 1))
-    return SpokenSplits(train_v, test_v, tr, te)
+    val_v: list[str] = []
+    if val_fraction > 0:
+        train_v, val_v = split_items(train_v, val_fraction, seed + 7)
+        for k, kind in enumerate(TEXT_KINDS):
+            tr[kind], va[kind] = split_items(tr[kind], val_fraction, seed + 7 + 1000 * (k + 1))
+    return SpokenSplits(train_v, test_v, tr, te, val_v, va)
 
 
 def spoken_samples(split: str, num_samples: int, splits: SpokenSplits, stats: dict, seed: int = 0,
@@ -136,13 +155,18 @@ def spoken_samples(split: str, num_samples: int, splits: SpokenSplits, stats: di
 
 
 def generate(root: str, seed: int = 0, num_train: int = 600, num_test: int = 100, num_seen_voice: int = 0,
-             shard_size: int = 100, sample_rate: int = 16000, test_fraction: float = 0.2,
-             max_seconds: float = 10.0) -> dict:
-    """Write ``root/<split>/<split>-NNNNNN.tar`` + ``sizes.json`` per split; returns the info dict."""
+             num_val: int = 0, shard_size: int = 100, sample_rate: int = 16000, test_fraction: float = 0.2,
+             val_fraction: float = 0.1, max_seconds: float = 10.0) -> dict:
+    """Write ``root/<split>/<split>-NNNNNN.tar`` + ``sizes.json`` per split; returns the info dict.
+
+    ``num_val > 0`` carves the ``val`` split (``val_fraction`` of the non-test voices and texts);
+    with ``num_val = 0`` training keeps every non-test voice and text."""
     from ..shards import write_shards
 
-    splits = make_splits(seed, test_fraction)
-    counts = {"train": num_train, "test": num_test, "test_seen_voice": num_seen_voice}
+    if num_val < 0:
+        raise ValueError(f"num_val must be >= 0, got {num_val}")
+    splits = make_splits(seed, test_fraction, val_fraction=val_fraction if num_val else 0.0)
+    counts = {"train": num_train, "test": num_test, "test_seen_voice": num_seen_voice, "val": num_val}
     info: dict = {"splits": {}, "seed": seed, "sample_rate": sample_rate, "skipped": {}, "onset_source": {}}
     for split, n in counts.items():
         if n <= 0:
@@ -154,4 +178,6 @@ def generate(root: str, seed: int = 0, num_train: int = 600, num_test: int = 100
         info["skipped"][split] = stats.get("skipped", {})
         info["onset_source"][split] = stats.get("onset_source", {})
     info["voices"] = {"train": splits.train_voices, "test": splits.test_voices}
+    if splits.val_voices:
+        info["voices"]["val"] = splits.val_voices
     return info
