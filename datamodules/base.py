@@ -154,14 +154,15 @@ class StreamingDataModule(pl.LightningDataModule):
         """Subclass hook: validate the indexed text members (e.g. labels) of one shard."""
 
     # ---- preparation --------------------------------------------------------------------------
-    def _generated_roots(self) -> set[str]:
+    def _generated_roots(self) -> dict[str, set[str]]:
         """Roots of the built-in dataset to create: the parents of configured split folders that do
         not exist. A missing folder is only generated when it can be what the generator writes: its
         root is named after the dataset (``.../shapes``, ``.../shapes32``) and the split is one the
-        generator knows; anything else is a typo and fails instead of silently creating a dataset."""
+        generator knows; anything else is a typo and fails instead of silently creating a dataset.
+        Returns ``{root: {missing split folders}}``."""
         from .generate import SPLITS
 
-        roots = set()
+        roots: dict[str, set[str]] = {}
         for key, spec in self.shards.items():
             for s in [spec] if isinstance(spec, str) else (spec or []):
                 if _is_remote(s) or os.path.exists(s):
@@ -175,7 +176,7 @@ class StreamingDataModule(pl.LightningDataModule):
                 if split not in SPLITS[self.generate]:
                     raise ShardError(f"{what}: '{s}' does not exist and '{split}' is not a split of the built-in "
                                      f"'{self.generate}' dataset ({', '.join(SPLITS[self.generate])}). Fix the split name.")
-                roots.add(root)
+                roots.setdefault(root, set()).add(split)
         return roots
 
     @staticmethod
@@ -189,8 +190,13 @@ class StreamingDataModule(pl.LightningDataModule):
             return
         from .generate import generate_dataset
 
-        for root in self._generated_roots():
+        for root, splits in self._generated_roots().items():
             generate_dataset(self.generate, root, **self.generate_kwargs)
+            absent = sorted(s for s in splits if not os.path.exists(os.path.join(root, s)))
+            if absent:  # an earlier, complete dataset at root was generated without these splits
+                raise ShardError(f"'{root}' holds a '{self.generate}' dataset generated earlier without the split(s) "
+                                 f"{absent} this config reads (generate_kwargs {self.generate_kwargs}). Delete '{root}' "
+                                 "to regenerate it, or point data_root elsewhere.")
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer  # set by Lightning when the datamodule is attached

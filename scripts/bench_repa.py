@@ -111,11 +111,14 @@ def build_arm(name: str, args, teacher_ckpt: str, fd_samples: int):
     backbone, align = ARMS[name]
     if backbone == "dit" and align["mode"] != "none":
         align = {**align, "hook_point": args.dit_hook}
+    if align["mode"] != "none":
+        align = {**align, **args.align_kwargs}
     kwargs = {**DIT, **args.dit_kwargs} if backbone == "dit" else {**UNET, **args.unet_kwargs}
     fd_net = NetworkSpec(kind="classifier", checkpoint=args.fd_ckpt) if args.fd_ckpt else None
     return FlowMatchingDiffusion(
-        diffusion=DiffusionSpec(backbone=backbone, backbone_kwargs=kwargs, image_size=32, num_classes=36),
-        align=AlignSpec(weight=0.5, projector_dim=512, **align),
+        diffusion=DiffusionSpec(**{"backbone": backbone, "backbone_kwargs": kwargs, "image_size": 32, "num_classes": 36,
+                                   **args.diffusion_kwargs}),
+        align=AlignSpec(**{"weight": 0.5, "projector_dim": 512, **align}),
         teacher=TeacherSpec(**(MOBILENET if args.teacher == "mobilenetv2" else dict(kind="classifier")),
                             checkpoint=teacher_ckpt, interpolate_tokens=TEACHERS[args.teacher][1]),
         fd=FDSpec(network=fd_net, num_samples=fd_samples, sample_steps=args.fd_steps),
@@ -278,6 +281,10 @@ def main() -> None:
     p.add_argument("--dit-kwargs", type=json.loads, default="{}", help='JSON overrides of the DiT size, e.g. \'{"num_layers": 4}\'')
     p.add_argument("--dit-hook", default="transformer_blocks.1", help="DiT module whose output REPA aligns")
     p.add_argument("--unet-kwargs", type=json.loads, default="{}", help="JSON overrides of the UNet size")
+    p.add_argument("--align-kwargs", type=json.loads, default="{}",
+                   help='JSON AlignSpec overrides of every aligned arm, e.g. \'{"weight": 2.0, "projector_dim": 256}\'')
+    p.add_argument("--diffusion-kwargs", type=json.loads, default="{}",
+                   help='JSON DiffusionSpec overrides of every arm, e.g. \'{"label_dropout": 1.0}\' (unconditional)')
     p.add_argument("--overhead-reps", type=int, default=20, help="interleaved timing rounds; 0 = skip")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--accelerator", default="auto")

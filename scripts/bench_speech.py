@@ -60,8 +60,8 @@ def run_arm(name: str, args, root: str) -> dict:
 
     pl.seed_everything(args.seed, verbose=False)
     model = SpeechTextAligner(d_model=args.d_model, embed_dim=args.d_model, speech_layers=args.speech_layers,
-                              text_layers=args.text_layers, heads=4, speech_block=args.block, lr=args.lr,
-                              warmup_steps=min(50, args.steps // 10), **ARMS[name])
+                              text_layers=args.text_layers, shared_layers=args.shared_layers, heads=4,
+                              speech_block=args.block, lr=args.lr, warmup_steps=min(50, args.steps // 10), **ARMS[name])
     has_val = os.path.isdir(os.path.join(root, "val"))
     dm = AudioTextDataModule(train_shards=os.path.join(root, "train"), val_shards=os.path.join(root, "test"),
                              extra_val_shards={"select": os.path.join(root, "val")} if has_val else None,
@@ -93,7 +93,8 @@ QUESTIONS = [("contrastive+ctc", "contrastive", "speech2text_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "wer", "lower")]
 TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"), ("wer", 0.3, "lower")]
 # what must agree before --merge joins earlier seeds to this run's
-RECIPE = ("num_train", "num_test", "num_val", "steps", "batch_size", "d_model", "speech_layers", "text_layers", "block", "lr")
+RECIPE = ("num_train", "num_test", "num_val", "steps", "batch_size", "d_model", "speech_layers", "text_layers", "shared_layers", "block",
+          "lr")
 
 
 def table(rows: list[dict]) -> str:
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--d-model", type=int, default=96)
     p.add_argument("--speech-layers", type=int, default=2)
     p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--shared-layers", type=int, default=0, help="upper blocks shared by both modalities (joint encoder)")
     p.add_argument("--block", choices=("conformer", "transformer"), default="conformer")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model / data-order seeds")

@@ -55,3 +55,23 @@ def test_interrupted_generation_is_not_mistaken_for_data(tmp_path):
     (tmp_path / "shapes" / "junk").write_text("x")
     with pytest.raises(FileExistsError, match="interrupted"):
         generate_dataset("shapes", str(tmp_path / "shapes"))
+
+
+def test_an_earlier_dataset_with_other_settings_is_named_and_a_missing_split_refused(tmp_path, caplog):
+    """A generated folder is reused as it is; settings it was not made with are reported, and a split
+    the config reads but the folder lacks (generated before that split existed) stops with advice."""
+    from datamodules import ImageTextDataModule, ShardError
+
+    root = str(tmp_path / "shapes")
+    small = dict(num_train=20, num_val=4, num_test=4, num_heldout=4, shard_size=10)
+    generate_dataset("shapes", root, **small)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="datamodules.generate"):
+        generate_dataset("shapes", root, **{**small, "num_train": 40})
+    assert "num_train=20 (asked: 40)" in caplog.text and "Delete the folder" in caplog.text
+    os.rename(os.path.join(root, "heldout"), str(tmp_path / "moved"))  # as if made by an older generator
+    dm = ImageTextDataModule(data_root=str(tmp_path), train_shards="shapes/train", val_shards="shapes/val",
+                             extra_val_shards={"heldout": "shapes/heldout"}, generate="shapes", generate_kwargs=small,
+                             num_workers=0)
+    with pytest.raises(ShardError, match=r"without the split\(s\) \['heldout'\].*Delete"):
+        dm.prepare_data()

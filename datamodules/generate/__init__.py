@@ -65,6 +65,10 @@ def generate_dataset(name: str, root: str, **kwargs) -> dict:
             info = json.load(f)
         if info.get("dataset") != name:
             raise ValueError(f"'{root}' already holds dataset '{info.get('dataset')}', not '{name}'.")
+        differ = _differences(info, kwargs)
+        if differ:
+            log.warning("'%s' was generated earlier with %s; it is used as it is. Delete the folder to regenerate it "
+                        "with these settings.", root, ", ".join(differ))
         return info
     if os.path.exists(root) and os.listdir(root):
         raise FileExistsError(f"'{root}' exists but holds no complete generated dataset ({INFO_FILE} missing). "
@@ -75,7 +79,7 @@ def generate_dataset(name: str, root: str, **kwargs) -> dict:
     log.warning("generating built-in dataset '%s' into %s (first use; this happens once)", name, root)
     try:
         info = GENERATORS[name](tmp, **kwargs)
-        info = {"dataset": name, **info}
+        info = {"dataset": name, **info, "generate_kwargs": kwargs}
         with open(os.path.join(tmp, INFO_FILE), "w") as f:
             json.dump(info, f, indent=1)
         if os.path.isdir(root) and not os.listdir(root):
@@ -90,6 +94,25 @@ def generate_dataset(name: str, root: str, **kwargs) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
     log.warning("generated '%s' at %s: %s", name, root, {k: v for k, v in info.items() if k == "splits"})
     return info
+
+
+def _differences(info: dict, kwargs: dict) -> list[str]:
+    """``key=old (asked: new)`` for each generation setting an existing dataset was not made with: from
+    the settings it recorded, or for older datasets from its split sizes (``num_<split>``)."""
+    recorded = info.get("generate_kwargs") or {}
+    out = []
+    for key, want in kwargs.items():
+        if key in recorded:
+            have = recorded[key]
+        elif key.startswith("num_") and key[4:] in info.get("splits", {}):
+            have = info["splits"][key[4:]]
+        elif key.startswith("num_") and want:  # a split asked for that the dataset does not have
+            have = 0
+        else:
+            continue
+        if have != want:
+            out.append(f"{key}={have} (asked: {want})")
+    return out
 
 
 def encode_image(img, fmt: str) -> bytes:
