@@ -22,7 +22,7 @@ def data_root(tmp_path_factory):
     generate_dataset("digits", str(root / "digits"))
     generate_dataset("shapes", str(root / "shapes"), num_train=400, num_val=64, num_test=64, num_heldout=64,
                      shard_size=50)
-    generate_dataset("spoken", str(root / "spoken"), num_train=32, num_test=8, shard_size=8)
+    generate_dataset("spoken", str(root / "spoken"), num_train=32, num_test=8, num_val=8, shard_size=8)
     return str(root)
 
 
