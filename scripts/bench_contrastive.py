@@ -310,7 +310,7 @@ def main() -> None:
     p.add_argument("--c-steps", type=int, default=300)
     p.add_argument("--c-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of parts c and d")
     p.add_argument("--c-tune-batch", type=int, default=64, help="batch at which lr / bias are tuned (seed 0, val)")
-    p.add_argument("--c-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
+    p.add_argument("--c-lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
     p.add_argument("--c-biases", type=float, nargs="+", default=[-10.0, -5.0], help="SigLIP bias inits tried")
     p.add_argument("--d-batch", type=int, default=128)
     p.add_argument("--d-steps", type=int, default=300)

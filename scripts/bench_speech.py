@@ -90,6 +90,7 @@ QUESTIONS = [("contrastive+ctc", "contrastive", "speech2text_r1", "higher"),
              ("contrastive+ctc+dtw_l2", "contrastive+ctc", "speech2text_r1", "higher"),
              ("contrastive+ctc+dtw_l2", "contrastive+ctc", "wer", "lower"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "speech2text_r1", "higher"),
+             ("contrastive+ctc+sdtw", "contrastive+ctc", "text2speech_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "wer", "lower")]
 TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"), ("wer", 0.3, "lower")]
 # what must agree before --merge joins earlier seeds to this run's
@@ -115,12 +116,13 @@ def verdicts(rows: list[dict]) -> dict:
     for r in rows:
         by.setdefault(r["arm"], []).append(r)
     out = {"comparisons": {}, "targets": {}}
-    for a, b, metric, better in QUESTIONS:
-        if a in by and b in by and metric in by[a][0] and metric in by[b][0]:
-            c = compare([r[metric] for r in by[a]], [r[metric] for r in by[b]])
-            out["comparisons"][f"{a} vs {b}: {metric}"] = {
-                "diff": c.diff, "p": c.p_value, "significant": c.significant,
-                "verdict": c.verdict(better).replace("A", a).replace("B", b)}
+    for a, b, base, better in QUESTIONS:
+        for metric in (base, "val_" + base):  # the val split too, where the data has one
+            if a in by and b in by and metric in by[a][0] and metric in by[b][0]:
+                c = compare([r[metric] for r in by[a]], [r[metric] for r in by[b]])
+                out["comparisons"][f"{a} vs {b}: {metric}"] = {
+                    "diff": c.diff, "p": c.p_value, "significant": c.significant,
+                    "verdict": c.verdict(better).replace("A", a).replace("B", b)}
     for arm, rs in by.items():
         for metric, target, better in TARGETS:
             if metric in rs[0]:

@@ -34,9 +34,13 @@ DATASETS = {  # clean test split, labelled source split, label key
     "shapes": ("shapes/test", "shapes/train", "shape_id"),
 }
 ARMS = ("source", "norm", "tent", "filter", "filter_batch", "cafa_classwise", "cafa_shared")
-QUESTIONS = [("filter_batch", "filter", 0, "lower"), ("filter_batch", "tent", 0, "lower"), ("filter", "tent", 0, "lower"),
+# (arm A, arm B, round index, which error is better): Welch's test of A against B at that round
+QUESTIONS = [("norm", "source", 0, "lower"), ("tent", "norm", 0, "lower"), ("cafa_classwise", "tent", 0, "lower"),
+             ("filter_batch", "filter", 0, "lower"), ("filter_batch", "tent", 0, "lower"), ("filter", "tent", 0, "lower"),
              ("cafa_classwise", "cafa_shared", 0, "lower"), ("cafa_classwise", "cafa_shared", -1, "lower"),
              ("filter", "tent", -1, "lower"), ("tent", "norm", -1, "lower")]
+# arms whose drift over the stream is tested: the last round against round 1 (paired by seed)
+DRIFT = ("tent", "filter", "filter_batch", "cafa_classwise", "cafa_shared")
 
 
 def build_arms(model, stream, arms, shrinkage, source_samples, log):
@@ -112,6 +116,15 @@ def summarise(results, arms, rounds):
                 key = f"{name}: {a} vs {b}, round {idx + 1 if idx >= 0 else rounds}"
                 verdicts[key] = {"diff_pct_points": c.diff, "p": c.p_value, "significant": c.significant,
                                  "overlap": c.overlap, "verdict": c.verdict(better).replace("A", a).replace("B", b)}
+                lines.append(f"  {key}: {c.diff:+.2f} points, {verdicts[key]['verdict']}")
+        for a in DRIFT:
+            if a in arms and rounds > 1:
+                c = compare([r["error_by_round"][a][-1] for r in runs], [r["error_by_round"][a][0] for r in runs],
+                            paired=True)
+                key = f"{name}: {a} round {rounds} vs round 1"
+                verdicts[key] = {"diff_pct_points": c.diff, "p": c.p_value, "significant": c.significant,
+                                 "overlap": c.overlap, "verdict": c.verdict("lower").replace("A", f"round {rounds}")
+                                 .replace("B", "round 1")}
                 lines.append(f"  {key}: {c.diff:+.2f} points, {verdicts[key]['verdict']}")
     return "\n".join(lines), verdicts
 

@@ -64,14 +64,20 @@ class Comparison:
         return f"{'A' if a_better else 'B'} better (p={self.p_value:.3f})"
 
 
-def compare(a, b, alpha: float = 0.05) -> Comparison:
-    """Welch's two-sided t-test between two arms' per-seed values."""
+def compare(a, b, alpha: float = 0.05, paired: bool = False) -> Comparison:
+    """Welch's two-sided t-test between two arms' per-seed values; ``paired=True``: the paired t-test
+    (``a[i]`` and ``b[i]`` come from the same seed, e.g. one arm early and late in a stream)."""
     from scipy import stats
 
     ia, ib = interval(a), interval(b)
     if ia.n < 2 or ib.n < 2:
         return Comparison(ia.mean - ib.mean, float("nan"), False, True)
-    res = stats.ttest_ind([float(x) for x in a], [float(x) for x in b], equal_var=False)
+    if paired:
+        if ia.n != ib.n:
+            raise ValueError(f"a paired comparison needs as many values in each arm, got {ia.n} and {ib.n}")
+        res = stats.ttest_rel([float(x) for x in a], [float(x) for x in b])
+    else:
+        res = stats.ttest_ind([float(x) for x in a], [float(x) for x in b], equal_var=False)
     p = float(res.pvalue) if not math.isnan(float(res.pvalue)) else 1.0
     overlap = not (ia.high < ib.low or ib.high < ia.low)
     return Comparison(ia.mean - ib.mean, p, p < alpha, overlap)

@@ -31,6 +31,16 @@ def test_compare_separates_distinct_arms_only():
     assert far.verdict("higher").startswith("A better") and far.verdict("lower").startswith("B better")
 
 
+def test_paired_compare_sees_a_consistent_shift_that_welch_misses():
+    # the same seeds early and late: each seed moves by about +0.1, but seeds differ by much more
+    early, late = [1.0, 2.0, 3.0, 4.0], [1.11, 2.09, 3.1, 4.1]
+    assert not benchstats.compare(late, early).significant
+    paired = benchstats.compare(late, early, paired=True)
+    assert paired.significant and paired.diff == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="as many values"):
+        benchstats.compare([1.0, 2.0, 3.0], [1.0, 2.0], paired=True)
+
+
 def test_against_says_holds_fails_or_not_shown():
     assert benchstats.against([0.92, 0.93, 0.94], 0.90).verdict == "holds"
     assert benchstats.against([0.50, 0.52, 0.51], 0.60).verdict == "fails"
