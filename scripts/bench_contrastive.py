@@ -272,7 +272,7 @@ def siglip_vs_clip(a, rows: list, save) -> dict:
             row[split] = {"clip": interval(vals["clip"]), "siglip": interval(vals["siglip"]),
                           "siglip_minus_clip": c.diff, "p": c.p_value, "significant": c.significant,
                           "holds": bool(c.diff >= 0 or not c.significant),
-                          "verdict": c.verdict().replace("A", "SigLIP").replace("B", "CLIP")}
+                          "verdict": c.verdict(names=("SigLIP", "CLIP"))}
         table.append(row)
     return {"tuned": tuned, "steps": a.c_steps, "seeds": a.c_seeds, "table": table}
 
@@ -292,7 +292,7 @@ def text_tower(a, rows: list, save) -> dict:
         for s in ("heldout", "val"):
             c = compare([r[f"{s}_zeroshot_top1"] for r in out[x]["runs"]], [r[f"{s}_zeroshot_top1"] for r in out[y]["runs"]])
             verdicts[f"{x} vs {y}, {s}"] = {"diff": c.diff, "p": c.p_value,
-                                            "verdict": c.verdict().replace("A", x).replace("B", y)}
+                                            "verdict": c.verdict(names=(x, y))}
     out["verdicts"] = verdicts
     return out
 
@@ -348,7 +348,7 @@ def main() -> None:
         ratios = [r["ratio"] for r in reps]
         c = compare(ours, plain)
         result["a_throughput"] = {"runs": reps, "ratio": interval(ratios), "p": c.p_value,
-                                  "verdict": c.verdict().replace("A", "mmalign").replace("B", "plain")}
+                                  "verdict": c.verdict(names=("mmalign", "plain"))}
         print(f"\n(a) training throughput, same model/batches/optimizer; mean ± 95% interval over {a.reps} seeds")
         print(f"  mmalign fit  {cell(ours):>14} samples/s")
         print(f"  plain torch  {cell(plain):>14} samples/s   (open_clip ClipLoss)")
@@ -368,7 +368,7 @@ def main() -> None:
                 r = next(r for r in runs if r["world"] == w and r["exchange"] == ex)
                 print(f"  {w:>5} {ex:>8} {cell(ms[ex]):>14} {r['saved_for_backward_mib']:>10.2f} {r['loss_rank0']:>9.4f}")
             c = compare(ms["ring"], ms["gather"])
-            print(f"        ring vs gather: {c.verdict('lower').replace('A', 'ring').replace('B', 'gather')}")
+            print(f"        ring vs gather: {c.verdict('lower', names=('ring', 'gather'))}")
         save()
     if "c" in a.parts:
         rows = result.setdefault("runs", [])

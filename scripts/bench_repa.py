@@ -219,14 +219,14 @@ def summarise(results: list[dict], overhead: dict | None) -> dict:
                                  "half_the_steps": against(per_seed, 2.0) if per_seed else None}
         c = compare(list(final[a].values()), list(final[base].values()))
         summary["final_fd_tests"][f"{a} vs {base}"] = {"diff": c.diff, "p": c.p_value, "significant": c.significant,
-                                                      "verdict": c.verdict("lower").replace("A", a).replace("B", base)}
+                                                      "verdict": c.verdict("lower", names=(a, base))}
         # the interleaved measurement when there is one: per-run medians come from different moments
         summary["overhead"][a] = overhead["ratio"][a] if overhead else step_s[a] / step_s[base]
     if "unet_urepa" in final and "unet_cos" in final:
         c = compare(list(final["unet_urepa"].values()), list(final["unet_cos"].values()))
         summary["final_fd_tests"]["unet_urepa vs unet_cos"] = {
             "diff": c.diff, "p": c.p_value, "significant": c.significant,
-            "verdict": c.verdict("lower").replace("A", "unet_urepa (manifold)").replace("B", "unet_cos")}
+            "verdict": c.verdict("lower", names=("unet_urepa (manifold)", "unet_cos"))}
     return summary
 
 

@@ -94,8 +94,8 @@ QUESTIONS = [("contrastive+ctc", "contrastive", "speech2text_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "wer", "lower")]
 TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"), ("wer", 0.3, "lower")]
 # what must agree before --merge joins earlier seeds to this run's
-RECIPE = ("num_train", "num_test", "num_val", "steps", "batch_size", "d_model", "speech_layers", "text_layers", "shared_layers", "block",
-          "lr")
+RECIPE = ("num_train", "num_test", "num_val", "steps", "batch_size", "d_model", "speech_layers", "text_layers",
+          "shared_layers", "block", "lr")
 
 
 def table(rows: list[dict]) -> str:
@@ -122,7 +122,7 @@ def verdicts(rows: list[dict]) -> dict:
                 c = compare([r[metric] for r in by[a]], [r[metric] for r in by[b]])
                 out["comparisons"][f"{a} vs {b}: {metric}"] = {
                     "diff": c.diff, "p": c.p_value, "significant": c.significant,
-                    "verdict": c.verdict(better).replace("A", a).replace("B", b)}
+                    "verdict": c.verdict(better, names=(a, b))}
     for arm, rs in by.items():
         for metric, target, better in TARGETS:
             if metric in rs[0]:

@@ -110,22 +110,20 @@ def summarise(results, arms, rounds):
         tp = {a: sum(r["images_per_s"][a] for r in runs) / len(runs) for a in arms}
         lines.append(f"{name:<8}{'x source speed':<16}" + "".join(
             f"{tp[a] / tp['source']:>16.2f}" if "source" in tp else f"{'':>16}" for a in arms))
+        def record(key, c, better, names):
+            verdicts[key] = {"diff_pct_points": c.diff, "p": c.p_value, "significant": c.significant,
+                             "overlap": c.overlap, "verdict": c.verdict(better, names=names)}
+            lines.append(f"  {key}: {c.diff:+.2f} points, {verdicts[key]['verdict']}")
+
+        err = lambda arm, idx: [r["error_by_round"][arm][idx] for r in runs]  # noqa: E731
         for a, b, idx, better in QUESTIONS:
             if a in arms and b in arms:
-                c = compare([r["error_by_round"][a][idx] for r in runs], [r["error_by_round"][b][idx] for r in runs])
-                key = f"{name}: {a} vs {b}, round {idx + 1 if idx >= 0 else rounds}"
-                verdicts[key] = {"diff_pct_points": c.diff, "p": c.p_value, "significant": c.significant,
-                                 "overlap": c.overlap, "verdict": c.verdict(better).replace("A", a).replace("B", b)}
-                lines.append(f"  {key}: {c.diff:+.2f} points, {verdicts[key]['verdict']}")
+                record(f"{name}: {a} vs {b}, round {idx + 1 if idx >= 0 else rounds}", compare(err(a, idx), err(b, idx)),
+                       better, (a, b))
         for a in DRIFT:
             if a in arms and rounds > 1:
-                c = compare([r["error_by_round"][a][-1] for r in runs], [r["error_by_round"][a][0] for r in runs],
-                            paired=True)
-                key = f"{name}: {a} round {rounds} vs round 1"
-                verdicts[key] = {"diff_pct_points": c.diff, "p": c.p_value, "significant": c.significant,
-                                 "overlap": c.overlap, "verdict": c.verdict("lower").replace("A", f"round {rounds}")
-                                 .replace("B", "round 1")}
-                lines.append(f"  {key}: {c.diff:+.2f} points, {verdicts[key]['verdict']}")
+                record(f"{name}: {a} round {rounds} vs round 1", compare(err(a, -1), err(a, 0), paired=True),
+                       "lower", (f"round {rounds}", "round 1"))
     return "\n".join(lines), verdicts
 
 

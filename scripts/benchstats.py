@@ -57,11 +57,12 @@ class Comparison:
     significant: bool
     overlap: bool  # the two 95% intervals overlap (then 5 seeds are wanted)
 
-    def verdict(self, better: str = "higher") -> str:
+    def verdict(self, better: str = "higher", names: tuple[str, str] = ("A", "B")) -> str:
+        """``'<name> better (p=...)'`` or ``'no significant difference (p=...)'``; ``names`` are arms a and b."""
         if not self.significant:
             return f"no significant difference (p={self.p_value:.2f})"
         a_better = self.diff > 0 if better == "higher" else self.diff < 0
-        return f"{'A' if a_better else 'B'} better (p={self.p_value:.3f})"
+        return f"{names[0] if a_better else names[1]} better (p={self.p_value:.3f})"
 
 
 def compare(a, b, alpha: float = 0.05, paired: bool = False) -> Comparison:

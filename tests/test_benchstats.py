@@ -29,6 +29,7 @@ def test_compare_separates_distinct_arms_only():
     assert not same.significant and same.overlap
     assert far.significant and not far.overlap and far.diff == pytest.approx(1.0)
     assert far.verdict("higher").startswith("A better") and far.verdict("lower").startswith("B better")
+    assert far.verdict("lower", names=("ring", "gather")).startswith("gather better")
 
 
 def test_paired_compare_sees_a_consistent_shift_that_welch_misses():
