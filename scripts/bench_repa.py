@@ -117,12 +117,12 @@ def build_arm(name: str, args, teacher_ckpt: str, fd_samples: int):
     fd_net = NetworkSpec(kind="classifier", checkpoint=args.fd_ckpt) if args.fd_ckpt else None
     return FlowMatchingDiffusion(
         diffusion=DiffusionSpec(**{"backbone": backbone, "backbone_kwargs": kwargs, "image_size": 32, "num_classes": 36,
-                                   **args.diffusion_kwargs}),
+                                   "ema_decay": args.ema_decay, **args.diffusion_kwargs}),
         align=AlignSpec(**{"weight": 0.5, "projector_dim": 512, **align}),
         teacher=TeacherSpec(**(MOBILENET if args.teacher == "mobilenetv2" else dict(kind="classifier")),
                             checkpoint=teacher_ckpt, interpolate_tokens=TEACHERS[args.teacher][1]),
         fd=FDSpec(network=fd_net, num_samples=fd_samples, sample_steps=args.fd_steps),
-        optim=OptimSpec(lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay))
+        optim=OptimSpec(lr=args.lr, warmup_steps=args.warmup_steps, schedule="constant", grad_clip=1.0))
 
 
 def measure_overhead(args, teacher_ckpt: str, reps: int) -> dict:

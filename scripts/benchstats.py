@@ -1,4 +1,15 @@
-"""Seed statistics and result files, shared by every ``scripts/bench_*.py``.
+"""Seed statistics, the evidence protocol and result files, shared by every ``scripts/bench_*.py``.
+
+The protocol (declared here once; ``docs/benchmarks.md`` states it):
+
+- **Seeds are fixed before running**: ``REPORT_SEEDS`` (5) unless a benchmark documents another count
+  up front. More seeds are *pooled* with the first ones, never swapped for them.
+- **Tuning runs use ``TUNING_SEEDS``**, which are never reported; recipes are chosen on val and reported
+  on test / held-out, read once per recipe.
+- **A failed seed stops the summary** (``MissingSeedError``): a None/NaN value never silently vanishes.
+- **Paired tests** where arms share seeds or streams (``compare(paired=True)``).
+- **Holm correction** across the claims of one table (``ClaimTable``); each claim's verdict is
+  ``holds``, ``fails`` or ``not shown``.
 
 ``interval(values)`` is the mean with a 95% confidence interval (Student t over the seeds);
 ``compare(a, b)`` says whether two arms differ (Welch's t-test, two-sided, p < 0.05) and by how
@@ -14,6 +25,25 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass
+
+
+#: the seeds every benchmark reports by default; tuning uses TUNING_SEEDS, which are never reported
+REPORT_SEEDS = (0, 1, 2, 3, 4)
+TUNING_SEEDS = (100, 101, 102)
+
+
+class MissingSeedError(ValueError):
+    """A seed's value is None or NaN: the run failed or diverged, and the summary must say so."""
+
+
+def _values(values, what: str = "values") -> list[float]:
+    xs = []
+    for i, v in enumerate(values):
+        if v is None or math.isnan(float(v)):
+            raise MissingSeedError(f"{what}: entry {i} is {v!r} (a failed or diverged seed). Rerun that seed, or "
+                                   "report the failure; a summary never drops a seed silently.")
+        xs.append(float(v))
+    return xs
 
 
 @dataclass(frozen=True)
@@ -39,8 +69,9 @@ def _t95(dof: int) -> float:
 
 
 def interval(values) -> Interval:
-    """Mean and 95% confidence interval of ``values`` (one per seed)."""
-    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    """Mean and 95% confidence interval of ``values`` (one per seed); a None/NaN seed raises
+    ``MissingSeedError``."""
+    xs = _values(values)
     if not xs:
         return Interval(float("nan"), float("nan"), 0, float("nan"))
     mean = sum(xs) / len(xs)
@@ -59,6 +90,8 @@ class Comparison:
 
     def verdict(self, better: str = "higher", names: tuple[str, str] = ("A", "B")) -> str:
         """``'<name> better (p=...)'`` or ``'no significant difference (p=...)'``; ``names`` are arms a and b."""
+        if math.isnan(self.p_value):
+            return "no difference (identical values)" if self.diff == 0 else "not testable (fewer than 2 seeds)"
         if not self.significant:
             return f"no significant difference (p={self.p_value:.2f})"
         a_better = self.diff > 0 if better == "higher" else self.diff < 0
@@ -79,9 +112,9 @@ def compare(a, b, alpha: float = 0.05, paired: bool = False) -> Comparison:
         res = stats.ttest_rel([float(x) for x in a], [float(x) for x in b])
     else:
         res = stats.ttest_ind([float(x) for x in a], [float(x) for x in b], equal_var=False)
-    p = float(res.pvalue) if not math.isnan(float(res.pvalue)) else 1.0
+    p = float(res.pvalue)  # NaN when every difference is 0: reported as such, never turned into 1.0
     overlap = not (ia.high < ib.low or ib.high < ia.low)
-    return Comparison(ia.mean - ib.mean, p, p < alpha, overlap)
+    return Comparison(ia.mean - ib.mean, p, bool(p < alpha), overlap)
 
 
 @dataclass(frozen=True)
@@ -111,13 +144,77 @@ def against(values, target: float, better: str = "higher") -> Target:
     i = interval(values)
     p = float("nan")
     if i.n >= 2 and i.sd > 0:
-        p = float(stats.ttest_1samp([float(v) for v in values], target).pvalue)
+        p = float(stats.ttest_1samp(_values(values), target).pvalue)
     return Target(float(target), better, i, p)
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone); NaN p-values stay NaN and do not count."""
+    valid = sorted(((p, k) for k, p in p_values.items() if not math.isnan(p)))
+    m, out, running = len(valid), {k: float("nan") for k in p_values}, 0.0
+    for i, (p, k) in enumerate(valid):
+        running = max(running, min(1.0, (m - i) * p))
+        out[k] = running
+    return out
+
+
+@dataclass
+class ClaimTable:
+    """The claims of one table, decided together under Holm correction.
+
+    ``better(name, a, b, paired=...)``: "arm a is better than arm b" (``higher`` or ``lower`` is better);
+    ``target(name, values, target, better)``: a floor or ceiling. ``decide()`` returns one row per claim:
+    ``holds`` (adjusted p < alpha in the claimed direction; for a target, the whole 95% interval on the
+    right side, at the Holm-adjusted level), ``fails`` (significant the other way / the whole interval on
+    the wrong side) or ``not shown``.
+    """
+
+    alpha: float = 0.05
+    claims: list = None
+
+    def __post_init__(self) -> None:
+        self.claims = []
+
+    def better(self, name: str, a, b, higher_is_better: bool = True, paired: bool = False) -> None:
+        c = compare(a, b, self.alpha, paired=paired)
+        sign = 1 if higher_is_better else -1
+        self.claims.append({"claim": name, "kind": "better", "diff": c.diff, "p": c.p_value,
+                            "direction_ok": sign * c.diff > 0, "paired": paired,
+                            "a": interval(a), "b": interval(b)})
+
+    def target(self, name: str, values, target: float, better: str = "higher") -> None:
+        t = against(values, target, better)
+        right = (t.interval.mean >= target) if better == "higher" else (t.interval.mean <= target)
+        self.claims.append({"claim": name, "kind": "target", "diff": t.interval.mean - target, "p": t.p_value,
+                            "direction_ok": right, "interval": t.interval, "target": target, "better": better})
+
+    def decide(self) -> list[dict]:
+        adjusted = holm({str(i): c["p"] for i, c in enumerate(self.claims)})
+        rows = []
+        for i, c in enumerate(self.claims):
+            p_adj = adjusted[str(i)]
+            if math.isnan(p_adj):
+                verdict = "not shown"
+            elif p_adj < self.alpha:
+                verdict = "holds" if c["direction_ok"] else "fails"
+            else:
+                verdict = "not shown"
+            rows.append({**c, "p_holm": p_adj, "verdict": verdict})
+        return rows
+
+    def print(self, title: str = "claims") -> list[dict]:
+        rows = self.decide()
+        print(f"\n{title} (Holm over {len(rows)} claims, alpha {self.alpha})")
+        for r in rows:
+            p = "n/a" if math.isnan(r["p"]) else f"{r['p']:.3g}"
+            ph = "n/a" if math.isnan(r["p_holm"]) else f"{r['p_holm']:.3g}"
+            print(f"  {r['verdict']:<10} {r['claim']}  (diff {r['diff']:+.4g}, p {p}, Holm p {ph})")
+        return rows
 
 
 def cell(values, digits: int = 1, scale: float = 1.0) -> str:
     """``mean ± half-width`` of the 95% interval (just the mean for one seed)."""
-    i = interval([v * scale for v in values])
+    i = interval([None if v is None else v * scale for v in values])
     if i.n == 0:
         return "n/a"
     if i.n < 2:

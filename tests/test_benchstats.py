@@ -18,8 +18,12 @@ def test_interval_is_the_student_t_interval():
     i = benchstats.interval(xs)
     lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=sum(xs) / 4, scale=stats.sem(xs))
     assert (i.n, i.low, i.high) == (4, pytest.approx(lo), pytest.approx(hi))
-    one = benchstats.interval([0.5, float("nan")])  # nan runs are dropped; one value has no interval
+    one = benchstats.interval([0.5])  # one value has no interval
     assert one.n == 1 and one.mean == 0.5 and math.isnan(one.half_width)
+    # a failed seed (None/NaN) stops the summary by name instead of vanishing from it
+    for bad in (float("nan"), None):
+        with pytest.raises(benchstats.MissingSeedError, match="entry 1"):
+            benchstats.interval([0.5, bad, 0.7])
     assert benchstats.cell([0.5, 0.7], 1, 100).startswith("60.0 ± ")
 
 
@@ -71,3 +75,28 @@ def test_load_rows_joins_files_of_one_recipe_and_refuses_another(tmp_path):
     assert benchstats.load_rows([c], "peer", "runs", match={"epochs": 2})[0]["seed"] == 2
     with pytest.raises(ValueError, match="not recorded"):
         benchstats.load_rows([c], "peer", "runs", match={"batch": 128})
+
+
+def test_holm_is_step_down_and_monotone():
+    adj = benchstats.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": float("nan")})
+    # sorted p: 0.01*3, max(0.03*2, .03), max(0.04*1, 0.06)
+    assert adj["a"] == pytest.approx(0.03) and adj["c"] == pytest.approx(0.06) and adj["b"] == pytest.approx(0.06)
+    assert math.isnan(adj["d"])
+
+
+def test_claim_table_verdicts_under_holm():
+    t = benchstats.ClaimTable()
+    base = [0.50, 0.52, 0.49, 0.51, 0.50]
+    t.better("clearly better", [b + 0.10 for b in base], base, paired=True)   # consistent +0.10 per seed
+    t.better("clearly worse", [b - 0.10 + 0.001 * i for i, b in enumerate(base)], base, paired=True)
+    t.better("noise", [0.5, 0.6, 0.4, 0.55, 0.45], [0.52, 0.48, 0.5, 0.51, 0.49])
+    rows = {r["claim"]: r for r in t.decide()}
+    assert rows["clearly better"]["verdict"] == "holds"
+    assert rows["clearly worse"]["verdict"] == "fails"
+    assert rows["noise"]["verdict"] == "not shown"
+    assert all(r["p_holm"] >= r["p"] for r in rows.values())
+
+
+def test_identical_arms_have_no_p_value_not_p_one():
+    c = benchstats.compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], paired=True)
+    assert math.isnan(c.p_value) and not c.significant and "identical" in c.verdict()

@@ -267,7 +267,7 @@ def test_teacher_architecture_from_classifier_checkpoint(tmp_path):
     ({"align": {"mode": "repa", "lambda": 0.5}}, r"align: unknown option\(s\) \['lambda'\]; allowed: .*'weight'"),
     ({"align": {"mode": "rapa"}}, r"align.mode must be one of \('none', 'repa', 'urepa'\), got 'rapa'"),
     ({"sampling": {"guidance_interval": (0.8, 0.2)}}, r"guidance_interval must satisfy 0 <= lo <= hi <= 1"),
-    ({"optim": {"ema_decay": 1.0}}, r"optim.ema_decay must be in \[0, 1\), got 1.0"),
+    ({"diffusion": {"ema_decay": 1.0}}, r"diffusion.ema_decay must be in \[0, 1\), got 1.0"),
     ({"diffusion": {"label_dropout": 1.5}}, r"diffusion.label_dropout must be in \[0, 1\), got 1.5"),
     ({"fd": {"num_samples": 8}}, "fd.num_samples > 0 needs an FD feature network"),
     ({"teacher": {"kind": "timmm", "name": "x"}}, r"kind must be one of \[.*'classifier'.*\], got 'timmm'"),
@@ -279,7 +279,7 @@ def test_bad_spec_values_are_named(kw, pattern):
 
 def test_ema_trails_live_weights_and_is_what_sampling_uses():
     torch.manual_seed(0)
-    m = make(align={"mode": "none"}, teacher=False, optim=OptimSpec(lr=1e-2, ema_decay=0.9))
+    m = make(align={"mode": "none"}, teacher=False, optim=OptimSpec(lr=1e-2), diffusion={"ema_decay": 0.9})
     opt = m.configure_optimizers()["optimizer"]
     init = [p.detach().clone() for p in m.backbone.parameters()]
     for step in range(3):

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from datamodules.base import Preprocess
 from mmalign.distributed import get_rank
 from mmalign.models import compile_in_place
-from mmalign.optim import warmup_cosine
 
 from .backbones import DiffusionBackbone, HookCapture, probe_hook
 from .ema import EMA
@@ -37,7 +36,7 @@ from .frozen import FrozenChildren, load_vae
 from .losses import manifold_loss, repa_cosine_loss
 from .projector import AlignmentHead
 from .sampling import sample
-from .specs import AlignSpec, DiffusionSpec, FDSpec, OptimSpec, RepaConfig, SamplingSpec, TeacherSpec
+from .specs import REPA_OPTIM, AlignSpec, DiffusionSpec, FDSpec, OptimSpec, RepaConfig, SamplingSpec, TeacherSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
             timm / open_clip model, or precomputed features. Needed when ``align.mode != none``.
         fd: FD evaluation at every validation (``FDSpec``).
         sampling: ``predict`` sampler and PNG grids (``SamplingSpec``).
-        optim: AdamW, warm-up, clipping and EMA decay (``OptimSpec``).
+        optim: AdamW, warm-up, schedule (constant by default) and clipping (``mmalign.specs.OptimSpec``).
         compile: ``torch.compile`` the live backbone: ``true`` (inductor) or ``torch.compile``
             arguments; state-dict keys are unchanged, the EMA copy (sampling) stays eager.
     """
@@ -75,7 +74,7 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         teacher: TeacherSpec | None = None,
         fd: FDSpec = FDSpec(),
         sampling: SamplingSpec = SamplingSpec(),
-        optim: OptimSpec = OptimSpec(),
+        optim: OptimSpec = REPA_OPTIM,
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
@@ -95,7 +94,7 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
             size = d.image_size // (2 ** (len(self.vae.config.block_out_channels) - 1))
             self.latent_scale = float(d.vae_scale if d.vae_scale is not None else self.vae.config.scaling_factor)
         self.backbone = DiffusionBackbone(d.backbone, size, channels, d.num_classes, **d.backbone_kwargs)
-        self.ema = EMA(self.backbone, cfg.optim.ema_decay)  # before the hook: deepcopy would copy it
+        self.ema = EMA(self.backbone, cfg.diffusion.ema_decay)  # before the hook: deepcopy would copy it
         self.teacher = self.head = self._capture = self._feature_store = None
         self.teacher_description = self.hook_name = None
         if cfg.align.active:
@@ -219,11 +218,12 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         return [p for p in params if p.requires_grad]
 
     def configure_optimizers(self):
-        o = self.cfg.optim
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-        # DiT/SiT train at constant LR; warm-up only (min_ratio 1 keeps the cosine flat)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(o.warmup_steps, 1, min_ratio=1.0))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        # the backbone's decay rule (no decay on norms, biases, embeddings) as every other module
+        named = [(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
+        if self.head is not None:
+            named += [(f"head.{n}", p) for n, p in self.head.named_parameters()]
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1  # unused by 'constant'
+        return self.cfg.optim.build(named, total)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict, prefix: str) -> None:

@@ -12,21 +12,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+from mmalign.specs import OptimSpec, coerce
+from mmalign.specs import need as _need
+from mmalign.specs import unit_interval as _unit_interval
+
 from .losses import MANIFOLD_MODES
 from .sampling import SAMPLERS
 
+#: REPA trains at a constant rate after warm-up with gradient clipping (DiT/SiT practice)
+REPA_OPTIM = OptimSpec(lr=1e-4, schedule="constant", grad_clip=1.0)
+
 BACKBONES = ("dit", "unet")
 ALIGN_MODES = ("none", "repa", "urepa")
-
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _unit_interval(name: str, value: float, closed_top: bool = False) -> None:
-    ok = 0.0 <= value <= 1.0 if closed_top else 0.0 <= value < 1.0
-    _need(ok, f"{name} must be in [0, 1{']' if closed_top else ')'}, got {value}.")
 
 
 @dataclass(frozen=True)
@@ -43,6 +40,7 @@ class DiffusionSpec:
         hflip: Random horizontal flip, done in the module so precomputed teacher features can follow it.
         vae_path: Local diffusers ``AutoencoderKL`` folder: train in its latent space (frozen, not saved).
         vae_scale: Latent scale; default the VAE's ``scaling_factor``.
+        ema_decay: Decay of the EMA of the backbone weights that evaluation and sampling use.
     """
 
     backbone: Literal["dit", "unet"] = "dit"
@@ -53,6 +51,7 @@ class DiffusionSpec:
     hflip: bool = True
     vae_path: str | None = None
     vae_scale: float | None = None
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
         _need(self.backbone in BACKBONES, f"diffusion.backbone must be one of {BACKBONES}, got '{self.backbone}'.")
@@ -61,6 +60,7 @@ class DiffusionSpec:
         _unit_interval("diffusion.label_dropout", self.label_dropout)
         _need(self.vae_scale is None or self.vae_scale > 0,
               f"diffusion.vae_scale must be > 0 (or null for the VAE's scaling_factor), got {self.vae_scale}.")
+        _unit_interval("diffusion.ema_decay", self.ema_decay)
 
 
 @dataclass(frozen=True)
@@ -226,54 +226,6 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
-class OptimSpec:
-    """AdamW at constant LR after a linear warm-up (DiT/SiT practice), clipping and the EMA.
-
-    Args:
-        lr: Learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: Linear warm-up steps.
-        grad_clip: Gradient-norm clip used when the trainer sets none; 0 = off.
-        ema_decay: Decay of the EMA of the backbone weights that evaluation and sampling use.
-    """
-
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-
-    def __post_init__(self) -> None:
-        _need(self.lr > 0, f"optim.lr must be > 0, got {self.lr}.")
-        _need(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
-        for i, b in enumerate(self.betas):
-            _unit_interval(f"optim.betas[{i}]", b)
-        _need(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
-        _need(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}.")
-        _unit_interval("optim.ema_decay", self.ema_decay)
-
-
-def coerce(value: Any, cls: type, where: str) -> Any:
-    """A spec from a spec, a mapping (a checkpoint's saved hyper-parameters, Python callers) or None
-    (the default); unknown keys are named with the allowed ones."""
-    if value is None or isinstance(value, cls):
-        return cls() if value is None else value
-    if is_dataclass(value):
-        value = asdict(value)
-    if not isinstance(value, dict):
-        raise TypeError(f"{where} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}.")
-    allowed = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise ValueError(f"{where}: unknown option(s) {unknown}; allowed: {sorted(allowed)}.")
-    if "network" in value and isinstance(value["network"], dict):  # FDSpec's nested network
-        value = {**value, "network": coerce(value["network"], NetworkSpec, f"{where}.network")}
-    return cls(**value)
-
-
-@dataclass(frozen=True)
 class RepaConfig:
     """All specs of one model, with the checks that involve more than one of them."""
 
@@ -288,7 +240,8 @@ class RepaConfig:
     def build(cls, diffusion, align, teacher, fd, sampling, optim) -> "RepaConfig":
         return cls(coerce(diffusion, DiffusionSpec, "diffusion"), coerce(align, AlignSpec, "align"),
                    None if teacher is None else coerce(teacher, TeacherSpec, "teacher"), coerce(fd, FDSpec, "fd"),
-                   coerce(sampling, SamplingSpec, "sampling"), coerce(optim, OptimSpec, "optim"))
+                   coerce(sampling, SamplingSpec, "sampling"),
+                   REPA_OPTIM if optim is None else coerce(optim, OptimSpec, "optim"))
 
     def __post_init__(self) -> None:
         if self.align.active:

@@ -220,20 +220,38 @@ def condense_parser_error(message: str) -> str:
     text = " ".join(kept)
     m = re.search(r"class_path '([\w.]+)'.*?(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", text)
     if m:
-        hint = _close_options(m.group(1), m.group(2))
-        if hint:
+        moved = _moved_option(m.group(1), m.group(2))
+        hint = None if moved else _close_options(m.group(1), m.group(2))
+        if moved:
+            text += f" This {moved}."
+        elif hint:
             text += f" Did you mean {hint}?"
     return text
 
 
-def _close_options(class_path: str, name: str) -> str:
+def _import_class(class_path: str):
     import importlib
-    import inspect
 
     module, _, cls_name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), cls_name)
+        return getattr(importlib.import_module(module), cls_name)
     except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _moved_option(class_path: str, name: str) -> str | None:
+    """An option of an older config that now lives in a group (``lr`` -> ``optim.lr``)."""
+    from mmalign.specs import moved_option_hint
+
+    cls = _import_class(class_path)
+    return None if cls is None else moved_option_hint(cls, name.split(".")[-1])
+
+
+def _close_options(class_path: str, name: str) -> str:
+    import inspect
+
+    cls = _import_class(class_path)
+    if cls is None:
         return ""
     names: list[str] = []
     for klass in inspect.getmro(cls):
