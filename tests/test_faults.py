@@ -254,7 +254,7 @@ def f_cafa_stats_other_checkpoint(t, d):
 def f_zeroshot_bad_labels(t, d):
     from tests.test_contrastive_module import tiny
 
-    m = tiny(zeroshot_classes=os.path.join(d, "shapes", "classes_shape.json"), zeroshot_label_field="combo_id")
+    m = tiny(eval={"zeroshot_classes": os.path.join(d, "shapes", "classes_shape.json"), "label_field": "combo_id"})
     m.start_eval(["val"])
     batch = {"image": torch.randn(2, 3, 16, 16), "meta": [{"combo_id": 30}, {"combo_id": 1}]}
     return m._eval_step(batch, "val")
