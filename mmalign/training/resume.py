@@ -289,7 +289,8 @@ def _close_options(class_path: str, name: str) -> str:
                     spec = type(param.default)  # a spec group: its fields, as group.field
                     if dataclasses.is_dataclass(spec):
                         names += [f"{p}.{f.name}" for f in dataclasses.fields(spec)]
-    leaf = name.split(".")[-1]
+    head, _, leaf = name.rpartition(".")
+    names = ([n for n in names if n.startswith(head + ".")] or names) if head else names  # same group first
     by_leaf = {n.split(".")[-1]: n for n in reversed(names)}
     close = difflib.get_close_matches(leaf, list(by_leaf), n=3)
     return " or ".join(f"'{by_leaf[c]}'" for c in close)
