@@ -100,11 +100,11 @@ def store_specs(module: Any, specs: dict[str, Any]) -> None:
             store[key] = as_hparams(spec)
 
 
-def migrate_flat(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+def migrate_flat(cls: type | dict[str, str], hparams: dict[str, Any]) -> dict[str, Any]:
     """Move the flat options an older checkpoint recorded (``lr``) into their groups (``optim.lr``), by
-    ``cls.moved_options``; keys already grouped are kept. Used wherever saved hyper-parameters are read
-    back into a constructor."""
-    moved: dict[str, str] = getattr(cls, "moved_options", {}) or {}
+    ``cls.moved_options`` (or ``cls``, the table itself); keys already grouped are kept. Used wherever
+    saved hyper-parameters are read back into a constructor."""
+    moved: dict[str, str] = (cls if isinstance(cls, dict) else getattr(cls, "moved_options", {})) or {}
     if not moved or not any(k in moved for k in hparams):
         return dict(hparams)
     out: dict[str, Any] = {k: v for k, v in hparams.items() if k not in moved}

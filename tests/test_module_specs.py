@@ -111,7 +111,7 @@ def test_old_flat_config_file_fails_before_anything_runs(in_tmp):
 # ---- old checkpoints --------------------------------------------------------------------------------
 
 def test_old_flat_clip_checkpoint_loads_into_the_grouped_module(tmp_path):
-    from mmalign.contrastive.checkpoint import clip_hparams
+    from mmalign.checkpoint_layout import clip_hparams
 
     torch.manual_seed(0)
     ref = SigLIP(model={"name": "mmalign-test-tiny", "cfg": CLIP_TINY}, lock={"image": True},
@@ -129,8 +129,9 @@ def test_old_flat_clip_checkpoint_loads_into_the_grouped_module(tmp_path):
     assert c.lock.image and not any(p.requires_grad for p in m.model.visual.parameters())
     assert c.eval.label_field == "cls" and m.hparams.objective["loss"] == "siglip"
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
-    # the readers outside the module see the same grouped layout for the old and the new checkpoint
-    assert clip_hparams(flat)["model"] == clip_hparams(dict(ref.hparams))["model"]
+    # the readers outside the module (TTA, teachers) see the old checkpoint in the grouped layout
+    old, new = clip_hparams(flat), clip_hparams(dict(ref.hparams))
+    assert all(old[g][f] == new[g][f] for g, f in (("model", "name"), ("model", "cfg"), ("objective", "loss")))
     assert clip_hparams({"model_name": "resnet18", "num_classes": 3}) is None  # not a CLIP checkpoint
 
 
@@ -153,7 +154,7 @@ def test_old_flat_speech_checkpoint_loads_into_the_grouped_module(tmp_path):
 
 
 def test_old_flat_classifier_checkpoint_loads_and_teaches(tmp_path):
-    from mmalign.classify.checkpoint import classifier_hparams
+    from mmalign.checkpoint_layout import classifier_hparams
     from mmalign.encoders.timm_teacher import classifier_architecture
 
     torch.manual_seed(0)
@@ -169,7 +170,8 @@ def test_old_flat_classifier_checkpoint_loads_and_teaches(tmp_path):
     m = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     assert m.cfg == ref.cfg and m.num_classes == 5
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
-    assert {k: v for k, v in classifier_hparams(flat).items() if not k.startswith("_")} == classifier_hparams(dict(ref.hparams))
+    old, new = classifier_hparams(flat), classifier_hparams(dict(ref.hparams))
+    assert all(old[k] == new[k] for k in ("network", "num_classes", "transform", "loss"))
     arch = classifier_architecture(path)  # a REPA teacher / FD network given by an old checkpoint
     assert (arch["name"], arch["input_size"], arch["mean"], arch["model_kwargs"]) == ("resnet18", 24, (0.5,) * 3, RESNET)
 

@@ -12,11 +12,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.base import Preprocess
 from datamodules.transforms import default_image_transform
+from mmalign.checkpoint_layout import CLASSIFIER_MOVED
 from mmalign.models import compile_in_place
 from mmalign.models.timm_models import check_timm_name, create_timm_model
 from mmalign.specs import ClipsGradients, OptimSpec, ReadsFlatCheckpoints, coerce, store_specs
 
-from .specs import CLASSIFIER_MOVED, CLASSIFIER_OPTIM, ClassifierLossSpec, TimmNetworkSpec, TransformSpec, check_num_classes
+from .specs import CLASSIFIER_OPTIM, ClassifierLossSpec, TimmNetworkSpec, TransformSpec, check_num_classes
 
 
 class ImageClassifier(ReadsFlatCheckpoints, ClipsGradients, pl.LightningModule):

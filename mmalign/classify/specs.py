@@ -3,8 +3,8 @@
 ``ImageClassifier(network, num_classes, transform, optim, loss, compile)``; in YAML each spec is a
 mapping under ``model.init_args`` (``--model.init_args.network.name=resnet50``). ``num_classes`` stays
 a top-level option: it is the task's label space, which the data section copies
-(``num_classes: ${model.init_args.num_classes}``). ``CLASSIFIER_MOVED`` sends every option of the
-older flat signature to its new place (CLI hint, old checkpoints).
+(``num_classes: ${model.init_args.num_classes}``). ``mmalign.checkpoint_layout.CLASSIFIER_MOVED`` sends
+every option of the older flat signature to its new place (CLI hint, old checkpoints).
 
 Plain stdlib + ``mmalign.specs``: importable without Lightning or timm.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mmalign.specs import OPTIM_MOVED, OptimSpec, need, positive, unit_interval
+from mmalign.specs import OptimSpec, need, positive, unit_interval
 
 CLASSIFIER_OPTIM = OptimSpec(lr=1e-3, weight_decay=0.05)
 
@@ -77,16 +77,6 @@ class ClassifierLossSpec:
 
     def __post_init__(self) -> None:
         unit_interval("loss.label_smoothing", self.label_smoothing)
-
-
-#: every option of the older flat ``ImageClassifier`` signature and where it lives now
-CLASSIFIER_MOVED = {
-    "model_name": "network.name", "pretrained": "network.pretrained", "checkpoint_path": "network.checkpoint_path",
-    "model_kwargs": "network.kwargs", "image_size": "transform.image_size", "mean": "transform.mean",
-    "std": "transform.std", "augment": "transform.augment", "label_smoothing": "loss.label_smoothing",
-    **OPTIM_MOVED,
-}
-GROUPS = {"network": TimmNetworkSpec, "transform": TransformSpec, "loss": ClassifierLossSpec}
 
 
 def check_num_classes(num_classes: Any) -> None:

@@ -16,12 +16,13 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.base import Preprocess
+from mmalign.checkpoint_layout import CONTRASTIVE_MOVED
 from mmalign.distributed import average_gradients_
 from mmalign.evaluation.scaffold import EvalScaffold
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
 from mmalign.specs import ClipsGradients, OptimSpec, ReadsFlatCheckpoints, as_hparams, replace, store_specs
 
-from .specs import CLIP_OPTIM, CONTRASTIVE_MOVED, ClipEvalSpec, ClipModelSpec, ContrastiveConfig, LockSpec, ObjectiveSpec
+from .specs import CLIP_OPTIM, ClipEvalSpec, ClipModelSpec, ContrastiveConfig, LockSpec, ObjectiveSpec
 
 LossName = Literal["clip", "siglip"]
 

@@ -3,8 +3,8 @@
 ``ContrastiveModule(model, lock, objective, optim, eval, compile)``; in YAML each spec is a mapping
 under ``model.init_args`` (``--model.init_args.objective.tile_size=1024``). Each spec checks its
 own values on construction; the error names the field, the bad value and what is allowed.
-``CONTRASTIVE_MOVED`` sends every option of the older flat signature to its new place (CLI hint,
-old checkpoints). The group is called ``objective``, not ``loss``, because ``loss`` was a flat option
+``mmalign.checkpoint_layout.CONTRASTIVE_MOVED`` sends every option of the older flat signature to its
+new place (CLI hint, old checkpoints). The group is called ``objective``, not ``loss``, because ``loss`` was a flat option
 (``clip`` / ``siglip``): a group of that name would make an old ``loss: siglip`` unreadable.
 
 Plain stdlib + ``mmalign.specs``: importable without Lightning or open_clip.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from mmalign.specs import OPTIM_MOVED, OptimSpec, coerce, need, one_of, positive, replace, unit_interval
+from mmalign.specs import OptimSpec, coerce, need, one_of, positive, replace, unit_interval
 
 LOSSES = ("clip", "siglip")
 EXCHANGES = ("ring", "gather")
@@ -174,21 +174,3 @@ class ContrastiveConfig:
         return cls(coerce(model, ClipModelSpec, "model"), coerce(lock, LockSpec, "lock"), objective,
                    coerce(optim, OptimSpec, "optim", base=CLIP_OPTIM),
                    coerce(eval, ClipEvalSpec, "eval"))
-
-
-#: every option of the older flat ``ContrastiveModule`` signature and where it lives now
-CONTRASTIVE_MOVED = {
-    "model_name": "model.name", "model_cfg": "model.cfg", "pretrained": "model.pretrained",
-    "init_checkpoint": "model.init_checkpoint", "image_tower_checkpoint": "model.image_tower_checkpoint",
-    "image_size": "model.image_size", "augment": "model.augment", "grad_checkpointing": "model.grad_checkpointing",
-    "lock_image": "lock.image", "lock_image_unlocked_groups": "lock.image_unlocked_groups",
-    "lock_image_freeze_bn_stats": "lock.image_freeze_bn_stats", "lock_text": "lock.text",
-    "lock_text_unlocked_layers": "lock.text_unlocked_layers", "text_cache_size": "lock.text_cache_size",
-    "loss": "objective.loss", "siglip_exchange": "objective.siglip_exchange",
-    "label_smoothing": "objective.label_smoothing", "loss_tile_size": "objective.tile_size",
-    "init_logit_scale": "objective.init_logit_scale", "init_logit_bias": "objective.init_logit_bias",
-    "max_logit_scale": "objective.max_logit_scale", "accumulate_micro_batches": "objective.accumulate_micro_batches",
-    "zeroshot_classes": "eval.zeroshot_classes", "zeroshot_label_field": "eval.label_field",
-    "retrieval_chunk_size": "eval.retrieval_chunk_size",
-    **OPTIM_MOVED,
-}

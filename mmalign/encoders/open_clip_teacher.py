@@ -88,7 +88,7 @@ class OpenClipTeacher(TeacherEncoder):
 def _register_from_mmalign_checkpoint(name: str, path: str) -> None:
     """An mmalign CLIP/SigLIP checkpoint carries its (possibly inline) architecture in its
     hyper-parameters: register it so its image tower can teach."""
-    from mmalign.contrastive.checkpoint import clip_hparams
+    from mmalign.checkpoint_layout import clip_hparams
     from mmalign.models.weights import load_checkpoint_file
     from mmalign.models.open_clip_models import register_model_config, resolve_text_paths
 

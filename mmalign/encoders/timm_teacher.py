@@ -89,7 +89,7 @@ def classifier_architecture(checkpoint_path: str) -> dict[str, Any]:
     """TimmTeacher arguments saved in an ``ImageClassifier`` checkpoint's hyper-parameters: model
     name, constructor kwargs, input size and normalisation (read with ``weights_only=True``), so a
     teacher or FD network is given by its checkpoint path alone."""
-    from mmalign.classify.checkpoint import classifier_hparams
+    from mmalign.checkpoint_layout import classifier_hparams
     from mmalign.models.weights import load_checkpoint_file
 
     raw = load_checkpoint_file(checkpoint_path, mmap=True)  # weights_only: a crafted file cannot run code
@@ -98,9 +98,13 @@ def classifier_architecture(checkpoint_path: str) -> dict[str, Any]:
         raise ValueError(f"checkpoint '{checkpoint_path}' holds no ImageClassifier hyper-parameters (network.name), so "
                          "the architecture cannot be read from it. Use kind: timm with the model name (and "
                          "kwargs.model_kwargs) for a plain weights file.")
-    net, t = hp["network"], hp["transform"]
-    return {"name": net["name"], "model_kwargs": dict(net.get("kwargs") or {}), "num_classes": hp.get("num_classes"),
-            "input_size": int(t["image_size"]), "mean": tuple(t["mean"]), "std": tuple(t["std"])}
+    net, t = hp["network"], hp.get("transform") or {}
+    arch: dict[str, Any] = {"name": net["name"], "model_kwargs": dict(net.get("kwargs") or {}),
+                            "num_classes": hp.get("num_classes")}
+    for key, field in (("image_size", "input_size"), ("mean", "mean"), ("std", "std")):
+        if t.get(key) is not None:
+            arch[field] = tuple(t[key]) if key != "image_size" else int(t[key])
+    return arch
 
 
 def teacher_from_classifier(checkpoint_path: str, name: str | None = None, **overrides: Any) -> TimmTeacher:

@@ -119,10 +119,10 @@ class TTAModel(pl.LightningModule):
             hp = dict(self.source_hparams["contrastive_hparams"])
             return {"state_dict": sd, "hyper_parameters": hp, "tta": {"method": method.name,
                     "updates": method.updates, "source_checkpoint": self.hparams.source_checkpoint}}
-        from mmalign.classify.checkpoint import standalone_hparams
+        from mmalign.checkpoint_layout import standalone_classifier_hparams
 
         sd = {"model." + k.removeprefix("net."): v for k, v in method.adapted_state_dict().items()}
-        hp = standalone_hparams(self.source_hparams)
+        hp = standalone_classifier_hparams(self.source_hparams)
         return {"state_dict": sd, "hyper_parameters": hp, "pytorch-lightning_version": lightning.__version__,
                 "tta": {"method": method.name, "updates": method.updates,
                         "source_checkpoint": self.hparams.source_checkpoint}}

@@ -91,15 +91,15 @@ def load_open_clip_zeroshot(checkpoint: str, hp: dict[str, Any], classes: str | 
     from mmalign.evaluation import build_zeroshot_weights, load_class_spec
     from mmalign.models.weights import load_weights
 
-    m = hp["model"]  # hp: mmalign.contrastive.checkpoint.clip_hparams
-    clip = create_open_clip(m["name"], m["cfg"])
+    m = hp["model"]  # hp: mmalign.checkpoint_layout.clip_hparams
+    clip = create_open_clip(m["name"], m.get("cfg"))
     load_weights(clip, checkpoint, prefix="model.")
     clip.eval()
     spec = load_class_spec(classes)
     weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(m["name"]), spec.classnames,
                                      spec.templates)
-    _, eval_transform = open_clip_transforms(clip, m["image_size"])
-    info = {"kind": "open_clip_zeroshot", "model_name": m["name"], "model_cfg": m["cfg"],
+    _, eval_transform = open_clip_transforms(clip, m.get("image_size"))
+    info = {"kind": "open_clip_zeroshot", "model_name": m["name"], "model_cfg": m.get("cfg"),
             "num_classes": spec.num_classes, "classes": classes, "eval_transform": eval_transform,
             "contrastive_hparams": {k: v for k, v in hp.items() if not k.startswith("_")}}
     return SplitClassifier(ImageTower(clip), ZeroShotHead(weights)), info
@@ -124,8 +124,7 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
                                     "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
         from mmalign.models.weights import load_checkpoint_file
 
-        from mmalign.classify.checkpoint import classifier_hparams
-        from mmalign.contrastive.checkpoint import clip_hparams
+        from mmalign.checkpoint_layout import classifier_hparams, clip_hparams
 
         raw = load_checkpoint_file(checkpoint, mmap=True)  # weights_only: a crafted file cannot run code
         saved = raw.get("hyper_parameters") if isinstance(raw, dict) else None
@@ -143,7 +142,7 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
             # rebuilt from the checkpoint's own hyper-parameters: the classifier's network is its
             # ``model`` attribute, so its weights are the state-dict keys under "model."
             net = create_timm_model(hp["network"]["name"], hp["num_classes"], False, None,
-                                    **(hp["network"]["kwargs"] or {}))
+                                    **(hp["network"].get("kwargs") or {}))
             load_weights(net, checkpoint, prefix="model.")
             return TimmClassifier(net), dict(hp)
     if model_name is None or num_classes is None:
