@@ -4,8 +4,9 @@
 under ``model.init_args`` (``--model.init_args.objective.tile_size=1024``). Each spec checks its
 own values on construction; the error names the field, the bad value and what is allowed.
 ``mmalign.checkpoint_layout.CONTRASTIVE_MOVED`` sends every option of the older flat signature to its
-new place (CLI hint, old checkpoints). The group is called ``objective``, not ``loss``, because ``loss`` was a flat option
-(``clip`` / ``siglip``): a group of that name would make an old ``loss: siglip`` unreadable.
+new place (CLI hint, old checkpoints). The group is called ``objective``, not ``loss``, because
+``loss`` was a flat option (``clip`` / ``siglip``): a group of that name would make an old
+``loss: siglip`` unreadable and its hint impossible.
 
 Plain stdlib + ``mmalign.specs``: importable without Lightning or open_clip.
 """
@@ -164,7 +165,7 @@ class ContrastiveConfig:
     optim: OptimSpec
     eval: ClipEvalSpec
 
-    GROUPS = ("model", "lock", "objective", "optim", "eval")
+    GROUPS = ("model", "lock", "objective", "optim", "eval")  # not a field (no annotation)
 
     @classmethod
     def build(cls, model, lock, objective, optim, eval, default_loss: str = "clip") -> "ContrastiveConfig":
