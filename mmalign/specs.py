@@ -57,12 +57,13 @@ def _spec_type(hint: Any) -> type | None:
     return None
 
 
-def coerce(value: Any, cls: type, where: str) -> Any:
+def coerce(value: Any, cls: type, where: str, base: Any = None) -> Any:
     """A ``cls`` spec from a spec, a mapping (a checkpoint's saved hyper-parameters, Python callers, a
     jsonargparse Namespace) or None (the default). Nested spec fields are coerced too; unknown keys are
-    named with the allowed ones."""
+    named with the allowed ones. ``base``: the default instance of the signature (a module's own
+    ``OptimSpec``); the fields a mapping leaves out come from it, as they do in a YAML config."""
     if value is None or isinstance(value, cls):
-        return cls() if value is None else value
+        return (cls() if base is None else base) if value is None else value
     if is_dataclass(value):
         value = asdict(value)
     if hasattr(value, "as_dict"):  # jsonargparse Namespace
@@ -74,6 +75,8 @@ def coerce(value: Any, cls: type, where: str) -> Any:
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; allowed: {sorted(allowed)}.")
     hints = typing.get_type_hints(cls)
+    if base is not None:
+        value = {**{f.name: getattr(base, f.name) for f in fields(cls)}, **value}
     out = dict(value)
     for key, item in value.items():
         sub = _spec_type(hints.get(key))
@@ -97,11 +100,11 @@ def store_specs(module: Any, specs: dict[str, Any]) -> None:
             store[key] = as_hparams(spec)
 
 
-def migrate_flat(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+def migrate_flat(cls: type | dict[str, str], hparams: dict[str, Any]) -> dict[str, Any]:
     """Move the flat options an older checkpoint recorded (``lr``) into their groups (``optim.lr``), by
-    ``cls.moved_options``; keys already grouped are kept. Used wherever saved hyper-parameters are read
-    back into a constructor."""
-    moved: dict[str, str] = getattr(cls, "moved_options", {}) or {}
+    ``cls.moved_options`` (or ``cls``, the table itself); keys already grouped are kept. Used wherever
+    saved hyper-parameters are read back into a constructor."""
+    moved: dict[str, str] = (cls if isinstance(cls, dict) else getattr(cls, "moved_options", {})) or {}
     if not moved or not any(k in moved for k in hparams):
         return dict(hparams)
     out: dict[str, Any] = {k: v for k, v in hparams.items() if k not in moved}
@@ -117,6 +120,38 @@ def migrate_flat(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
             node = node[part]
         node.setdefault(leaf, value)
     return out
+
+
+class ReadsFlatCheckpoints:
+    """Mixin (before ``LightningModule``) of a module with ``moved_options``: ``load_from_checkpoint``
+    also reads a checkpoint saved before the options were grouped. Lightning passes only the saved
+    hyper-parameters that name constructor arguments, so the old flat ones would be dropped silently
+    and the defaults built instead; here ``migrate_flat`` moves them into their groups first."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        import os
+
+        if isinstance(checkpoint_path, (str, os.PathLike)) and os.path.isfile(checkpoint_path):
+            from mmalign.models.weights import load_checkpoint_file
+
+            raw = load_checkpoint_file(checkpoint_path, mmap=True)
+            saved = dict(raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
+            moved = migrate_flat(cls, saved)
+            kwargs = {**{k: v for k, v in moved.items() if k not in saved or saved[k] != v}, **kwargs}
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+
+
+class ClipsGradients:
+    """Mixin of a LightningModule whose ``self.cfg.optim`` is an ``OptimSpec``: ``optim.grad_clip``
+    clips the gradient norm when the trainer sets no ``gradient_clip_val`` (which wins when set)."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        val = gradient_clip_val if gradient_clip_val is not None else self.cfg.optim.grad_clip  # type: ignore[attr-defined]
+        if val:
+            self.clip_gradients(optimizer, gradient_clip_val=val,  # type: ignore[attr-defined]
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
 
 def moved_option_hint(cls: type, name: str) -> str | None:

@@ -59,9 +59,10 @@ def run_arm(name: str, args, root: str) -> dict:
     from mmalign.speech.module import SpeechTextAligner
 
     pl.seed_everything(args.seed, verbose=False)
-    model = SpeechTextAligner(d_model=args.d_model, embed_dim=args.d_model, speech_layers=args.speech_layers,
-                              text_layers=args.text_layers, shared_layers=args.shared_layers, heads=4,
-                              speech_block=args.block, lr=args.lr, warmup_steps=min(50, args.steps // 10), **ARMS[name])
+    towers = dict(d_model=args.d_model, embed_dim=args.d_model, speech_layers=args.speech_layers,
+                  text_layers=args.text_layers, shared_layers=args.shared_layers, heads=4, speech_block=args.block)
+    model = SpeechTextAligner(towers=towers, losses=ARMS[name],
+                              optim={"lr": args.lr, "warmup_steps": min(50, args.steps // 10)})
     has_val = os.path.isdir(os.path.join(root, "val"))
     dm = AudioTextDataModule(train_shards=os.path.join(root, "train"), val_shards=os.path.join(root, "test"),
                              extra_val_shards={"select": os.path.join(root, "val")} if has_val else None,

@@ -23,7 +23,7 @@ def main() -> None:
 
     module = ContrastiveModule.load_from_checkpoint(a.ckpt, map_location="cpu")
     path = module.export_open_clip(a.out, register=not a.no_register)
-    name = module.hparams.model_name
+    name = module.cfg.model.name
     print(f"wrote {path}, {a.out}/open_clip_config.json and {a.out}/{name}.json"
           + ("" if a.no_register else f"; load with open_clip.create_model('{name}', pretrained='{path}')"))
 

@@ -33,7 +33,7 @@ FD_QUICK = ("--model.init_args.fd.num_samples=8", "--model.init_args.fd.sample_s
             "--model.init_args.fd.network.checkpoint={fd_ckpt}")
 TEACHER_QUICK = FD_QUICK + ("--model.init_args.teacher.checkpoint={teacher_ckpt}",)
 # the quick start's ImageNet MobileNetV2 file (scripts/fetch_mobilenet_v2.py) stands in as random weights
-MOBILENET_QUICK = ("--model.init_args.image_tower_checkpoint={mobilenet_ckpt}",)
+MOBILENET_QUICK = ("--model.init_args.model.image_tower_checkpoint={mobilenet_ckpt}",)
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     tiny = {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 16], "stem_width": 8}
     out = {}
     for key, kwargs in (("{teacher_ckpt}", {**tiny, "output_stride": 8}), ("{fd_ckpt}", tiny)):
-        m = ImageClassifier("resnet18", num_classes=36, image_size=32, model_kwargs=kwargs)
+        m = ImageClassifier({"name": "resnet18", "kwargs": kwargs}, num_classes=36, transform={"image_size": 32})
         path = str(root / f"{key.strip('{}')}.ckpt")
         torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                     "pytorch-lightning_version": lightning.__version__}, path)

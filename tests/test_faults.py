@@ -56,7 +56,7 @@ def _tiny_classifier_ckpt(path, num_classes=10):
 
     from mmalign.classify import ImageClassifier
 
-    m = ImageClassifier("resnet18", num_classes=num_classes, image_size=32, model_kwargs=TINY_RESNET)
+    m = ImageClassifier({"name": "resnet18", "kwargs": TINY_RESNET}, num_classes=num_classes, transform={"image_size": 32})
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                 "pytorch-lightning_version": lightning.__version__}, str(path))
     return str(path)
@@ -196,13 +196,13 @@ def f_wrong_architecture(t, d):
 def f_unknown_timm(t, d):
     from mmalign.classify import ImageClassifier
 
-    return ImageClassifier(model_name="resnet1888")
+    return ImageClassifier({"name": "resnet1888"})
 
 
 def f_unknown_open_clip(t, d):
     from mmalign.contrastive import CLIP
 
-    return CLIP(model_name="ViT-B-33")
+    return CLIP(model={"name": "ViT-B-33"})
 
 
 def f_tta_labels_exceed_classes(t, d):
@@ -254,7 +254,7 @@ def f_cafa_stats_other_checkpoint(t, d):
 def f_zeroshot_bad_labels(t, d):
     from tests.test_contrastive_module import tiny
 
-    m = tiny(zeroshot_classes=os.path.join(d, "shapes", "classes_shape.json"), zeroshot_label_field="combo_id")
+    m = tiny(eval={"zeroshot_classes": os.path.join(d, "shapes", "classes_shape.json"), "label_field": "combo_id"})
     m.start_eval(["val"])
     batch = {"image": torch.randn(2, 3, 16, 16), "meta": [{"combo_id": 30}, {"combo_id": 1}]}
     return m._eval_step(batch, "val")
@@ -269,7 +269,7 @@ def f_repa_no_teacher(t, d):
 def f_speech_consistency_alone(t, d):
     from mmalign.speech import SpeechTextAligner
 
-    return SpeechTextAligner(contrastive_weight=0.0, ctc_weight=0.0, consistency_weight=1.0)
+    return SpeechTextAligner(losses={"contrastive_weight": 0.0, "ctc_weight": 0.0, "consistency_weight": 1.0})
 
 
 FAULTS = [
@@ -340,7 +340,8 @@ def run_cli(*args):
     return cli.main(list(args))
 
 
-@pytest.mark.parametrize("arg,needle", [("--model.init_args.lrr=1", "Did you mean 'lr'"),
+@pytest.mark.parametrize("arg,needle", [("--model.init_args.lrr=1", "Did you mean 'optim.lr'"),
+                                        ("--model.init_args.optim.lrr=1", "Did you mean 'optim.lr'"),
                                         ("--model.init_args.num_classes=abc", "num_classes"),
                                         ("--data.init_args.shuffle_bufer=3", "Did you mean 'shuffle_buffer'")])
 def test_config_error_printed_once_last_without_dump(in_tmp, capsys, arg, needle):
@@ -355,6 +356,7 @@ def test_constructor_error_raised_as_itself_not_a_union_dump(in_tmp):
     """A model constructor's own error (here a missing weights file, checked before anything is built)
     reaches the user as that exception, not jsonargparse's Union error with a dump of every option."""
     with pytest.raises(FileNotFoundError, match="does not exist") as info:
-        run_cli("fit", "-c", DIGITS, "--model.init_args.checkpoint_path=missing/weights.pth", "--trainer.max_steps=1")
+        run_cli("fit", "-c", DIGITS, "--model.init_args.network.checkpoint_path=missing/weights.pth",
+                "--trainer.max_steps=1")
     assert "Namespace(" not in str(info.value) and "Union" not in str(info.value)
     assert not os.path.exists("runs/mmalign/version_0")

@@ -33,7 +33,7 @@ def test_failed_setup_leaves_no_run_folder(in_tmp):
 def test_nan_guard_advice_is_followable(in_tmp):
     from mmalign.training.callbacks import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match=r"--ckpt_path last --model.init_args.lr=0.0015"):
+    with pytest.raises(NonFiniteLossError, match=r"--ckpt_path last --model.init_args.optim.lr=0.0015"):
         run_cli("fit", "-c", DIGITS, "--model.class_path=tests.test_cli.NaNAfterTwo", "--trainer.max_steps=4",
                 "--checkpoint.every_n_train_steps=1", *QUICK)
 
@@ -52,7 +52,7 @@ def test_resume_applies_overrides_and_finds_last(in_tmp, capsys):
     c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=3", "--checkpoint.every_n_train_steps=1", *QUICK)
     ckdir = os.path.join(c1.trainer.log_dir, "checkpoints")
     open(os.path.join(ckdir, "last.ckpt.tmp-999999"), "wb").write(b"half a checkpoint")  # a killed write
-    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", "--model.init_args.lr=1.5e-3",
+    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", "--model.init_args.optim.lr=1.5e-3",
                  *QUICK)
     err = capsys.readouterr()
     assert c2.trainer.global_step == 5 and c2.trainer.log_dir == c1.trainer.log_dir
@@ -140,7 +140,7 @@ def test_zeroshot_unknown_label_field_and_strict_json(in_tmp, data_root):
     from tests.test_contrastive_module import TINY
 
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
-                     "init_args": {"model_name": "mmalign-test-tiny", "model_cfg": TINY}},
+                     "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
                     "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
                                   "batch_size": 32}},
@@ -211,8 +211,8 @@ def test_evaluating_a_checkpoint_builds_its_architecture(in_tmp, capsys):
     the config describes another (here: wider channels); ``fit`` keeps the config's."""
     c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", *QUICK)
     last = os.path.join(c1.trainer.log_dir, "checkpoints", "last.ckpt")
-    other = '--model.init_args.model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}'
+    other = '--model.init_args.network.kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}'
     c2 = run_cli("test", "-c", DIGITS, other, f"--ckpt_path={last}", "--trainer.limit_test_batches=1", *QUICK)
-    assert "architecture taken from the checkpoint (model_kwargs" in capsys.readouterr().err
+    assert "architecture taken from the checkpoint (network.kwargs" in capsys.readouterr().err
     trained = torch.load(last, weights_only=True)["state_dict"]
     assert all(torch.equal(v, trained[k]) for k, v in c2.model.state_dict().items())

@@ -51,7 +51,7 @@ def _classifier(compile_opt):
     from mmalign.classify import ImageClassifier
 
     torch.manual_seed(0)
-    return ImageClassifier("resnet18", 10, image_size=16, model_kwargs=TINY_RESNET, compile=compile_opt)
+    return ImageClassifier({"name": "resnet18", "kwargs": TINY_RESNET}, 10, {"image_size": 16}, compile=compile_opt)
 
 
 @pytest.mark.parametrize("which", ["classifier", "clip"])
@@ -83,8 +83,9 @@ def test_inductor_compiled_fit(in_tmp):
     from mmalign import cli
 
     # timm's smallest ResNet, no validation (an eval-mode graph would compile a second time)
-    c = cli.main(["fit", "-c", DIGITS, "--model.init_args.compile=true", *QUICK, "--model.init_args.model_name=test_resnet",
-                  "--model.init_args.model_kwargs={}", "--trainer.limit_val_batches=0"])
+    c = cli.main(["fit", "-c", DIGITS, "--model.init_args.compile=true", *QUICK,
+                  "--model.init_args.network.name=test_resnet", "--model.init_args.network.kwargs={}",
+                  "--trainer.limit_val_batches=0"])
     assert c.trainer.global_step == 2 and torch.isfinite(c.trainer.callback_metrics["train/loss"])
 
 

@@ -244,8 +244,8 @@ def test_trainer_epochs_differ_and_skips_reported_once_per_epoch(tmp_path, recwa
 
     write_shards(str(tmp_path), [6, 6], corrupt={"k00000", "k00006"})
     dm = ImageLabelDataModule(train_shards=str(tmp_path), batch_size=5, num_workers=0, num_classes=3)
-    model = Recording(model_name="resnet18", num_classes=3, image_size=8,
-                      model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    model = Recording({"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}},
+                      num_classes=3, transform={"image_size": 8})
     model.seen = {}
     dm.preprocess = model.preprocess
     health = DataHealthMonitor()

@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _tiny_checkpoint(path):
     from mmalign.classify import ImageClassifier
 
-    m = ImageClassifier("resnet18", num_classes=10, image_size=32,
-                        model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    m = ImageClassifier({"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}},
+                        num_classes=10, transform={"image_size": 32})
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
 

@@ -16,7 +16,7 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
         label_field: Where the label is: ``cls`` (an image-label datamodule's ``.cls``) or a json field.
         out: Folder for ``zeroshot.json`` (default: ``<trainer.default_root_dir>/zeroshot``).
         ckpt_path: An mmalign checkpoint to evaluate (else the model as configured, e.g. with
-            ``model.init_args.pretrained`` pointing at open_clip weights).
+            ``model.init_args.model.pretrained`` pointing at open_clip weights).
     """
     from mmalign.contrastive import ContrastiveModule
     from mmalign.jsonout import dump
@@ -40,7 +40,7 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
               "top1": results["test/zeroshot_top1"], "top5": results.get("test/zeroshot_top5"),
               "mean_per_class_top1": results.get("test/zeroshot_mean_per_class_top1"),
               "per_class_top1": dict(zip(spec.classnames, per_class)) if per_class else None,
-              "model": model.hparams.model_name, "pretrained": model.hparams.pretrained, "ckpt_path": ckpt_path}
+              "model": model.cfg.model.name, "pretrained": model.cfg.model.pretrained, "ckpt_path": ckpt_path}
     if trainer.is_global_zero:
         print(f"\nzero-shot on {report['num_classes']} classes x {report['templates']} templates")
         print(f"  {'top-1':<22} {100 * report['top1']:6.2f} %")

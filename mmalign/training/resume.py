@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import glob
 import os
@@ -94,9 +95,27 @@ def read_hparams(path: str) -> dict:
     return dict(ck.get("hyper_parameters") or {}) if isinstance(ck, dict) else {}
 
 
-#: init_args that fix a network's shapes: evaluation subcommands (zeroshot, test, predict, ...) take these
-#: from the checkpoint when the config differs; ``fit`` keeps the config's (a mismatch is then an error)
-ARCHITECTURE_KEYS = frozenset({"model_name", "model_cfg", "model_kwargs", "num_classes", "image_size", "diffusion"})
+#: init_args (``group.field`` inside a spec) that fix a network's shapes: evaluation subcommands (zeroshot,
+#: test, predict, ...) take these from the checkpoint when the config differs; ``fit`` keeps the config's
+#: (a mismatch is then an error). A group named whole (``diffusion``) counts for each of its fields.
+ARCHITECTURE_KEYS = frozenset({"model_name", "model_cfg", "model_kwargs", "num_classes", "image_size", "diffusion",
+                               "towers", "model.name", "model.cfg", "model.image_size", "network.name",
+                               "network.kwargs", "transform.image_size"})
+
+
+def _leaves(init: dict) -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``: one level, the fields of a spec group."""
+    out: dict[str, Any] = {}
+    for k, v in init.items():
+        if isinstance(v, dict) and k not in ARCHITECTURE_KEYS:
+            out.update({f"{k}.{f}": x for f, x in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _is_architecture(key: str) -> bool:
+    return key in ARCHITECTURE_KEYS or key.split(".")[0] in ARCHITECTURE_KEYS
 
 
 def resolve_resume(config: Any) -> dict | None:
@@ -130,12 +149,17 @@ def resolve_resume(config: Any) -> dict | None:
     if hp.get("_class_path") and class_path and hp["_class_path"] != class_path:
         raise ValueError(f"ckpt_path '{ckpt}' was trained with model {hp['_class_path']}, but the config builds "
                          f"{class_path}. Use the config the checkpoint was trained with.")
-    given = _norm(_get(model, "init_args", {})) or {}
-    diffs = {k: (hp[k], v) for k, v in given.items() if k in hp and _norm(hp[k]) != v}
-    arch = sorted(k for k in diffs if k in ARCHITECTURE_KEYS) if sub != "fit" else []
+    cls = _import_class(class_path) if class_path else None
+    if cls is not None:  # a checkpoint saved before the options were grouped
+        from mmalign.specs import migrate_flat
+
+        hp = migrate_flat(cls, hp)
+    given, saved = _leaves(_norm(_get(model, "init_args", {})) or {}), _leaves(hp)
+    diffs = {k: (saved[k], v) for k, v in given.items() if k in saved and _norm(saved[k]) != v}
+    arch = sorted(k for k in diffs if _is_architecture(k)) if sub != "fit" else []
     if arch:  # evaluating a checkpoint: build the network it holds, not the one the config describes
         for k in arch:
-            model.init_args[k] = hp[k]
+            model.init_args[k] = saved[k]
             del diffs[k]
         print(f"[{sub}] architecture taken from the checkpoint ({', '.join(arch)} differ from the config).",
               file=sys.stderr)
@@ -218,10 +242,12 @@ def condense_parser_error(message: str) -> str:
     lines = [ln.strip() for ln in message.splitlines()]
     kept = [ln.lstrip("- ").strip() for ln in lines if ln and not ln.startswith(_NOISE)]
     text = " ".join(kept)
-    m = re.search(r"class_path '([\w.]+)'.*?(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", text)
+    m = re.search(r"class_path '([\w.]+)'.*?(?:(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)"
+                  r"|unrecognized arguments: --([\w.]+))", text)  # the latter: a field inside a spec group
     if m:
-        moved = _moved_option(m.group(1), m.group(2))
-        hint = None if moved else _close_options(m.group(1), m.group(2))
+        name = m.group(2) or m.group(3)
+        moved = _moved_option(m.group(1), name)
+        hint = None if moved else _close_options(m.group(1), name)
         if moved:
             text += f" This {moved}."
         elif hint:
@@ -257,6 +283,14 @@ def _close_options(class_path: str, name: str) -> str:
     for klass in inspect.getmro(cls):
         init = klass.__dict__.get("__init__")
         if init is not None:
-            names += [p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")]
-    close = difflib.get_close_matches(name.split(".")[-1], names, n=3)
-    return " or ".join(f"'{c}'" for c in close)
+            for p, param in inspect.signature(init).parameters.items():
+                if p not in ("self", "args", "kwargs"):
+                    names.append(p)
+                    spec = type(param.default)  # a spec group: its fields, as group.field
+                    if dataclasses.is_dataclass(spec):
+                        names += [f"{p}.{f.name}" for f in dataclasses.fields(spec)]
+    head, _, leaf = name.rpartition(".")
+    names = ([n for n in names if n.startswith(head + ".")] or names) if head else names  # same group first
+    by_leaf = {n.split(".")[-1]: n for n in reversed(names)}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=3)
+    return " or ".join(f"'{by_leaf[c]}'" for c in close)
