@@ -12,7 +12,9 @@ keyword arguments become its options. Methods define them without importing the 
 the top layer); they are listed in ``BUILTIN_SUBCOMMANDS`` as ``"module:function"``, other packages
 expose them in the entry-point group ``mmalign.subcommands``, and scripts can call
 ``register_subcommand``. The CLI turns each into a method of its Trainer subclass, which is how
-LightningCLI adds subcommands. Keep their modules light at import: ``--help`` imports them.
+LightningCLI adds subcommands. Keep their modules light at import: ``--help`` imports them. A
+function's ``outputs`` attribute (``{"out": "zero-shot results"}``) names its result-folder options:
+the CLI checks them, with the run folders and ``checkpoint.dirpath``, before anything is built.
 """
 
 from __future__ import annotations
@@ -147,10 +149,10 @@ class MMAlignCLI(LightningCLI):
             self.config[sub].ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
-        from mmalign.training.resume import prepare_run_dirs
+        from mmalign.training.rundirs import prepare_run_dirs
 
-        prepare_run_dirs(self.config, self._resume)
         sub = self.config.get("subcommand")
+        prepare_run_dirs(self.config, self._resume, getattr(_SUBCOMMANDS.get(sub), "outputs", None))
         if self._resume and sub:
             self.config[sub].ckpt_path = self._resume["path"]
 
@@ -204,7 +206,8 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
     import lightning.pytorch as pl
 
     from datamodules import StreamingDataModule
-    from mmalign.training.resume import remove_failed_run_dirs
+    from mmalign.training.loggers import SegmentConfigCallback
+    from mmalign.training.rundirs import remove_failed_run_dirs
 
     _load_plugins()
     try:
@@ -217,6 +220,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
             seed_everything_default=0,
             trainer_defaults=_trainer_defaults(),
             parser_kwargs=_parser_kwargs(),
+            save_config_callback=SegmentConfigCallback,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             parser_class=ConciseArgumentParser,

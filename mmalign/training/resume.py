@@ -1,61 +1,22 @@
-"""Run folders and resuming, for the CLI: where a run writes, what ``--ckpt_path`` means, clean errors.
+"""Resuming, for the CLI: what ``--ckpt_path`` means, which checkpoint fits, clean parser errors.
+Where a run writes is ``rundirs``.
 
-- Loggers that share a save dir and name share one ``version_N`` folder (metrics, events, config
-  and checkpoints of a run sit together); ``trainer.default_root_dir`` moves the default ``runs/``.
 - ``--ckpt_path last`` is the newest checkpoint (by step) of the newest run that has one; a ``fit``
   resumed from a run's own checkpoint continues in that run's folder, dropping the metric rows
   logged after the checkpoint (that work was lost with the process).
 - The config's model options win over the checkpoint's hyper-parameters; the differences are
   printed, so an override on a resumed run is visible and applied (see ``ResumeOverrides``).
-- A run that fails before it wrote anything leaves no empty ``version_N`` folder behind.
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
-import glob
 import os
 import re
-import shutil
 import sys
 from typing import Any
 
-DEFAULT_SAVE_DIR = "runs"
-_NEW_RUN_DIRS: list[str] = []  # folders this process planned to create; removed again if it fails early
-
-
-def _get(ns: Any, key: str, default: Any = None) -> Any:
-    if ns is None:
-        return default
-    try:
-        value = ns.get(key, default) if hasattr(ns, "get") else getattr(ns, key, default)
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None else value
-
-
-def _logger_inits(trainer_cfg: Any) -> list[Any]:
-    """The ``init_args`` of configured loggers, with the default save dir moved to ``default_root_dir``."""
-    loggers = _get(trainer_cfg, "logger")
-    if not isinstance(loggers, list):
-        return []
-    root = _get(trainer_cfg, "default_root_dir", DEFAULT_SAVE_DIR)
-    inits = []
-    for lg in loggers:
-        init = getattr(lg, "init_args", None)
-        if init is None or "save_dir" not in init:
-            continue
-        if str(init.save_dir) == DEFAULT_SAVE_DIR and str(root) != DEFAULT_SAVE_DIR:
-            init.save_dir = str(root)
-        inits.append(init)
-    return inits
-
-
-def _versions(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"version_(\d+)", d)))
+from .rundirs import _get
 
 
 def _norm(v: Any) -> Any:
@@ -74,13 +35,14 @@ def find_last_checkpoint(cfg: Any) -> str | None:
     from mmalign.models.weights import is_url
 
     from .checkpointing import newest_checkpoint
+    from .rundirs import logger_inits, versions
 
     dirpath = _get(_get(cfg, "checkpoint"), "dirpath")
     if dirpath:
         return None if is_url(str(dirpath)) else newest_checkpoint(str(dirpath))
-    for init in _logger_inits(_get(cfg, "trainer"))[:1]:
+    for init in logger_inits(_get(cfg, "trainer"))[:1]:
         root = os.path.join(str(init.save_dir), str(_get(init, "name", "")))
-        for v in reversed(_versions(root)):
+        for v in reversed(versions(root)):
             found = newest_checkpoint(os.path.join(root, f"version_{v}", "checkpoints"))
             if found:
                 return found
@@ -147,66 +109,6 @@ def resolve_resume(config: Any) -> dict | None:
     if len(parts) >= 3 and parts[-2] == "checkpoints" and (m := re.fullmatch(r"version_(\d+)", parts[-3])):
         version = (os.sep.join(parts[:-3]), int(m.group(1)))
     return {"path": ckpt, "step": checkpoint_step(ckpt), "version": version, "subcommand": sub}
-
-
-def prepare_run_dirs(config: Any, resume: dict | None) -> None:
-    """Point the loggers of one save dir/name at one shared ``version_N`` (the resumed run's for a
-    resumed ``fit``), and remember new folders so an early failure can remove them."""
-    _NEW_RUN_DIRS.clear()
-    sub = _get(config, "subcommand")
-    trainer_cfg = _get(_get(config, sub), "trainer") if sub else _get(config, "trainer")
-    groups: dict[tuple, list] = {}
-    for init in _logger_inits(trainer_cfg):
-        if _get(init, "version") is not None:
-            continue
-        groups.setdefault((str(init.save_dir), str(_get(init, "name", ""))), []).append(init)
-    for (save_dir, name), inits in groups.items():
-        root = os.path.abspath(os.path.join(save_dir, name))
-        version = None
-        if resume and resume.get("version") and resume.get("subcommand") == "fit":
-            run_root, v = resume["version"]
-            if os.path.normpath(run_root) == os.path.normpath(root):
-                version = v
-                _trim_metrics(os.path.join(root, f"version_{v}", "metrics.csv"), resume.get("step", -1))
-        if version is None:
-            version = max(_versions(root), default=-1) + 1
-        for init in inits:
-            init.version = version
-        path = os.path.join(root, f"version_{version}")
-        if not os.path.exists(path):
-            _NEW_RUN_DIRS.append(path)
-
-
-def _trim_metrics(path: str, step: int) -> None:
-    """Drop the metric rows a killed run logged after the checkpoint it is resumed from."""
-    if step < 0 or not os.path.isfile(path):
-        return
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], list(reader)
-    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) <= step]
-    if len(kept) == len(rows):
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
-    os.replace(tmp, path)
-
-
-def remove_failed_run_dirs() -> None:
-    """Remove run folders created by this process that hold no checkpoint and no metric row."""
-    for path in _NEW_RUN_DIRS:
-        if not os.path.isdir(path):
-            continue
-        if glob.glob(os.path.join(glob.escape(path), "**", "*.ckpt"), recursive=True):
-            continue
-        metrics = os.path.join(path, "metrics.csv")
-        if os.path.isfile(metrics) and sum(1 for _ in open(metrics)) > 1:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-    _NEW_RUN_DIRS.clear()
 
 
 _NOISE = ("Given value type:", "Given value:", "Subtypes:", "Errors:", "Does not validate against any of the Union",

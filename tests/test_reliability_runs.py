@@ -1,0 +1,117 @@
+"""Issue 24, the run mechanics: promises that must hold off the tested path.
+
+Output locations checked before the first step, run folders claimed atomically by concurrent runs,
+a NaN guard that looks at parameters and buffers, names and modules taken from a checkpoint that
+cannot reach outside the run, refusal of random-weight evaluation, SIGTERM's exit status, a record
+of each resumed segment, and one clear line for wrong checkpoints and unset environment variables.
+Subprocess tests where a process must die or two must race.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mmalign.classify import ImageClassifier
+from tests.test_faults import DIGITS, QUICK, ROOT, run_cli
+
+RUN = ["--model.class_path=tests._modules.RecordingClassifier", "--model.init_args.record=steps.jsonl"]
+
+
+def _steps_run(folder) -> int:
+    path = os.path.join(str(folder), "steps.jsonl")
+    return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+# ---- item 3: every output location is checked before the first step --------------------------------
+
+def test_checkpoint_dirpath_that_is_a_file_stops_before_training(in_tmp):
+    from mmalign.training.outputs import OutputLocationError
+
+    (in_tmp / "taken").write_text("a file, not a folder")
+    with pytest.raises(OutputLocationError, match=r"checkpoint.* location .*taken is a file.*checkpoint\.dirpath"):
+        run_cli("fit", "-c", DIGITS, *RUN, "--trainer.max_steps=3", "--checkpoint.dirpath=taken", *QUICK)
+    assert _steps_run(in_tmp) == 0 and not glob.glob("runs/mmalign/version_*")
+
+
+def test_unwritable_checkpoint_dirpath_stops_before_training(in_tmp):
+    # /sys refuses new files even to root (a chmod'ed folder would not stop root)
+    from mmalign.training.outputs import OutputLocationError
+
+    with pytest.raises(OutputLocationError, match=r"not writable.*checkpoint\.dirpath"):
+        run_cli("fit", "-c", DIGITS, *RUN, "--trainer.max_steps=3", "--checkpoint.dirpath=/sys/kernel/mmalign-ckpt",
+                *QUICK)
+    assert _steps_run(in_tmp) == 0
+
+
+def test_run_folder_that_is_a_file_names_default_root_dir(in_tmp):
+    from mmalign.training.outputs import OutputLocationError
+
+    (in_tmp / "runs").write_text("not a folder")
+    with pytest.raises(OutputLocationError, match=r"run folder.*runs.*is a file.*trainer\.default_root_dir"):
+        run_cli("fit", "-c", DIGITS, *RUN, "--trainer.max_steps=3", *QUICK)
+    assert _steps_run(in_tmp) == 0
+
+
+def test_unknown_checkpoint_url_protocol_stops_before_training(in_tmp):
+    from mmalign.training.outputs import OutputLocationError
+
+    with pytest.raises(OutputLocationError, match=r"nosuchfs://bucket/ckpts.*checkpoint\.dirpath"):
+        run_cli("fit", "-c", DIGITS, *RUN, "--trainer.max_steps=3", "--checkpoint.dirpath=nosuchfs://bucket/ckpts",
+                *QUICK)
+    assert _steps_run(in_tmp) == 0
+
+
+def test_predict_output_checked_before_predicting(in_tmp):
+    from mmalign.training.outputs import OutputLocationError
+
+    c = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=1", *QUICK)
+    last = os.path.join(c.trainer.log_dir, "checkpoints", "last.ckpt")
+    (in_tmp / "elsewhere").write_text("a file")
+    with pytest.raises(OutputLocationError, match=r"run folder.*elsewhere.*is a file.*trainer\.default_root_dir"):
+        run_cli("predict", "-c", DIGITS, f"--ckpt_path={last}", "--trainer.default_root_dir=elsewhere", *QUICK)
+
+
+# ---- item 4: two runs started together never share a version folder --------------------------------
+
+class BarrierClassifier(ImageClassifier):
+    """Waits in its constructor until ``parties`` processes have reached it: both runs have chosen
+    their run folder (that happens before the model is built) and neither has written anything."""
+
+    def __init__(self, barrier: str = "barrier", parties: int = 2, **kwargs) -> None:
+        os.makedirs(barrier, exist_ok=True)
+        open(os.path.join(barrier, str(os.getpid())), "w").close()
+        deadline = time.time() + 120
+        while len(os.listdir(barrier)) < parties and time.time() < deadline:
+            time.sleep(0.05)
+        super().__init__(**kwargs)
+
+
+def test_two_runs_started_together_claim_their_own_version(tmp_path, data_root):
+    env = {**os.environ, "MMALIGN_DATA": data_root, "PYTHONPATH": ROOT}
+    runs = [subprocess.Popen([sys.executable, "-m", "mmalign", "fit", "-c", DIGITS,
+                              "--model.class_path=tests.test_reliability_runs.BarrierClassifier",
+                              f"--model.init_args.barrier={tmp_path / 'barrier'}", "--trainer.max_steps=2",
+                              "--checkpoint.every_n_train_steps=1", f"--seed_everything={i}", *QUICK],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+    for p in runs:
+        assert p.wait(timeout=400) == 0, p.stderr.read()[-3000:]
+    versions = sorted(glob.glob(str(tmp_path / "runs/mmalign/version_*")))
+    assert [os.path.basename(v) for v in versions] == ["version_0", "version_1"]
+    seeds = set()
+    for v in versions:
+        assert sorted(os.listdir(os.path.join(v, "checkpoints"))) == ["last.ckpt", "step0000001.ckpt",
+                                                                     "step0000002.ckpt"]
+        [events] = glob.glob(os.path.join(v, "events.out.tfevents*"))  # each run's TensorBoard file, alone
+        seeds.add(open(os.path.join(v, "config.yaml")).read().split("seed_everything: ")[1].split()[0])
+        assert not glob.glob(os.path.join(v, "config.segment*"))
+    assert seeds == {"0", "1"}  # each folder holds its own run's config
