@@ -115,3 +115,25 @@ def test_two_runs_started_together_claim_their_own_version(tmp_path, data_root):
         seeds.add(open(os.path.join(v, "config.yaml")).read().split("seed_everything: ")[1].split()[0])
         assert not glob.glob(os.path.join(v, "config.segment*"))
     assert seeds == {"0", "1"}  # each folder holds its own run's config
+
+
+# ---- silent: resuming into a run folder keeps the record of each segment ----------------------------
+
+def test_resume_into_another_runs_folder_keeps_each_segments_record(in_tmp):
+    import yaml
+
+    c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", *QUICK)
+    folder = c1.trainer.log_dir
+    # "another experiment" (other weight decay, longer) picks that run with --ckpt_path last
+    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=4", "--ckpt_path=last", "--model.init_args.weight_decay=0.01",
+                 *QUICK)
+    assert c2.trainer.log_dir == folder and c2.trainer.global_step == 4
+
+    def read(name):
+        return yaml.safe_load(open(os.path.join(folder, name)))
+
+    assert read("config.yaml")["trainer"]["max_steps"] == 2 and read("hparams.yaml")["weight_decay"] == 0.05
+    assert read("config.segment1.yaml")["trainer"]["max_steps"] == 4
+    assert read("hparams.segment1.yaml")["weight_decay"] == 0.01
+    run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", *QUICK)
+    assert read("config.segment2.yaml")["trainer"]["max_steps"] == 5 and read("config.yaml")["trainer"]["max_steps"] == 2
