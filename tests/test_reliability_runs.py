@@ -137,3 +137,54 @@ def test_resume_into_another_runs_folder_keeps_each_segments_record(in_tmp):
     assert read("hparams.segment1.yaml")["weight_decay"] == 0.01
     run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", *QUICK)
     assert read("config.segment2.yaml")["trainer"]["max_steps"] == 5 and read("config.yaml")["trainer"]["max_steps"] == 2
+
+
+# ---- item 5: a checkpoint is called good only when parameters AND buffers are finite ----------------
+
+def _finite(path) -> list[str]:
+    sd = torch.load(path, weights_only=True)["state_dict"]
+    return [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def test_nan_guard_sees_an_overflowed_buffer_before_the_loss(in_tmp):
+    """lr=1e6 on digits: at step 3 a BatchNorm running variance overflows to inf while the loss is still
+    finite. Training stops there, and no checkpoint holding inf is written."""
+    from mmalign.training.callbacks import NonFiniteStateError
+
+    with pytest.raises(NonFiniteStateError, match=r"running_var at global step 3.*NOT written.*--ckpt_path last "
+                                                  r"--model.init_args.lr=500000"):
+        run_cli("fit", "-c", DIGITS, "--model.init_args.lr=1e6", "--model.init_args.warmup_steps=0",
+                "--trainer.max_steps=30", "--checkpoint.every_n_train_steps=1", "--checkpoint.save_top_k=-1", *QUICK)
+    ckpts = sorted(glob.glob("runs/mmalign/version_0/checkpoints/*.ckpt"))
+    assert len(ckpts) == 3 and all(_finite(p) == [] for p in ckpts), {p: _finite(p) for p in ckpts}
+    assert torch.load(ckpts[0], weights_only=True)["global_step"] == 2  # last.ckpt: the last good step
+
+
+class InfBufferAtStep(ImageClassifier):
+    """At step ``at`` a BatchNorm running variance becomes inf (as a corrupt batch would make it) while
+    the loss stays finite: training mode normalises with the batch's own statistics."""
+
+    def __init__(self, at: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def on_after_backward(self) -> None:
+        if self.global_step == self.at:
+            bn = next(m for m in self.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.fill_(float("inf"))
+
+
+def test_nan_guard_resume_advice_works(in_tmp):
+    from mmalign.training.callbacks import NonFiniteStateError
+
+    with pytest.raises(NonFiniteStateError) as info:
+        run_cli("fit", "-c", DIGITS, "--model.class_path=tests.test_reliability_runs.InfBufferAtStep",
+                "--trainer.max_steps=6", "--checkpoint.every_n_train_steps=1", *QUICK)
+    last = "runs/mmalign/version_0/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3 and _finite(last) == []
+    advice = str(info.value).split("(fit -c CONFIG ")[1].split(")")[0].split()  # --ckpt_path last --model...lr=X
+    assert advice[:2] == ["--ckpt_path", "last"]
+    c = run_cli("fit", "-c", DIGITS, "--model.class_path=tests.test_reliability_runs.InfBufferAtStep", *advice,
+                "--model.init_args.at=-1", "--trainer.max_steps=6", "--checkpoint.every_n_train_steps=1", *QUICK)
+    assert c.trainer.global_step == 6 and _finite(last) == []
+    assert torch.load(last, weights_only=True)["global_step"] == 6

@@ -8,6 +8,9 @@
   than the newest step checkpoint; it writes ``last.ckpt`` at the end of training and on a clean
   interrupt whatever ``every_n_train_steps`` is, and removes ``*.tmp-PID`` files that a killed
   write left behind.
+- A checkpoint is written only when every parameter and persistent buffer is finite (the NaN guard
+  sees only the loss; a BatchNorm running variance can overflow while the loss is still finite):
+  otherwise training stops with ``NonFiniteStateError`` and the last checkpoint stays the last good one.
 - Loads go through ``mmalign.models.weights.load_checkpoint_file`` (``weights_only=True``).
 """
 
@@ -100,12 +103,28 @@ class RunCheckpoint(ModelCheckpoint):
     ``ModelCheckpoint``'s; the CLI's defaults keep the newest 3 step checkpoints plus ``last.ckpt``."""
 
     _last_written_at: int = -1
+    _checked_at: int = -1
+    _exempt: frozenset[str] = frozenset()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.is_global_zero and self.dirpath and not is_url(self.dirpath) \
                 and os.path.isdir(self.dirpath):
             remove_orphan_temporaries(self.dirpath)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from .callbacks import nonfinite_state
+
+        super().on_train_start(trainer, pl_module)
+        # buffers that hold inf by design (a mask) before any update are not a divergence
+        self._exempt = frozenset(n for n in nonfinite_state(pl_module) if n not in dict(pl_module.named_parameters()))
+
+    def _check_state(self, trainer, collective: bool = True) -> None:
+        from .callbacks import check_finite_state
+
+        if self._checked_at != trainer.global_step:
+            check_finite_state(trainer, trainer.lightning_module, self._exempt, collective)
+            self._checked_at = trainer.global_step
 
     def _local(self) -> bool:
         return bool(self.dirpath) and not is_url(self.dirpath)
@@ -125,6 +144,7 @@ class RunCheckpoint(ModelCheckpoint):
             self._last_written_at = trainer.global_step
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        self._check_state(trainer)  # every rank reaches here: the decision is taken together
         last = self.last_model_path
         if (self._local() and self._last_written_at == trainer.global_step and last and filepath != last
                 and os.path.isfile(last)):
@@ -163,6 +183,13 @@ class RunCheckpoint(ModelCheckpoint):
         # every rank's weights identical; a sharded strategy cannot be saved this way).
         if trainer.is_global_zero and not getattr(trainer.strategy, "_sharded", False) \
                 and type(trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy"):
+            from .callbacks import NonFiniteStateError
+
+            try:
+                self._check_state(trainer, collective=False)
+            except NonFiniteStateError as exc:
+                log.warning("interrupted at step %d; last.ckpt not written: %s", trainer.global_step, exc)
+                return
             path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
             trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
