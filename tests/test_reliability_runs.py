@@ -188,3 +188,102 @@ def test_nan_guard_resume_advice_works(in_tmp):
                 "--model.init_args.at=-1", "--trainer.max_steps=6", "--checkpoint.every_n_train_steps=1", *QUICK)
     assert c.trainer.global_step == 6 and _finite(last) == []
     assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+# ---- items 8, 9: names and modules taken from a checkpoint never reach outside the run --------------
+
+def _clip_ckpt(path, **hparams) -> str:
+    """A weights-only-safe mmalign CLIP checkpoint whose hyper-parameters are overridden by ``hparams``."""
+    import lightning
+
+    from tests.test_contrastive_module import tiny
+
+    m = tiny()
+    hp = {**dict(m.hparams), "_class_path": "mmalign.contrastive.CLIP", **hparams}
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": hp, "global_step": 5, "epoch": 0,
+                "pytorch-lightning_version": lightning.__version__}, str(path))
+    return str(path)
+
+
+def _zeroshot_config(folder, data_root) -> str:
+    import yaml
+
+    from tests.test_contrastive_module import TINY
+
+    cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
+                     "init_args": {"model_name": "mmalign-test-tiny", "model_cfg": TINY}},
+           "data": {"class_path": "datamodules.ImageLabelDataModule",
+                    "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
+                                  "batch_size": 32}},
+           "classes": os.path.join(data_root, "shapes", "classes.json"), "label_field": "cls",
+           "trainer": {"enable_progress_bar": False, "logger": False, "limit_test_batches": 1}}
+    path = os.path.join(str(folder), "zs.yaml")
+    open(path, "w").write(yaml.safe_dump(cfg))
+    return path
+
+
+def _escaping_name(target) -> str:
+    """A model name that, joined to open_clip's config folder of mmalign, lands on ``target``."""
+    import tempfile
+
+    return os.path.relpath(str(target), os.path.join(tempfile.gettempdir(), "mmalign-open_clip-config-folder"))
+
+
+def test_zeroshot_model_name_from_a_checkpoint_is_never_a_path(in_tmp, data_root):
+    from tests.test_contrastive_module import TINY
+
+    name = _escaping_name(in_tmp / "escaped")
+    ckpt = _clip_ckpt(in_tmp / "crafted.ckpt", model_name=name, model_cfg=TINY)
+    with pytest.raises(ValueError, match=r"model_name '.*escaped' is not a plain name"):
+        run_cli("zeroshot", "-c", _zeroshot_config(in_tmp, data_root), f"--ckpt_path={ckpt}", "--out=zs")
+    assert not glob.glob(str(in_tmp / "escaped*")) and not os.path.exists("zs")
+
+
+def test_export_names_files_only_inside_its_folder(tmp_path):
+    from tests.test_contrastive_module import TINY
+
+    name = _escaping_name(tmp_path / "escaped")
+    ckpt = _clip_ckpt(tmp_path / "crafted.ckpt", model_name=name, model_cfg=TINY)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/export_open_clip.py"), "--ckpt", ckpt,
+                          "--out", str(tmp_path / "out"), "--no-register"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode != 0 and "is not a plain name" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    assert not glob.glob(str(tmp_path / "escaped*"))
+    # a sane checkpoint exports (the script rebuilds the architecture, not the whole module)
+    good = _clip_ckpt(tmp_path / "good.ckpt")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/export_open_clip.py"), "--ckpt", good,
+                          "--out", str(tmp_path / "out"), "--no-register"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["mmalign-test-tiny.json", "open_clip_config.json",
+                                                    "open_clip_pytorch_model.bin"]
+    exported = torch.load(tmp_path / "out" / "open_clip_pytorch_model.bin", weights_only=True)
+    trained = torch.load(good, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, trained["model." + k]) for k, v in exported.items())
+
+
+MARKER_MODULE = "import pathlib\npathlib.Path(__file__).with_name('IMPORTED').write_text('code ran')\n"
+
+
+def test_pkg_text_tower_from_a_checkpoint_imports_nothing(tmp_path, data_root):
+    """A crafted checkpoint names ``pkg:mmalign_marker_mod``; that module sits in the working directory
+    (which ``python -m`` puts on sys.path) and would write IMPORTED if imported."""
+    from tests.test_contrastive_module import TINY
+
+    (tmp_path / "mmalign_marker_mod.py").write_text(MARKER_MODULE)
+    cfg = {**TINY, "text_cfg": {**TINY["text_cfg"], "hf_model_name": "pkg:mmalign_marker_mod"}}
+    ckpt = _clip_ckpt(tmp_path / "crafted.ckpt", model_cfg=cfg)
+    env = {**os.environ, "PYTHONPATH": ROOT, "MMALIGN_DATA": data_root}
+    cmd = [sys.executable, "-m", "mmalign", "zeroshot", "-c", _zeroshot_config(tmp_path, data_root),
+           f"--ckpt_path={ckpt}", "--out=zs"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode != 0 and "'mmalign_marker_mod' is not a known weight package" in last, res.stderr[-2000:]
+    assert "--weight_packages" in last and not (tmp_path / "IMPORTED").exists()
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/export_open_clip.py"), "--ckpt", ckpt, "--out",
+                          "out", "--no-register"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert res.returncode != 0 and not (tmp_path / "IMPORTED").exists(), res.stderr[-2000:]
+    # the user (not the file) may allow a package on the command line: then, and only then, it is imported
+    res = subprocess.run(cmd + ["--weight_packages=[mmalign_marker_mod]"], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=env)
+    assert (tmp_path / "IMPORTED").exists(), res.stderr[-2000:]
