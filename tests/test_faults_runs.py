@@ -103,7 +103,8 @@ def test_predict_writes_classifier_predictions(in_tmp):
 
 
 def test_predict_writes_repa_sample_grids(in_tmp):
-    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--model.init_args.fd.num_samples=0",
+    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--allow_random_weights=true",
+                "--model.init_args.fd.num_samples=0",
                 "--model.init_args.sampling.num_samples=4", "--model.init_args.sampling.steps=2",
                 "--model.init_args.sampling.out_dir=grids", "--model.init_args.diffusion.backbone_kwargs.num_layers=1",
                 *QUICK)

@@ -10,6 +10,7 @@ Subprocess tests where a process must die or two must race.
 from __future__ import annotations
 
 import glob
+import re
 import json
 import os
 import signal
@@ -287,3 +288,111 @@ def test_pkg_text_tower_from_a_checkpoint_imports_nothing(tmp_path, data_root):
     res = subprocess.run(cmd + ["--weight_packages=[mmalign_marker_mod]"], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env=env)
     assert (tmp_path / "IMPORTED").exists(), res.stderr[-2000:]
+
+
+# ---- silent: evaluating random weights is refused unless asked for ----------------------------------
+
+def test_predict_without_checkpoint_refuses_random_weights(in_tmp):
+    with pytest.raises(ValueError, match=r"predict.*randomly initialised.*--ckpt_path.*--allow_random_weights=true"):
+        run_cli("predict", "-c", DIGITS, "--trainer.limit_predict_batches=1", *QUICK)
+    assert not glob.glob("runs/mmalign/version_*")
+    p = run_cli("predict", "-c", DIGITS, "--allow_random_weights=true", "--trainer.limit_predict_batches=1", *QUICK)
+    assert p.trainer.predict_loop.batch_progress.total.completed == 1
+
+
+def test_zeroshot_without_checkpoint_or_weights_refuses(in_tmp, data_root):
+    config = _zeroshot_config(in_tmp, data_root)
+    with pytest.raises(ValueError, match=r"zeroshot.*randomly initialised.*--ckpt_path.*pretrained.*"
+                                         r"--allow_random_weights=true"):
+        run_cli("zeroshot", "-c", config, "--out=zs")
+    assert not os.path.exists("zs")
+    run_cli("zeroshot", "-c", config, "--out=zs", "--allow_random_weights=true")
+    assert os.path.isfile("zs/zeroshot.json")
+
+
+def test_zeroshot_out_checked_before_building_anything(in_tmp, data_root):
+    from mmalign.training.outputs import OutputLocationError
+
+    (in_tmp / "zs").write_text("a file")
+    ckpt = _clip_ckpt(in_tmp / "good.ckpt")
+    with pytest.raises(OutputLocationError, match=r"zero-shot results location .*zs is a file.*--out"):
+        run_cli("zeroshot", "-c", _zeroshot_config(in_tmp, data_root), f"--ckpt_path={ckpt}", "--out=zs")
+
+
+# ---- silent: SIGTERM is not a success ---------------------------------------------------------------
+
+def test_sigterm_writes_last_checkpoint_and_exits_non_zero(tmp_path, data_root):
+    env = {**os.environ, "MMALIGN_DATA": data_root, "PYTHONPATH": ROOT}
+    p = subprocess.Popen([sys.executable, "-m", "mmalign", "fit", "-c", DIGITS, *RUN, "--trainer.max_steps=500",
+                          "--checkpoint.every_n_train_steps=1000", *QUICK],
+                         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and _steps_run(tmp_path) < 3:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=300)[1]
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    [last] = glob.glob(str(tmp_path / "runs/mmalign/version_0/checkpoints/last.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] >= 3
+    assert "stopped by SIGTERM" in err and "--ckpt_path last" in err
+
+
+# ---- unclear: configs and checkpoints that cannot be used get one line with the fix ----------------
+
+def test_unset_environment_variable_in_config_is_one_line(in_tmp, capsys):
+    (in_tmp / "env.yaml").write_text("trainer:\n  default_root_dir: ${oc.env:MMALIGN_TEST_UNSET_VAR}\n")
+    with pytest.raises(SystemExit):
+        run_cli("fit", "-c", DIGITS, "-c", "env.yaml", "--trainer.max_steps=1", *QUICK)
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("error:") == 1 and len(err.splitlines()) <= 3, err
+    line = err.splitlines()[-1]
+    assert "MMALIGN_TEST_UNSET_VAR is not set" in line and "env.yaml" in line and "trainer.default_root_dir" in line
+    assert "${oc.env:MMALIGN_TEST_UNSET_VAR,<default>}" in line
+
+
+@pytest.mark.parametrize("bad", [-1, 0])
+def test_checkpoint_every_n_train_steps_must_be_positive(in_tmp, capsys, bad):
+    with pytest.raises(SystemExit):
+        run_cli("fit", "-c", DIGITS, f"--checkpoint.every_n_train_steps={bad}", *QUICK)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"checkpoint.every_n_train_steps must be >= 1 (null: no step checkpoints), got {bad}" in line
+    assert not os.path.exists("runs")
+
+
+@pytest.mark.parametrize("option,value,needle", [("save_top_k", -2, "checkpoint.save_top_k must be >= -1"),
+                                                 ("every_n_epochs", 0, "checkpoint.every_n_epochs must be >= 1"),
+                                                 ("train_time_interval", "0:00:00", "train_time_interval must be")])
+def test_checkpoint_group_refuses_senseless_values(in_tmp, capsys, option, value, needle):
+    with pytest.raises(SystemExit):
+        run_cli("fit", "-c", DIGITS, f"--checkpoint.{option}={value}", *QUICK)
+    assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _wrong_checkpoints(folder):
+    from tests.test_faults import _tiny_classifier_ckpt
+
+    (folder / "empty.ckpt").write_bytes(b"")
+    (folder / "garbage.ckpt").write_bytes(b"\x00\x13not a checkpoint at all" * 20)
+    good = _tiny_classifier_ckpt(folder / "good.ckpt")
+    (folder / "truncated.ckpt").write_bytes(open(good, "rb").read()[:2000])
+    torch.save(ImageClassifier("resnet18", 10, image_size=32, model_kwargs={"layers": [1, 1, 1, 1],
+               "channels": [16, 32, 64, 128], "stem_width": 16}).model.state_dict(), str(folder / "plain.pt"))
+    _clip_ckpt(folder / "clip.ckpt")
+
+
+WRONG = [("empty.ckpt", r"is empty \(0 bytes\)"),
+         ("garbage.ckpt", r"is not a PyTorch checkpoint"),
+         ("truncated.ckpt", r"is truncated or damaged"),
+         ("plain.pt", r"holds a plain state dict.*model\.init_args\.checkpoint_path=.*plain\.pt"),
+         ("clip.ckpt", r"was trained with model mmalign\.contrastive\.CLIP.*config builds mmalign\.classify")]
+
+
+@pytest.mark.parametrize("name,pattern", WRONG, ids=[w[0] for w in WRONG])
+def test_wrong_checkpoint_gives_one_line_that_fits(in_tmp, name, pattern):
+    _wrong_checkpoints(in_tmp)
+    with pytest.raises(Exception) as info:
+        run_cli("test", "-c", DIGITS, f"--ckpt_path={name}", "--trainer.limit_test_batches=1", *QUICK)
+    message = str(info.value)
+    assert re.search(pattern, message) and name in message and "\n" not in message, message
+    assert "_use_new_zipfile_serialization" not in message and "trust" not in message
+    assert not glob.glob("runs/mmalign/version_*")

@@ -57,8 +57,10 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
     return report
 
 
-#: result options the CLI checks before any work (``{option: what goes there}``)
+#: result options the CLI checks before any work (``{option: what goes there}``); and the scores mean
+#: nothing for random weights, so the CLI refuses a run with neither --ckpt_path nor pretrained weights
 zeroshot.outputs = {"out": "zero-shot results"}
+zeroshot.needs_weights = True
 
 
 def _folder_classes(datamodule):

@@ -85,8 +85,13 @@ def _alive(pid: int) -> bool:
 
 
 def checkpoint_step(path: str) -> int:
-    """The ``global_step`` stored in a checkpoint (-1 if it has none)."""
-    ck = load_checkpoint_file(path, mmap=True)
+    """The ``global_step`` stored in a checkpoint (-1 if it has none or cannot be read: a damaged copy
+    beside good checkpoints must not stop ``--ckpt_path last`` from finding them)."""
+    try:
+        ck = load_checkpoint_file(path, mmap=True)
+    except ValueError as exc:
+        log.warning("skipping %s: %s", path, exc)
+        return -1
     return int(ck.get("global_step", -1)) if isinstance(ck, dict) else -1
 
 
@@ -96,6 +101,23 @@ def newest_checkpoint(directory: str) -> str | None:
     if not paths:
         return None
     return max(paths, key=lambda p: (checkpoint_step(p), os.path.basename(p) == "last.ckpt"))
+
+
+def check_checkpoint_options(options: Any) -> None:
+    """Refuse values of the ``checkpoint:`` group that make no sense, by name (the CLI calls this at parse
+    time; Lightning would take ``every_n_train_steps: 0`` as "never" and report others under its own names)."""
+    get = options.get if hasattr(options, "get") else lambda k, d=None: getattr(options, k, d)
+    for key in ("every_n_train_steps", "every_n_epochs"):
+        value = get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            unit = "step" if key == "every_n_train_steps" else "epoch-end"
+            raise ValueError(f"checkpoint.{key} must be >= 1 (null: no {unit} checkpoints), got {value}.")
+    top_k = get("save_top_k")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < -1):
+        raise ValueError(f"checkpoint.save_top_k must be >= -1 (-1 keeps every checkpoint, 0 none), got {top_k}.")
+    interval = get("train_time_interval")
+    if interval is not None and getattr(interval, "total_seconds", lambda: 1)() <= 0:
+        raise ValueError(f"checkpoint.train_time_interval must be a positive duration (e.g. 0:30:00), got {interval}.")
 
 
 class RunCheckpoint(ModelCheckpoint):

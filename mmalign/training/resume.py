@@ -49,11 +49,26 @@ def find_last_checkpoint(cfg: Any) -> str | None:
     return None
 
 
-def read_hparams(path: str) -> dict:
+#: model options that take a weights file, in the order a plain state dict is best given to them
+WEIGHT_OPTIONS = ("checkpoint_path", "pretrained", "init_checkpoint", "source_checkpoint")
+
+
+def read_hparams(path: str, model: Any = None) -> tuple[dict, int]:
+    """``(hyper-parameters, global step)`` of a Lightning checkpoint; anything else (a plain state dict,
+    a foreign file) is refused in one line that says where such a file belongs."""
     from mmalign.models.weights import load_checkpoint_file
 
     ck = load_checkpoint_file(path, mmap=True)
-    return dict(ck.get("hyper_parameters") or {}) if isinstance(ck, dict) else {}
+    if isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict) and "pytorch-lightning_version" in ck:
+        return dict(ck.get("hyper_parameters") or {}), int(ck.get("global_step", -1))
+    init = _get(model, "init_args", {}) or {}
+    option = next((k for k in WEIGHT_OPTIONS if k in init and not isinstance(init.get(k), bool)), None)
+    plain = isinstance(ck, dict) and ck and all(hasattr(v, "shape") for v in ck.values())
+    what = f"holds a plain state dict of {len(ck)} tensors" if plain else "is not a Lightning checkpoint"
+    where = (f"give it to the model instead: --model.init_args.{option}={path}" if option and plain
+             else "give the last.ckpt (or a step checkpoint) of an mmalign run")
+    raise ValueError(f"ckpt_path '{path}' {what}: --ckpt_path continues or evaluates a run saved by mmalign fit. To "
+                     f"start from these weights, {where}.")
 
 
 #: init_args that fix a network's shapes: evaluation subcommands (zeroshot, test, predict, ...) take these
@@ -70,8 +85,6 @@ def resolve_resume(config: Any) -> dict | None:
         return None
     from mmalign.models.weights import is_url
 
-    from .checkpointing import checkpoint_step
-
     if ckpt == "last":
         found = find_last_checkpoint(cfg)
         if found is None:
@@ -86,8 +99,8 @@ def resolve_resume(config: Any) -> dict | None:
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"ckpt_path '{ckpt}' does not exist. Give a checkpoint file, or --ckpt_path last for "
                                 "the newest checkpoint of the newest run.")
-    hp = read_hparams(ckpt)
     model = _get(cfg, "model")
+    hp, step = read_hparams(ckpt, model)
     class_path = _get(model, "class_path")
     if hp.get("_class_path") and class_path and hp["_class_path"] != class_path:
         raise ValueError(f"ckpt_path '{ckpt}' was trained with model {hp['_class_path']}, but the config builds "
@@ -108,7 +121,43 @@ def resolve_resume(config: Any) -> dict | None:
     version = None
     if len(parts) >= 3 and parts[-2] == "checkpoints" and (m := re.fullmatch(r"version_(\d+)", parts[-3])):
         version = (os.sep.join(parts[:-3]), int(m.group(1)))
-    return {"path": ckpt, "step": checkpoint_step(ckpt), "version": version, "subcommand": sub}
+    return {"path": ckpt, "step": step, "version": version, "subcommand": sub}
+
+
+def require_weights(config: Any, resuming: bool) -> None:
+    """``predict``/``zeroshot`` report a model's outputs as results: refuse to score random weights
+    unless a checkpoint or a weights option is given, or ``--allow_random_weights=true``."""
+    sub = _get(config, "subcommand")
+    cfg = _get(config, sub)
+    if resuming or _get(cfg, "ckpt_path") or _get(cfg, "allow_random_weights"):
+        return
+    init = _get(_get(cfg, "model"), "init_args", {}) or {}
+    options = [k for k in WEIGHT_OPTIONS if k in init]
+    if any(_get(init, k) for k in options):
+        return
+    weights = " or weights (" + ", ".join(f"--model.init_args.{k}" for k in options) + ")" if options else ""
+    raise ValueError(f"{sub} would score a randomly initialised model: give a checkpoint (--ckpt_path PATH, or "
+                     f"--ckpt_path last){weights}; --allow_random_weights=true runs it anyway (a smoke test).")
+
+
+def describe_config_error(exc: BaseException, args: list[str]) -> str | None:
+    """One line for a config value OmegaConf cannot resolve (an unset ``${oc.env:X}``), naming the
+    variable, the key, the config file and the fix; ``None`` for any other error."""
+    if not type(exc).__module__.startswith("omegaconf"):
+        return None
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    key = getattr(exc, "full_key", None) or "?"
+    var = re.search(r"Environment variable '([^']+)' not found", text)
+    needle = f"oc.env:{var.group(1)}" if var else None
+    files = [a for i, a in enumerate(args) if i and args[i - 1] in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    found = [f for f in files if needle and os.path.isfile(f) and needle in open(f).read()]
+    where = f"{found[0]}: " if found else ""
+    if var:
+        name = var.group(1)
+        return (f"{where}{key}: ${{oc.env:{name}}}: the environment variable {name} is not set. Set it "
+                f"(export {name}=...) or give the config a default: ${{oc.env:{name},<default>}}.")
+    return f"{where}{key}: the config value cannot be resolved ({text})."
 
 
 _NOISE = ("Given value type:", "Given value:", "Subtypes:", "Errors:", "Does not validate against any of the Union",
