@@ -396,3 +396,35 @@ def test_wrong_checkpoint_gives_one_line_that_fits(in_tmp, name, pattern):
     assert re.search(pattern, message) and name in message and "\n" not in message, message
     assert "_use_new_zipfile_serialization" not in message and "trust" not in message
     assert not glob.glob("runs/mmalign/version_*")
+
+
+def _crafted_clip_variants(folder):
+    from tests.test_contrastive_module import TINY
+
+    (folder / "mmalign_marker_mod.py").write_text(MARKER_MODULE)
+    pkg = {**TINY, "text_cfg": {**TINY["text_cfg"], "hf_model_name": "pkg:mmalign_marker_mod"}}
+    # a name no earlier test registered: the teacher reads model_cfg only for an unknown name
+    return {"pkg": (_clip_ckpt(folder / "pkg.ckpt", model_name="mmalign-crafted-pkg", model_cfg=pkg),
+                    "not a known weight package"),
+            "path": (_clip_ckpt(folder / "path.ckpt", model_name=_escaping_name(folder / "escaped"), model_cfg=TINY),
+                     "is not a plain name")}
+
+
+@pytest.mark.parametrize("variant", ["pkg", "path"])
+@pytest.mark.parametrize("entry", ["adapt source", "open_clip teacher"])
+def test_other_loaders_of_a_crafted_clip_checkpoint_refuse_it(tmp_path, monkeypatch, data_root, entry, variant):
+    """adapt's source and the REPA open_clip teacher rebuild a checkpoint's architecture through the same
+    loaders: a crafted name neither writes outside nor imports a module (one on sys.path here)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt, needle = _crafted_clip_variants(tmp_path)[variant]
+    with pytest.raises(ValueError, match=needle):
+        if entry == "adapt source":
+            from mmalign.tta.module import TTAModel
+
+            TTAModel(ckpt, methods=["source"], zeroshot_classes=os.path.join(data_root, "shapes", "classes.json"))
+        else:
+            from mmalign.encoders import build_teacher
+
+            hp = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+            build_teacher("open_clip", hp["model_name"], ckpt)
+    assert not (tmp_path / "IMPORTED").exists() and not glob.glob(str(tmp_path / "escaped*"))
