@@ -124,5 +124,6 @@ def test_ddp_two_cpu_processes_with_uneven_shards(in_tmp, data_root):
                          capture_output=True, text=True, timeout=400, cwd=in_tmp,
                          env={**os.environ, "MMALIGN_DATA": data_root, "PYTHONPATH": ROOT})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert len(glob.glob(str(in_tmp / "runs/mmalign/version_*"))) == 1  # rank 1 uses rank 0's claimed folder
     [last] = glob.glob(str(in_tmp / "runs/mmalign/version_*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=False)["global_step"] == 1259 // (2 * 64)

@@ -54,7 +54,7 @@ CASES = {
     "clip-lit": Case(("clip/shapes_clip_scratch.yaml", "clip/lit.yaml")),
     "clip-zeroshot": Case(("clip/zeroshot_shapes.yaml",), "zeroshot",
                           ("--trainer.limit_test_batches=1", "--data.init_args.num_workers=0",
-                           "--trainer.enable_progress_bar=false")),
+                           "--trainer.enable_progress_bar=false", "--allow_random_weights=true")),
     "clip-vitb32-ddp": Case(("clip/vitb32_laion_ddp.yaml",), runs_here=False),
     "clip-vitb32-fsdp": Case(("clip/vitb32_laion_ddp.yaml", "clip/fsdp.yaml"), runs_here=False),
     "speech-ctc": Case(("speech/spoken_ctc.yaml",), smoke=True),

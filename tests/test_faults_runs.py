@@ -103,7 +103,8 @@ def test_predict_writes_classifier_predictions(in_tmp):
 
 
 def test_predict_writes_repa_sample_grids(in_tmp):
-    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--model.init_args.fd.num_samples=0",
+    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--allow_random_weights=true",
+                "--model.init_args.fd.num_samples=0",
                 "--model.init_args.sampling.num_samples=4", "--model.init_args.sampling.steps=2",
                 "--model.init_args.sampling.out_dir=grids", "--model.init_args.diffusion.backbone_kwargs.num_layers=1",
                 *QUICK)
@@ -148,8 +149,10 @@ def test_zeroshot_unknown_label_field_and_strict_json(in_tmp, data_root):
     (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
     classes = os.path.join(data_root, "shapes", "classes.json")
     with pytest.raises(ValueError, match="no test sample carries label field 'colour_id'.*json fields seen: .*color_id"):
-        run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=colour_id", "--out=zs")
-    run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=cls", "--out=zs")
+        run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=colour_id", "--out=zs",
+                "--allow_random_weights=true")
+    run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=cls", "--out=zs",
+            "--allow_random_weights=true")
     text = (in_tmp / "zs" / "zeroshot.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert "NaN" not in text and _strict({"x": float("nan")}) == {"x": None}

@@ -20,10 +20,12 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
     """
     from mmalign.contrastive import ContrastiveModule
     from mmalign.jsonout import dump
+    from mmalign.training.outputs import check_output_dir
 
     if not isinstance(model, ContrastiveModule):
         raise TypeError(f"zeroshot needs an mmalign.contrastive model (CLIP/SigLIP), got {type(model).__name__}.")
     out = out or os.path.join(trainer.default_root_dir, "zeroshot")
+    check_output_dir(out, "zero-shot results", "--out", create=False)  # the CLI checked it too; API callers
     if classes is None:
         classes = _folder_classes(datamodule)
     model.set_zeroshot_classes(classes, label_field)
@@ -53,6 +55,12 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
         dump(report, path)  # strict JSON: a class never seen has no accuracy (null, not NaN)
         print(f"  wrote {path}")
     return report
+
+
+#: result options the CLI checks before any work (``{option: what goes there}``); and the scores mean
+#: nothing for random weights, so the CLI refuses a run with neither --ckpt_path nor pretrained weights
+zeroshot.outputs = {"out": "zero-shot results"}
+zeroshot.needs_weights = True
 
 
 def _folder_classes(datamodule):
