@@ -191,7 +191,8 @@ def test_zeroshot_subcommand_matches_hand_computation(in_tmp, data_root):
            "trainer": {"enable_progress_bar": False, "logger": False}}
     (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
     classes = os.path.join(data_root, "shapes", "classes.json")
-    cli.main(["zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=cls", "--out=zs"])
+    cli.main(["zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=cls", "--out=zs",
+              "--allow_random_weights=true"])
     report = json.loads((in_tmp / "zs" / "zeroshot.json").read_text())
     # the same number computed by hand over the same images
     from datamodules import ImageLabelDataModule
@@ -244,7 +245,7 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
                     "init_args": {"test_shards": str(in_tmp / "photos"), "num_workers": 0, "batch_size": 4}},
            "trainer": {"enable_progress_bar": False, "logger": False}}
     (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
-    cli.main(["zeroshot", "-c", "zs.yaml", "--out=zs"])
+    cli.main(["zeroshot", "-c", "zs.yaml", "--out=zs", "--allow_random_weights=true"])
     report = json.loads((in_tmp / "zs" / "zeroshot.json").read_text())
     assert report["num_classes"] == 3 and report["classes"] == "image folder names"
     assert set(report["per_class_top1"]) == {"red circle", "blue square", "green star"} and 0 <= report["top1"] <= 1

@@ -126,16 +126,16 @@ def test_resume_into_another_runs_folder_keeps_each_segments_record(in_tmp):
     c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", *QUICK)
     folder = c1.trainer.log_dir
     # "another experiment" (other weight decay, longer) picks that run with --ckpt_path last
-    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=4", "--ckpt_path=last", "--model.init_args.weight_decay=0.01",
+    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=4", "--ckpt_path=last", "--model.init_args.optim.weight_decay=0.01",
                  *QUICK)
     assert c2.trainer.log_dir == folder and c2.trainer.global_step == 4
 
     def read(name):
         return yaml.safe_load(open(os.path.join(folder, name)))
 
-    assert read("config.yaml")["trainer"]["max_steps"] == 2 and read("hparams.yaml")["weight_decay"] == 0.05
+    assert read("config.yaml")["trainer"]["max_steps"] == 2 and read("hparams.yaml")["optim"]["weight_decay"] == 0.05
     assert read("config.segment1.yaml")["trainer"]["max_steps"] == 4
-    assert read("hparams.segment1.yaml")["weight_decay"] == 0.01
+    assert read("hparams.segment1.yaml")["optim"]["weight_decay"] == 0.01
     run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", *QUICK)
     assert read("config.segment2.yaml")["trainer"]["max_steps"] == 5 and read("config.yaml")["trainer"]["max_steps"] == 2
 
@@ -153,8 +153,8 @@ def test_nan_guard_sees_an_overflowed_buffer_before_the_loss(in_tmp):
     from mmalign.training.callbacks import NonFiniteStateError
 
     with pytest.raises(NonFiniteStateError, match=r"running_var at global step 3.*NOT written.*--ckpt_path last "
-                                                  r"--model.init_args.lr=500000"):
-        run_cli("fit", "-c", DIGITS, "--model.init_args.lr=1e6", "--model.init_args.warmup_steps=0",
+                                                  r"--model.init_args.optim.lr=500000"):
+        run_cli("fit", "-c", DIGITS, "--model.init_args.optim.lr=1e6", "--model.init_args.optim.warmup_steps=0",
                 "--trainer.max_steps=30", "--checkpoint.every_n_train_steps=1", "--checkpoint.save_top_k=-1", *QUICK)
     ckpts = sorted(glob.glob("runs/mmalign/version_0/checkpoints/*.ckpt"))
     assert len(ckpts) == 3 and all(_finite(p) == [] for p in ckpts), {p: _finite(p) for p in ckpts}
@@ -200,7 +200,8 @@ def _clip_ckpt(path, **hparams) -> str:
     from tests.test_contrastive_module import tiny
 
     m = tiny()
-    hp = {**dict(m.hparams), "_class_path": "mmalign.contrastive.CLIP", **hparams}
+    hp = {**dict(m.hparams), "_class_path": "mmalign.contrastive.CLIP"}
+    hp["model"] = {**hp["model"], **hparams}  # the grouped layout: model.name, model.cfg
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": hp, "global_step": 5, "epoch": 0,
                 "pytorch-lightning_version": lightning.__version__}, str(path))
     return str(path)
@@ -212,7 +213,7 @@ def _zeroshot_config(folder, data_root) -> str:
     from tests.test_contrastive_module import TINY
 
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
-                     "init_args": {"model_name": "mmalign-test-tiny", "model_cfg": TINY}},
+                     "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
                     "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
                                   "batch_size": 32}},
@@ -234,8 +235,8 @@ def test_zeroshot_model_name_from_a_checkpoint_is_never_a_path(in_tmp, data_root
     from tests.test_contrastive_module import TINY
 
     name = _escaping_name(in_tmp / "escaped")
-    ckpt = _clip_ckpt(in_tmp / "crafted.ckpt", model_name=name, model_cfg=TINY)
-    with pytest.raises(ValueError, match=r"model_name '.*escaped' is not a plain name"):
+    ckpt = _clip_ckpt(in_tmp / "crafted.ckpt", name=name, cfg=TINY)
+    with pytest.raises(ValueError, match=r"'.*escaped' is not a plain name"):
         run_cli("zeroshot", "-c", _zeroshot_config(in_tmp, data_root), f"--ckpt_path={ckpt}", "--out=zs")
     assert not glob.glob(str(in_tmp / "escaped*")) and not os.path.exists("zs")
 
@@ -244,7 +245,7 @@ def test_export_names_files_only_inside_its_folder(tmp_path):
     from tests.test_contrastive_module import TINY
 
     name = _escaping_name(tmp_path / "escaped")
-    ckpt = _clip_ckpt(tmp_path / "crafted.ckpt", model_name=name, model_cfg=TINY)
+    ckpt = _clip_ckpt(tmp_path / "crafted.ckpt", name=name, cfg=TINY)
     res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/export_open_clip.py"), "--ckpt", ckpt,
                           "--out", str(tmp_path / "out"), "--no-register"], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
@@ -273,7 +274,7 @@ def test_pkg_text_tower_from_a_checkpoint_imports_nothing(tmp_path, data_root):
 
     (tmp_path / "mmalign_marker_mod.py").write_text(MARKER_MODULE)
     cfg = {**TINY, "text_cfg": {**TINY["text_cfg"], "hf_model_name": "pkg:mmalign_marker_mod"}}
-    ckpt = _clip_ckpt(tmp_path / "crafted.ckpt", model_cfg=cfg)
+    ckpt = _clip_ckpt(tmp_path / "crafted.ckpt", cfg=cfg)
     env = {**os.environ, "PYTHONPATH": ROOT, "MMALIGN_DATA": data_root}
     cmd = [sys.executable, "-m", "mmalign", "zeroshot", "-c", _zeroshot_config(tmp_path, data_root),
            f"--ckpt_path={ckpt}", "--out=zs"]
@@ -404,9 +405,9 @@ def _crafted_clip_variants(folder):
     (folder / "mmalign_marker_mod.py").write_text(MARKER_MODULE)
     pkg = {**TINY, "text_cfg": {**TINY["text_cfg"], "hf_model_name": "pkg:mmalign_marker_mod"}}
     # a name no earlier test registered: the teacher reads model_cfg only for an unknown name
-    return {"pkg": (_clip_ckpt(folder / "pkg.ckpt", model_name="mmalign-crafted-pkg", model_cfg=pkg),
+    return {"pkg": (_clip_ckpt(folder / "pkg.ckpt", name="mmalign-crafted-pkg", cfg=pkg),
                     "not a known weight package"),
-            "path": (_clip_ckpt(folder / "path.ckpt", model_name=_escaping_name(folder / "escaped"), model_cfg=TINY),
+            "path": (_clip_ckpt(folder / "path.ckpt", name=_escaping_name(folder / "escaped"), cfg=TINY),
                      "is not a plain name")}
 
 
@@ -426,5 +427,5 @@ def test_other_loaders_of_a_crafted_clip_checkpoint_refuse_it(tmp_path, monkeypa
             from mmalign.encoders import build_teacher
 
             hp = torch.load(ckpt, weights_only=True)["hyper_parameters"]
-            build_teacher("open_clip", hp["model_name"], ckpt)
+            build_teacher("open_clip", hp["model"]["name"], ckpt)
     assert not (tmp_path / "IMPORTED").exists() and not glob.glob(str(tmp_path / "escaped*"))
