@@ -9,7 +9,10 @@ import torch
 from .image_text import IMAGE_EXTS, find_image, read_json
 from .shards import ShardIndex, decode_image_bytes
 from .stream import DataConfigError
-from .base import StreamingDataModule
+from .base import Preprocess, StreamingDataModule
+from .specs import BASE_MOVED, EvalSpec, GenerateSpec, ImageSpec, LabelSpec, ShardsSpec, StreamSpec
+from mmalign.specs import coerce
+from mmalign.specs import replace as spec_replace
 from .transforms import default_image_transform
 
 
@@ -17,20 +20,40 @@ class ImageLabelDataModule(StreamingDataModule):
     """Batches: ``image`` (B,3,H,W), ``label`` (B,) long, ``key``, ``meta``.
 
     Args:
-        label_key: ``cls`` to read ``.cls``, or the name of a field of the ``.json``.
-        num_classes: When set, every label is checked against ``[0, num_classes)`` — at set-up for
-            indexed local shards, else when a sample is decoded; normally linked from the model.
-        image_size: Side of the default transform's output when the model supplies none.
-        **kwargs: See ``StreamingDataModule``.
+        shards, stream, eval, generate, preprocess: See ``StreamingDataModule``.
+        label: Where the label is (``.cls`` or a json field), the class count it must fit, and a
+            class-index file for labels written as names (``LabelSpec``).
+        image: Default transform size when the model supplies none (``ImageSpec``).
     """
 
     index_read = ("cls", "json")
+    moved_options = {**BASE_MOVED, "label_key": "label.key", "num_classes": "label.num_classes",
+                     "image_size": "image.size"}
 
-    def __init__(self, *args, label_key: str = "cls", num_classes: int | None = None, image_size: int = 64,
-                 **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.label_key, self.num_classes, self.image_size = label_key, num_classes, image_size
-        self.required = (IMAGE_EXTS, ("cls",) if label_key == "cls" else ("json",))
+    def __init__(self, shards: ShardsSpec = ShardsSpec(), stream: StreamSpec = StreamSpec(),
+                 eval: EvalSpec = EvalSpec(), generate: GenerateSpec | str | None = None,
+                 preprocess: Preprocess | None = None,
+                 label: LabelSpec = LabelSpec(), image: ImageSpec = ImageSpec()) -> None:
+        super().__init__(shards, stream, eval, generate, preprocess)
+        self.cfg.label, self.cfg.image = coerce(label, LabelSpec, "label"), coerce(image, ImageSpec, "image")
+        self.required = (IMAGE_EXTS, ("cls",) if self.label_key == "cls" else ("json",))
+
+    @property
+    def label_key(self) -> str:
+        return self.cfg.label.key
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image.size
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.cfg.label.num_classes
+
+    @num_classes.setter
+    def num_classes(self, value: int | None) -> None:
+        """The TTA pipeline hands the source model's class count over."""
+        self.cfg.label = spec_replace(self.cfg.label, num_classes=value)
 
     def _label(self, cls_text: str | None, meta_text: str | None, where: str) -> int:
         if self.label_key == "cls":
@@ -44,8 +67,8 @@ class ImageLabelDataModule(StreamingDataModule):
             value = meta[self.label_key]
         label = int(value)
         if self.num_classes is not None and not 0 <= label < self.num_classes:
-            raise DataConfigError(f"{where}: label {label} is outside [0, {self.num_classes}). Set num_classes "
-                                  f"to cover the data (labels run 0..C-1) or fix label_key ('{self.label_key}').")
+            raise DataConfigError(f"{where}: label {label} is outside [0, {self.num_classes}). Set label.num_classes "
+                                  f"to cover the data (labels run 0..C-1) or fix label.key ('{self.label_key}').")
         return label
 
     def check_index(self, index: ShardIndex) -> None:
@@ -66,7 +89,7 @@ class ImageLabelDataModule(StreamingDataModule):
         if missing and len(missing) > self.max_skip_fraction * max(1, index.num_samples):
             where = "a readable .cls" if self.label_key == "cls" else f"json field '{self.label_key}'"
             raise DataConfigError(f"{index.url}: {len(missing)} of {index.num_samples} samples have no {where} "
-                                  f"(e.g. {missing[:3]}; json fields seen: {sorted(fields)[:12]}). Set label_key to "
+                                  f"(e.g. {missing[:3]}; json fields seen: {sorted(fields)[:12]}). Set label.key to "
                                   "the member or json field that holds the class index.")
 
     def decode(self, sample: dict, train: bool) -> dict:

@@ -6,7 +6,9 @@ import json
 
 import torch
 
-from .base import StreamingDataModule
+from .base import Preprocess, StreamingDataModule
+from .specs import BASE_MOVED, CaptionSpec, EvalSpec, GenerateSpec, ImageSpec, ShardsSpec, StreamSpec
+from mmalign.specs import coerce
 from .shards import decode_image_bytes
 from .transforms import default_image_transform
 
@@ -29,19 +31,22 @@ class ImageTextDataModule(StreamingDataModule):
     a tokenizer is linked, ``key``, ``meta`` (parsed json or {}).
 
     Args:
-        image_size: Side of the default transform's output when the model supplies none.
-        caption_key: Member holding the caption (``txt``) or ``json:<field>`` to take it from the json.
-        **kwargs: See ``StreamingDataModule``.
+        shards, stream, eval, generate, preprocess: See ``StreamingDataModule``.
+        caption: Where the caption is: ``txt`` or ``json:<field>`` (``CaptionSpec``).
+        image: Default transform size when the model supplies none (``ImageSpec``).
     """
 
     required = (IMAGE_EXTS, ("txt",))
+    moved_options = {**BASE_MOVED, "caption_key": "caption.key", "image_size": "image.size"}
 
-    def __init__(self, *args, image_size: int = 64, caption_key: str = "txt", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.image_size, self.caption_key = image_size, caption_key
-        if caption_key != "txt":
-            if not caption_key.startswith("json:"):
-                raise ValueError(f"caption_key must be 'txt' or 'json:<field>', got {caption_key!r}.")
+    def __init__(self, shards: ShardsSpec = ShardsSpec(), stream: StreamSpec = StreamSpec(),
+                 eval: EvalSpec = EvalSpec(), generate: GenerateSpec | str | None = None,
+                 preprocess: Preprocess | None = None,
+                 caption: CaptionSpec = CaptionSpec(), image: ImageSpec = ImageSpec()) -> None:
+        super().__init__(shards, stream, eval, generate, preprocess)
+        self.cfg.caption, self.cfg.image = coerce(caption, CaptionSpec, "caption"), coerce(image, ImageSpec, "image")
+        self.caption_key, self.image_size = self.cfg.caption.key, self.cfg.image.size
+        if self.caption_key != "txt":
             self.required = (IMAGE_EXTS, ("json",))
 
     def _transform(self, train: bool):

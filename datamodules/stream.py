@@ -135,6 +135,28 @@ class StreamingDataset(IterableDataset):
         # A resumed epoch continues at batch k, which belongs to worker k % W, but a new DataLoader
         # asks its worker 0 first: worker i therefore plays reader (i + offset) % W.
         self.worker_offset = 0
+        # Persistent workers keep the copy of this object they got at their start: the epoch and the
+        # resume position then reach them through this shared-memory tensor instead (``share``).
+        self._shared: torch.Tensor | None = None
+
+    def share(self, readers: int) -> None:
+        """Publish epoch, offset and resume position through shared memory (persistent workers)."""
+        self._shared = torch.full((2 + 2 * readers,), -1, dtype=torch.long).share_memory_()
+
+    def set_position(self, epoch: int, offset: int, resume: dict[int, tuple[int, int]]) -> None:
+        self.epoch, self.worker_offset, self.resume = epoch, offset, dict(resume)
+        if self._shared is not None:
+            self._shared.fill_(-1)
+            self._shared[0], self._shared[1] = epoch, offset
+            for w, (done, cursor) in resume.items():
+                self._shared[2 + 2 * w], self._shared[3 + 2 * w] = done, cursor
+
+    def _read_position(self) -> None:
+        if self._shared is None:
+            return
+        v = self._shared.tolist()
+        self.epoch, self.worker_offset = v[0], v[1]
+        self.resume = {w: (v[2 + 2 * w], v[3 + 2 * w]) for w in range((len(v) - 2) // 2) if v[2 + 2 * w] >= 0}
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -202,6 +224,7 @@ class StreamingDataset(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[StreamItem]:
+        self._read_position()
         slot = current_slot(self.rank, self.world_size)
         if self.worker_offset:
             slot = replace(slot, worker=(slot.worker + self.worker_offset) % slot.num_workers)
@@ -255,9 +278,9 @@ class StreamingLoader(DataLoader):
 
     def __init__(self, dataset: StreamingDataset, epoch_fn: Callable[[], int] | None = None,
                  progress_fn: Callable[[], int] | None = None, health: DataHealth | None = None, **kwargs: Any):
-        if kwargs.get("persistent_workers"):
-            raise ValueError("persistent_workers=True would freeze the stream's epoch seed; leave it False.")
         super().__init__(dataset, batch_size=None, **kwargs)
+        if self.persistent_workers:
+            dataset.share(self._readers)
         self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
         self.health = health if health is not None else DataHealth()
         self._iterations = 0
@@ -274,8 +297,8 @@ class StreamingLoader(DataLoader):
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
         epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
         self._iterations += 1
-        self._epoch, ds.epoch = epoch, epoch
-        ds.resume, ds.worker_offset = {}, 0
+        self._epoch = epoch
+        resume: dict[int, tuple[int, int]] = {}
         self._history = {w: deque([(0, 0)], maxlen=64) for w in range(self._readers)}
         self._yielded = 0
         pending = self._pending
@@ -284,11 +307,11 @@ class StreamingLoader(DataLoader):
         if pending is not None:
             # Kept until a batch of the resumed epoch is handed out: Lightning may create an iterator
             # once at set-up (to count batches) before the one the epoch really reads.
-            ds.resume = {int(w): (int(b), int(c)) for w, (b, c) in pending["workers"].items()}
-            for w, pos in ds.resume.items():
+            resume = {int(w): (int(b), int(c)) for w, (b, c) in pending["workers"].items()}
+            for w, pos in resume.items():
                 self._history[w].append(pos)
             self._yielded = int(pending["batches"])
-            ds.worker_offset = self._yielded % self._readers
+        ds.set_position(epoch, self._yielded % self._readers, resume)
         return self._batches(super().__iter__())
 
     def _batches(self, items):

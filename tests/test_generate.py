@@ -70,8 +70,8 @@ def test_an_earlier_dataset_with_other_settings_is_named_and_a_missing_split_ref
         generate_dataset("shapes", root, **{**small, "num_train": 40})
     assert "num_train=20 (asked: 40)" in caplog.text and "Delete the folder" in caplog.text
     os.rename(os.path.join(root, "heldout"), str(tmp_path / "moved"))  # as if made by an older generator
-    dm = ImageTextDataModule(data_root=str(tmp_path), train_shards="shapes/train", val_shards="shapes/val",
-                             extra_val_shards={"heldout": "shapes/heldout"}, generate="shapes", generate_kwargs=small,
-                             num_workers=0)
+    dm = ImageTextDataModule(shards={"data_root": str(tmp_path), "train": "shapes/train", "val": "shapes/val",
+                                     "extra_val": {"heldout": "shapes/heldout"}},
+                             stream={"num_workers": 0}, generate={"name": "shapes", "kwargs": small})
     with pytest.raises(ShardError, match=r"without the split\(s\) \['heldout'\].*Delete"):
         dm.prepare_data()

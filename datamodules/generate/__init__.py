@@ -39,6 +39,13 @@ def _spoken(root: str, **kw):
 
 
 GENERATORS: dict[str, Callable[..., dict]] = {"shapes": _shapes, "digits": _digits, "spoken": _spoken}
+
+
+def generator_function(name: str) -> Callable[..., dict]:
+    """The generator itself (its signature lists the options ``generate.kwargs`` may set)."""
+    import importlib
+
+    return importlib.import_module(f"{__name__}.{name}").generate
 #: the split folders each generator writes (``spoken`` writes ``val`` and ``test_seen_voice`` only on request)
 SPLITS: dict[str, tuple[str, ...]] = {"shapes": ("train", "val", "test", "heldout"), "digits": ("train", "val", "test"),
                                       "spoken": ("train", "test", "test_seen_voice", "val")}
