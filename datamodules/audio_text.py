@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from mmalign.specs import coerce
+
 from .base import Preprocess, StreamingDataModule
 from .specs import BASE_MOVED, AudioSpec, EvalSpec, GenerateSpec, ShardsSpec, StreamSpec
-from mmalign.specs import coerce
 from .audio import AUDIO_EXTS, check_clip, decode_audio_bytes
-from .image_text import read_json
+from .samples import read_json
 
 class AudioTextDataModule(StreamingDataModule):
     """Batches: ``audio`` (B,T) zero-padded, ``audio_lengths`` (B,), ``text`` list, ``tokens`` when a

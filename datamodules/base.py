@@ -17,13 +17,15 @@ from typing import Any, Callable
 
 import lightning.pytorch as pl
 
+from mmalign.distributed import batches_per_rank, get_rank, get_world_size
+from mmalign.specs import coerce, need
+
 from .health import DataHealth
-from .shards import ShardError, ShardIndex, _is_remote, expand_shards, index_shard, read_sizes_file
-from .slots import batches_per_rank, get_rank, get_world_size
+from .errors import ShardError
+from .shards import ShardIndex, _is_remote, expand_shards, index_shard, read_sizes_file
 from .eval_sets import EvalLoader, InMemoryDataset, UnpaddedDistributedSampler
 from .specs import BASE_MOVED, EvalSpec, GenerateSpec, ShardsSpec, StreamSpec, as_generate
 from .stream import StreamingDataset, StreamingLoader
-from mmalign.specs import coerce, need
 
 log = logging.getLogger(__name__)
 

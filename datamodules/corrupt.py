@@ -29,9 +29,9 @@ import numpy as np
 from PIL import Image
 
 from .corruptions import CORRUPTIONS, check_name_severity, corrupt
-from .shards import ShardError, expand_shards, iter_tar_samples, write_shard, write_sizes_file
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from .errors import ShardError
+from .samples import IMAGE_EXTS
+from .shards import expand_shards, iter_tar_samples, write_shard, write_sizes_file
 
 
 def _pick_image_key(sample: dict, image_key: str, where: str) -> str:

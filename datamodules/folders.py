@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+from .errors import ShardError
+from .samples import IMAGE_EXTS
+
 FOLDER_SCHEME = "folder://"
 FILES_PER_SHARD = 1000
 
@@ -73,8 +75,6 @@ def scan(root: str) -> FolderListing:
                       for f in sorted(filenames) if _ext(f) in IMAGE_EXTS]
         listing = FolderListing(root, (), tuple(files))
     if not listing.files:
-        from .shards import ShardError
-
         raise ShardError(f"image folder '{root}' holds no images ({'/'.join(IMAGE_EXTS)}).")
     return listing
 

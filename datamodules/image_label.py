@@ -6,13 +6,14 @@ import json
 
 import torch
 
-from .image_text import IMAGE_EXTS, find_image, read_json
-from .shards import ShardIndex, decode_image_bytes
-from .stream import DataConfigError
-from .base import Preprocess, StreamingDataModule
-from .specs import BASE_MOVED, EvalSpec, GenerateSpec, ImageSpec, LabelSpec, ShardsSpec, StreamSpec
 from mmalign.specs import coerce
 from mmalign.specs import replace as spec_replace
+
+from .errors import DataConfigError
+from .samples import IMAGE_EXTS, decode_image_bytes, find_image, read_json
+from .shards import ShardIndex
+from .base import Preprocess, StreamingDataModule
+from .specs import BASE_MOVED, EvalSpec, GenerateSpec, ImageSpec, LabelSpec, ShardsSpec, StreamSpec
 from .transforms import default_image_transform
 
 

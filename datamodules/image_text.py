@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
+
+from mmalign.specs import coerce
 
 from .base import Preprocess, StreamingDataModule
 from .specs import BASE_MOVED, CaptionSpec, EvalSpec, GenerateSpec, ImageSpec, ShardsSpec, StreamSpec
-from mmalign.specs import coerce
-from .shards import decode_image_bytes
+from .samples import IMAGE_EXTS, decode_image_bytes, find_image, read_json
 from .transforms import default_image_transform
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def find_image(sample: dict) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"no image member ({'/'.join(IMAGE_EXTS)}); members: {sorted(k for k in sample if not k.startswith('__'))}")
-
-
-def read_json(sample: dict) -> dict:
-    return json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
-
 
 class ImageTextDataModule(StreamingDataModule):
     """Image-caption pairs. Batches: ``image`` (B,3,H,W), ``text`` (list[str]), ``tokens`` (B,L) when

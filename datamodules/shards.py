@@ -11,7 +11,6 @@ stream hand every rank the same number of batches and lets bad configs fail befo
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import tarfile
@@ -21,14 +20,12 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
+from .errors import ShardError
+from .folders import (FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder,
+                      iter_folder_samples)
 from .tarfast import TarFormatError, iter_members
-from .folders import FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder, iter_folder_samples
 
 SIZES_FILE = "sizes.json"  # webdataset/img2dataset-style {shard basename: sample count}
-
-
-class ShardError(ValueError):
-    """A shard spec or shard content that cannot be used; the message says what to change."""
 
 
 def _is_remote(url: str) -> bool:
@@ -269,12 +266,3 @@ def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes]]:
         for member in tf:
             if member.isreg():
                 yield member.name, member.size, tf.extractfile(member).read()
-
-
-def decode_image_bytes(data: bytes):
-    """PIL image in RGB, fully decoded now so a corrupt payload fails here and not in a transform."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")

@@ -34,14 +34,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .health import DataHealth, DataHealthError, SkipReport
-from .shards import ShardError, iter_tar_samples
-from .slots import StreamSlot, assign_shards, current_slot, split_evenly, worker_share
+from .errors import DataConfigError, ShardError
+from .shards import iter_tar_samples
+from mmalign.distributed import StreamSlot, assign_shards, current_slot, split_evenly, worker_share
 
 _PASS_END = object()  # marks the end of one pass over a reader's shards
-
-
-class DataConfigError(ValueError):
-    """The data contradicts the configuration (e.g. a label >= num_classes). Never skipped."""
 
 
 def _decode_or_reason(decode: Callable[[dict], dict], raw: dict) -> tuple[dict | None, str | None]:

@@ -24,7 +24,7 @@ from benchstats import cell, compare, interval, save
 
 
 def plain_loop(urls: list[str], transform, limit: int) -> tuple[int, float]:
-    from datamodules.shards import decode_image_bytes
+    from datamodules.samples import decode_image_bytes
 
     n, t0 = 0, time.perf_counter()
     for url in urls:

@@ -95,7 +95,7 @@ def test_uneven_shards_every_sample_seen_across_epochs(tmp_path, workers):
 
 
 def test_balanced_assignment_spreads_samples():
-    from datamodules.slots import StreamSlot, assign_shards
+    from mmalign.distributed import StreamSlot, assign_shards
 
     loads, dealt = [], []
     for reader in range(4):

@@ -18,7 +18,7 @@ import torch
 from datamodules.base import Preprocess
 from mmalign.optim import adamw_warmup_cosine
 from mmalign.distributed import average_gradients_
-from mmalign.evaluation.scaffold import EvalScaffold
+from mmalign.training.eval_scaffold import EvalScaffold
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
 from mmalign.losses.tiled import check_tile_size
 
@@ -281,7 +281,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
 
         clamp_logit_scale_(self.model.logit_scale.data, self.hparams.max_logit_scale)
 
-    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    # ---- evaluation (mmalign.training.eval_scaffold) -----------------------------------------
     eval_progress_keys = ("zeroshot_top1",)
 
     def set_zeroshot_classes(self, classes, label_field: str | None = None) -> None:

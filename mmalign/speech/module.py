@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.base import Preprocess
-from mmalign.evaluation.scaffold import EvalScaffold
+from mmalign.training.eval_scaffold import EvalScaffold
 
 from .tokenizer import DEFAULT_ALPHABET, CharTokenizer
 
@@ -186,7 +186,7 @@ class SpeechTextAligner(EvalScaffold, pl.LightningModule):
 
         clamp_logit_scale_(self.logit_scale.data, self.hparams.max_logit_scale)
 
-    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    # ---- evaluation (mmalign.training.eval_scaffold) -----------------------------------------
     eval_progress_keys = ("speech2text_r1",)
     _RENAME = {"i2t": "text2speech", "t2i": "speech2text"}
 

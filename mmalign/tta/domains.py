@@ -308,8 +308,7 @@ class TargetStream(DomainStream):
         if self.labelled:
             return super().decode(sample, train)
         # unlabelled: the image only; a label the data may carry anyway is ignored
-        from datamodules.image_text import find_image, read_json
-        from datamodules.shards import decode_image_bytes
+        from datamodules.samples import decode_image_bytes, find_image, read_json
         from datamodules.transforms import default_image_transform
 
         transform = self.preprocess.eval_transform or default_image_transform(self.image_size, False)
