@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from .health import DataHealth
 from .errors import ShardError
 from .shards import ShardIndex, _is_remote, expand_shards, index_shard, read_sizes_file
 from .eval_sets import EvalLoader, InMemoryDataset, UnpaddedDistributedSampler
+from .resume import plan_resume
 from .specs import BASE_MOVED, EvalSpec, GenerateSpec, ShardsSpec, StreamSpec, as_generate
 from .stream import StreamingDataset, StreamingLoader
 
@@ -238,7 +240,7 @@ class StreamingDataModule(pl.LightningDataModule):
             self._train = StreamingDataset(
                 urls, self._decode_train, self.collate, st.batch_size, n_batches, sizes=sizes,
                 shuffle_buffer=st.shuffle_buffer, seed=st.seed, resampled=st.resampled,
-                rank=rank, world_size=world, max_skip_fraction=self.max_skip_fraction)
+                rank=rank, world_size=world, max_skip_fraction=self.max_skip_fraction, epoch_samples=total)
             log.info("train stream: %d shards, %d samples, %d batches/rank", len(urls), total, n_batches)
         if stage in ("fit", "validate"):
             evals = [k for k in self.shards if k.startswith("validate")]
@@ -285,22 +287,49 @@ class StreamingDataModule(pl.LightningDataModule):
         loader = StreamingLoader(self._train, epoch_fn=self._epoch,
                                  progress_fn=self._progress if self.trainer is not None else None,
                                  health=self.health, num_workers=st.num_workers, pin_memory=st.pin_memory,
-                                 persistent_workers=st.persistent_workers)
+                                 persistent_workers=st.persistent_workers, owner_restores=True)
         if self._stream_state is not None:
-            loader.load_state_dict(self._stream_state)
+            loader.restore(self._stream_state)
         self._train_loader = loader
         return loader
 
-    # ---- exact resume -------------------------------------------------------------------------
+    # ---- resume -------------------------------------------------------------------------------
     # The position within an epoch travels in the checkpoint as the datamodule's state: Lightning
     # restores it before it builds the train loader (the loader's own state would be restored too
-    # late when ``configure_optimizers`` already counted batches through it).
+    # late when ``configure_optimizers`` already counted batches through it) and before it restores
+    # its own loops, which is what lets a changed stream set the loop's batch counter it will resume.
     def state_dict(self) -> dict:
         loader = getattr(self, "_train_loader", None)
-        return {"stream": loader.state_dict()} if loader is not None else {}
+        return {"stream": loader.position()} if loader is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         self._stream_state = state.get("stream")
+        if not self._stream_state or self._train is None:
+            return
+        shape = self._train.shape(max(1, self.cfg.stream.num_workers))
+        plan = plan_resume(self._stream_state, shape)
+        if plan.kind == "exact":
+            return
+        if plan.note and shape.rank == 0:
+            print(plan.note, file=sys.stderr)
+        self._set_loop_batches(int(self._stream_state.get("batches", 0)), plan.batches)
+        # from here on the position is one of the current stream: the loader restores it exactly
+        self._stream_state = {"epoch": self._stream_state.get("epoch"), "batches": plan.batches,
+                              "workers": {w: list(p) for w, p in plan.workers.items()}, "shape": asdict(shape),
+                              "health": self._stream_state.get("health", {})}
+
+    def _set_loop_batches(self, saved: int, now: int) -> None:
+        """Move the training loop's batch counter of the interrupted epoch to ``now`` (the stream's
+        position in the current batch size), in the checkpoint Lightning is about to restore its loops
+        from; shifting every field by the same amount keeps the loop's restart stage as it was."""
+        connector = getattr(self.trainer, "_checkpoint_connector", None) if self.trainer is not None else None
+        loaded = getattr(connector, "_loaded_checkpoint", None) or {}
+        current = loaded.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {}).get("current")
+        if current is None:
+            raise RuntimeError("resume: the checkpoint holds no training-loop progress to move to the changed "
+                               "stream's position (a Lightning version with another checkpoint layout?).")
+        for key in ("ready", "started", "processed", "completed"):
+            current[key] = max(-1, int(current[key]) + now - saved)
 
     def _eval_loader(self, split: str):
         if split not in self._eval:

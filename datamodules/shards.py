@@ -22,7 +22,7 @@ import braceexpand
 
 from .errors import ShardError
 from .folders import (FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder,
-                      iter_folder_samples)
+                      iter_folder_samples, parse_url, scan)
 from .tarfast import TarFormatError, iter_members
 
 SIZES_FILE = "sizes.json"  # webdataset/img2dataset-style {shard basename: sample count}
@@ -129,8 +129,6 @@ def _index_folder(url: str, read_exts: Sequence[str], required: Sequence[Sequenc
 
 
 def _folder_labels(url: str) -> Iterator[dict]:
-    from .folders import parse_url, scan
-
     root, lo, hi = parse_url(url)
     for rel, cls in scan(root).files[lo:hi]:
         yield {"__key__": rel.rpartition(".")[0], "cls": str(cls).encode()}
@@ -266,3 +264,33 @@ def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes]]:
         for member in tf:
             if member.isreg():
                 yield member.name, member.size, tf.extractfile(member).read()
+
+
+#: shard lists up to this long keep their entries in a checkpoint (to name what changed); longer ones a digest
+FINGERPRINT_ENTRIES = 4096
+
+
+def shard_fingerprint(urls: Sequence[str], sizes: dict[str, int]) -> dict:
+    """Names, byte sizes, modification times and sample counts of a shard list, and their digest: what a
+    checkpoint compares to notice a shard added, removed, renamed or rewritten (cheaply: no shard is read).
+    Names are relative to the shards' common folder, so a dataset moved as a whole (with its times, e.g.
+    ``cp -p``/``rsync -a``) still matches; a virtual folder shard's "size" is a checksum of its file list."""
+    import hashlib
+    import zlib
+
+    local = [u for u in urls if not _is_remote(u) and not u.startswith(FOLDER_SCHEME)]
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in local]) if local else ""
+    entries = []
+    for url in urls:
+        count = int(sizes.get(url, -1))
+        if url.startswith(FOLDER_SCHEME):
+            root, lo, hi = parse_url(url)
+            listing = json.dumps(scan(root).files[lo:hi]).encode()
+            entries.append([f"{os.path.basename(root)}#{lo}-{hi}", zlib.crc32(listing), 0, count])
+        elif _is_remote(url):
+            entries.append([url, -1, -1, count])
+        else:
+            st = os.stat(url)
+            entries.append([os.path.relpath(os.path.abspath(url), common), st.st_size, st.st_mtime_ns, count])
+    digest = hashlib.sha1(json.dumps(entries).encode()).hexdigest()
+    return {"count": len(entries), "digest": digest, "entries": entries if len(entries) <= FINGERPRINT_ENTRIES else None}

@@ -24,10 +24,11 @@ per-worker batch quota exact.
 from __future__ import annotations
 
 import random
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -35,7 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .health import DataHealth, DataHealthError, SkipReport
 from .errors import DataConfigError, ShardError
-from .shards import iter_tar_samples
+from .resume import ResumePlan, StreamShape, plan_resume
+from .shards import iter_tar_samples, shard_fingerprint
 from mmalign.distributed import StreamSlot, assign_shards, current_slot, split_evenly, worker_share
 
 _PASS_END = object()  # marks the end of one pass over a reader's shards
@@ -118,6 +120,7 @@ class StreamingDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         max_skip_fraction: float = 0.5,
+        epoch_samples: int | None = None,
     ) -> None:
         self.urls = list(urls)
         self.sizes = dict(sizes or {})
@@ -127,6 +130,8 @@ class StreamingDataset(IterableDataset):
         self.resampled = resampled
         self.rank, self.world_size = rank, world_size
         self.max_skip_fraction = max_skip_fraction
+        self.epoch_samples = epoch_samples
+        self._fingerprint: dict | None = None
         self.epoch = 0
         self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches done, cursor), this epoch only
         # A resumed epoch continues at batch k, which belongs to worker k % W, but a new DataLoader
@@ -135,6 +140,15 @@ class StreamingDataset(IterableDataset):
         # Persistent workers keep the copy of this object they got at their start: the epoch and the
         # resume position then reach them through this shared-memory tensor instead (``share``).
         self._shared: torch.Tensor | None = None
+
+    def shape(self, readers: int) -> StreamShape:
+        """What a saved position of this stream is measured in (``datamodules.resume``)."""
+        if self._fingerprint is None:
+            self._fingerprint = shard_fingerprint(self.urls, self.sizes)
+        slot = current_slot(self.rank, self.world_size)
+        samples = self.epoch_samples or self.batches_per_rank * self.batch_size * slot.world_size
+        return StreamShape(samples, self.batches_per_rank, self.batch_size, slot.world_size, readers, self.seed,
+                           self.resampled, self._fingerprint, slot.rank)
 
     def share(self, readers: int) -> None:
         """Publish epoch, offset and resume position through shared memory (persistent workers)."""
@@ -267,19 +281,24 @@ class StreamingLoader(DataLoader):
     """DataLoader over a ``StreamingDataset``: sets the epoch, strips and records each batch's
     bookkeeping, and saves/restores the position within an epoch for exact resume.
 
-    Lightning saves ``state_dict()`` with every checkpoint and calls ``load_state_dict()`` when it
-    resumes (the ``_Stateful`` protocol). ``progress_fn`` returns how many batches of the current
-    epoch the training loop has consumed; batches the DataLoader prefetched beyond that are not
-    part of the saved position.
+    ``position()`` is the state a checkpoint keeps; ``restore(state)`` continues from one, also when the
+    stream changed since (``datamodules.resume``: exactly, from the global sample position, or from
+    the start of the interrupted epoch, with a one-line notice). ``progress_fn`` returns how many
+    batches of the current epoch the training loop has consumed; batches the DataLoader prefetched
+    beyond that are not part of the saved position. Lightning's ``_Stateful`` protocol
+    (``state_dict``/``load_state_dict``) maps to the same two methods unless ``owner_restores``: then
+    the datamodule saves and restores the position itself (once, before Lightning restores its loop).
     """
 
     def __init__(self, dataset: StreamingDataset, epoch_fn: Callable[[], int] | None = None,
-                 progress_fn: Callable[[], int] | None = None, health: DataHealth | None = None, **kwargs: Any):
+                 progress_fn: Callable[[], int] | None = None, health: DataHealth | None = None,
+                 owner_restores: bool = False, **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
         if self.persistent_workers:
             dataset.share(self._readers)
         self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
         self.health = health if health is not None else DataHealth()
+        self.owner_restores = owner_restores
         self._iterations = 0
         self._epoch = 0
         self._yielded = 0
@@ -289,6 +308,9 @@ class StreamingLoader(DataLoader):
     @property
     def _readers(self) -> int:
         return max(1, self.num_workers)
+
+    def shape(self) -> StreamShape:
+        return self.dataset.shape(self._readers)  # type: ignore[attr-defined]
 
     def __iter__(self):
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
@@ -319,13 +341,10 @@ class StreamingLoader(DataLoader):
             self._yielded += 1
             yield item.batch
 
-    def _fingerprint(self) -> dict:
-        ds: StreamingDataset = self.dataset  # type: ignore[assignment]
-        return {"num_workers": self._readers, "batch_size": ds.batch_size, "seed": ds.seed,
-                "num_shards": len(ds.urls), "batches_per_rank": ds.batches_per_rank}
-
-    def state_dict(self) -> dict:
+    def position(self) -> dict:
         consumed = self._progress_fn() if self._progress_fn is not None else self._yielded
+        if self._pending is not None:  # restored, not read yet: the restored position still holds
+            return {**self._pending, "shape": asdict(self.shape()), "health": self.health.state_dict()}
         workers = {}
         for w in range(self._readers):
             share = worker_share(consumed, self._readers, w)
@@ -334,21 +353,25 @@ class StreamingLoader(DataLoader):
                 raise RuntimeError(f"stream position of worker {w} after {consumed} batches is unknown (history "
                                    f"{list(self._history.get(w, ()))}); this is a bug in the stream bookkeeping.")
             workers[w] = list(pos)
-        return {"epoch": self._epoch, "batches": consumed, "workers": workers, **self._fingerprint(),
+        return {"epoch": self._epoch, "batches": consumed, "workers": workers, "shape": asdict(self.shape()),
                 "health": self.health.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def restore(self, state: dict, notify: bool = True) -> ResumePlan:
+        """Continue from a saved ``position()``; returns the plan (``kind``: exact, continue or restart)."""
         self.health.load_state_dict(state.get("health", {}))
-        mine = self._fingerprint()
-        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if changed:
-            import warnings
+        plan = plan_resume(state, self.shape())
+        if plan.note and notify and self.shape().rank == 0:
+            print(plan.note, file=sys.stderr)
+        self._pending = {"epoch": state.get("epoch"), "batches": plan.batches,
+                         "workers": {w: list(p) for w, p in plan.workers.items()}}
+        return plan
 
-            warnings.warn(f"resume: the stream changed since the checkpoint ({changed}, checkpoint vs now), so "
-                          "the position within the interrupted epoch cannot be restored exactly; that epoch "
-                          "starts its stream afresh.", stacklevel=2)
-            return
-        self._pending = state
+    def state_dict(self) -> dict:
+        return {} if self.owner_restores else self.position()
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.owner_restores and state:
+            self.restore(state)
 
 
 def default_collate_tensors(samples: list[dict], keys: Sequence[str]) -> dict:
