@@ -171,13 +171,28 @@ def write_shards(out_dir: str, samples: Iterable[dict], shard_size: int, prefix:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
     os.makedirs(out_dir, exist_ok=True)
     sizes: dict[str, int] = {}
+    keys: dict[str, set[str]] = {}
     with ShardWriter(os.path.join(out_dir, f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0) as w:
         for sample in samples:
+            check_key(sample["__key__"])
             w.write(sample)
             name = os.path.basename(w.fname)
+            mine = keys.setdefault(name, set())
+            if sample["__key__"] in mine:  # a reader would join the two into one sample
+                raise ValueError(f"two samples share the key {sample['__key__']!r} in shard {name}: they would be "
+                                 "read as one. Give every sample its own key.")
+            mine.add(sample["__key__"])
             sizes[name] = sizes.get(name, 0) + 1
     write_sizes_file(out_dir, sizes)
     return sizes
+
+
+def check_key(key: str) -> None:
+    """A webdataset key ends at the first dot of a member's file name: a key with a dot in its last part
+    (``a.b``) would be read back as key ``a`` with members ``b.png``..."""
+    if not key or "." in os.path.basename(key) or key.startswith("__"):
+        raise ValueError(f"sample key {key!r} cannot be written: a key must be non-empty, must not start with '__' "
+                         "and must have no '.' in its last part (readers cut the key at the first dot).")
 
 
 def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:

@@ -169,3 +169,92 @@ def test_a_changed_shard_set_is_noticed_and_restarts_the_epoch(tmp_path, capsys,
     else:
         assert rest == whole, "the epoch did not restart: samples of the interrupted part repeat without a word"
         assert notice in err and "Epoch 0 restarts from its first batch" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- 7. the shard converter -----------------------------------------------------------------------
+
+def _to_shards():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("to_shards", os.path.join(ROOT, "scripts", "to_shards.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _save(path, value, fmt="PNG", mode="RGB", size=12):
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).convert(mode).save(path, format=fmt)
+
+
+def _tar_contents(out):
+    """What a reader sees in the written tars: per shard, the samples and their source paths."""
+    from datamodules.shards import expand_shards, iter_tar_samples
+
+    shards = {}
+    for url in expand_shards(str(out)):
+        samples = list(iter_tar_samples(url, []))
+        shards[os.path.basename(url)] = [json.loads(s["json"])["path"] for s in samples]
+    return shards
+
+
+def test_converter_never_merges_two_files_into_one_key(tmp_path):
+    """img0.png + img0.jpg share the key img0; a.b.png + a_b.png share a_b (dots become _): each file
+    stays its own sample, and sizes.json and the printed count are what the tars hold."""
+    src = tmp_path / "in" / "cats"
+    for name, fmt in (("img0.png", "PNG"), ("img0.jpg", "JPEG"), ("a.b.png", "PNG"), ("a_b.png", "PNG"),
+                      ("a_b_png.png", "PNG")):
+        _save(str(src / name), 60, fmt)
+    info = _to_shards()(["--imagefolder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--shard-size", "3"])
+    shards = _tar_contents(tmp_path / "out")
+    paths = sorted(os.path.basename(p) for ps in shards.values() for p in ps)
+    assert paths == sorted(["img0.png", "img0.jpg", "a.b.png", "a_b.png", "a_b_png.png"])
+    assert json.load(open(tmp_path / "out" / "sizes.json")) == {k: len(v) for k, v in shards.items()}
+    assert info["samples"] == 5 and info["renamed_keys"] == 3  # a_b_png, a_b_png_png, img0_png
+
+
+def test_a_writer_refuses_a_key_it_would_merge(tmp_path):
+    from datamodules.shards import write_shards
+
+    with pytest.raises(ValueError, match="two samples share the key 'k' in shard s-000000.tar"):
+        write_shards(str(tmp_path), ({"__key__": "k", "txt": str(i)} for i in range(2)), 5, "s")
+    with pytest.raises(ValueError, match=r"sample key 'a.b' cannot be written.*no '\.' in its last part"):
+        write_shards(str(tmp_path / "x"), [{"__key__": "a.b", "txt": "t"}], 5, "s")
+
+
+@pytest.mark.parametrize("rows, message", [
+    (["path,caption,label", "i0.png,a cat,abc"], r"row 2: label 'abc' is not a class index"),
+    (["path,caption,label", "i0.png,a cat,-1"], r"row 2: label '-1' is not a class index"),
+    (["path,caption,label", "i0.png,a cat,2.5"], r"row 2: label '2.5' is not a class index"),
+    (["path,caption,label", "i0.png,a cat,1", "i0.png,a, cat,1"], r"row 3 has more fields than the header"),
+])
+def test_converter_names_a_malformed_csv_row(tmp_path, rows, message):
+    _save(str(tmp_path / "i0.png"), 10)
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit, match=message):
+        _to_shards()(["--csv", str(tmp_path / "c.csv"), "--out", str(tmp_path / "out")])
+
+
+def test_converter_reads_label_spellings_and_skips_unreadable_rows_by_number(tmp_path):
+    for i in range(3):
+        _save(str(tmp_path / f"i{i}.png"), 40 * i)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rows = ["path,caption,label", "i0.png,zero,3", "i1.png,one, 3 ", "i2.png,two,3.0", "missing.png,gone,1",
+            "bad.png,broken,1", ",no path,1"]
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    info = _to_shards()(["--csv", str(tmp_path / "c.csv"), "--out", str(tmp_path / "out")])
+    assert info["samples"] == 3 and info["skipped"] == 3
+    assert [e.split(":")[0] for e in info["examples"]] == ["row 5", "row 6", "row 7"]
+    from datamodules.shards import expand_shards, iter_tar_samples
+
+    labels = [s["cls"] for u in expand_shards(str(tmp_path / "out")) for s in iter_tar_samples(u, [])]
+    assert labels == [b"3", b"3", b"3"]
+
+
+def test_converter_names_a_csv_that_is_not_utf8(tmp_path):
+    (tmp_path / "c.csv").write_bytes("path,caption\ni0.png,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match="is not UTF-8 text .* save it as UTF-8"):
+        _to_shards()(["--csv", str(tmp_path / "c.csv"), "--out", str(tmp_path / "out")])

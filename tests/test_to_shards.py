@@ -29,7 +29,8 @@ def test_image_folder_to_labelled_shards(tmp_path):
             _img(tmp_path / "in" / c / f"{i}.png", 40 * i)
     (tmp_path / "in" / "dog" / "broken.jpg").write_bytes(b"not an image")
     info = _script().main(["--imagefolder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--shard-size", "2"])
-    assert info == {"samples": 5, "shards": 3, "skipped": 1, "examples": info["examples"], "classes": 2}
+    assert info == {"samples": 5, "shards": 3, "skipped": 1, "examples": info["examples"], "classes": 2,
+                    "renamed_keys": 0}
     assert json.load(open(tmp_path / "out" / "classes.json"))["classnames"] == ["big cat", "dog"]
     from datamodules import ImageLabelDataModule, ImageTextDataModule
 
