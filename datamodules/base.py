@@ -19,7 +19,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 
 from mmalign.distributed import batches_per_rank, get_rank, get_world_size
-from mmalign.specs import coerce, need
+from mmalign.specs import as_hparams, coerce, migrate_flat, need
 
 from .health import DataHealth
 from .errors import ShardError
@@ -91,6 +91,47 @@ class StreamingDataModule(pl.LightningDataModule):
         self._train_loader: StreamingLoader | None = None
         self._stream_state: dict | None = None
         self._eval: dict[str, InMemoryDataset] = {}
+        self._log_hyperparams = False  # the model's hparams are logged; these are recorded in checkpoints only
+        self._hparams_name = "kwargs"
+
+    # ---- what a checkpoint records, and reading it back --------------------------------------------
+    @property
+    def hparams(self) -> dict:  # type: ignore[override]
+        """The specs as plain mappings (weights-only loadable), always as they are now (e.g. after the
+        TTA pipeline set ``label.num_classes``); Lightning writes them into every checkpoint."""
+        from lightning.pytorch.utilities.parsing import AttributeDict
+
+        return AttributeDict({k: as_hparams(v) for k, v in vars(self.cfg).items()})
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: Any = None,
+                             **overrides: Any):
+        """This datamodule as a checkpoint recorded it; ``overrides`` replace whole specs (``shards=...``).
+
+        A ``pipe:`` shard spec is a shell command: one recorded in a checkpoint is refused (a file must
+        not run commands), unless the caller passes that spec group again itself."""
+        import torch
+
+        try:
+            ck = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ShardError(f"'{checkpoint_path}' is not a checkpoint that loads with weights_only=True "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).") from None
+        hp = (ck.get("datamodule_hyper_parameters") if isinstance(ck, dict) else None) or {}
+        if not hp:
+            raise ShardError(f"'{checkpoint_path}' records no datamodule options (saved by an older version, or "
+                             "without a datamodule): build the datamodule from your config instead.")
+        hp = {k: v for k, v in migrate_flat(cls, dict(hp)).items() if not k.startswith("_")}
+        commands = [f"{key}={value!r}" for key, value in _strings(hp)
+                    if value.startswith("pipe:") and key.split(".")[0] not in overrides]
+        if commands:
+            raise ShardError(f"'{checkpoint_path}' records the shell command(s) {', '.join(commands[:3])} as pipe: "
+                             "shard specs; a checkpoint never runs a command. Pass the shards yourself "
+                             "(load_from_checkpoint(..., shards=...), or your config) to run them.")
+        dm = cls(**{**hp, **overrides})
+        if ck.get(cls.__qualname__):
+            dm.load_state_dict(ck[cls.__qualname__])
+        return dm
 
     # read by the TTA pipeline and by callers of older versions
     @property
@@ -367,6 +408,14 @@ class StreamingDataModule(pl.LightningDataModule):
         return self._eval_loader("predict")
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}.")
+def _strings(value: Any, key: str = ""):
+    """``(dotted key, text)`` for every string inside nested mappings and lists."""
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{key}[{i}]")
+

@@ -245,7 +245,7 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
     stream = None
     try:
         local = not _is_remote(url) and url.endswith(".tar")
-        stream = open(url, "rb") if local else gopen(url, "rb")
+        stream = open(url, "rb") if local else _Pipe(url) if url.startswith("pipe:") else gopen(url, "rb")
         size = os.fstat(stream.fileno()).st_size if local else None
         members = iter_members(stream, want, size) if local or not url.endswith(("gz", "tgz")) else \
             _tarfile_members(stream)
@@ -263,7 +263,13 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
                 current = {"__key__": key, "__url__": url}
             if index >= skip and data is not None:
                 current[ext] = data
+        if isinstance(stream, _Pipe):
+            stream.finish()
+    except PipeCommandError:
+        raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        if isinstance(stream, _Pipe):
+            stream.finish()  # a command that failed is named as such, not as a truncated tar
         errors.append(f"{url}: unreadable after key {current['__key__'] if current else '-'} ({exc})")
         current = None  # a sample cut by the truncation is incomplete; drop it
     finally:
@@ -271,6 +277,41 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
             stream.close()
     if current is not None and index >= skip:
         yield current
+
+
+class PipeCommandError(ShardError):
+    """A ``pipe:`` shard command that failed: never skipped, since it would fail the same way every pass."""
+
+
+class _Pipe:
+    """The standard output of a ``pipe:`` spec's shell command, read like a file. A command that exits
+    with an error raises ``PipeCommandError`` naming the command and its exit status (its own error
+    output goes to this process's stderr, just above)."""
+
+    def __init__(self, url: str) -> None:
+        import subprocess
+
+        self.url, self.command = url, url[len("pipe:"):]
+        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 16)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def finish(self) -> None:
+        """The reader is done: drain the rest (tar padding) and check how the command ended."""
+        while self.proc.stdout.read(1 << 16):
+            pass
+        status = self.proc.wait()
+        if status != 0:
+            raise PipeCommandError(f"shard '{self.url}': the shell command {self.command!r} exited with status "
+                                   f"{status} (its error output, if any, is above). Fix the command, or remove "
+                                   "the shard from the spec.")
+
+    def close(self) -> None:
+        self.proc.stdout.close()
+        if self.proc.poll() is None:  # stopped early (rotation, or the consumer stopped): no error to report
+            self.proc.kill()
+        self.proc.wait()
 
 
 def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes]]:

@@ -196,8 +196,14 @@ class StreamingDataset(IterableDataset):
             yield None  # pass boundary
 
     def _raw(self, slot: StreamSlot, rng: random.Random, holder: list[SkipReport]) -> Iterator[Any]:
+        read, failures = 0, []
         for url in self._shard_order(slot, rng):
             if url is None:
+                if read == 0:  # a whole pass without one sample: looping again would never end
+                    raise ShardError(f"reader {slot.index} (rank {slot.rank}, worker {slot.worker}): none of its shards "
+                                     f"yielded a sample in a whole pass ({'; '.join(failures[:3]) or 'all empty'}). "
+                                     "Fix or remove them.")
+                read, failures = 0, []
                 yield _PASS_END
                 continue
             errors: list[str] = []
@@ -207,6 +213,8 @@ class StreamingDataset(IterableDataset):
             for raw in iter_tar_samples(url, errors, start):
                 n += 1
                 yield raw
+            read += n
+            failures += errors[:1]
             if errors:
                 lost = max(1, expected - n) if expected else 1
                 note = f" ({lost} of {expected} samples lost)" if expected else " (sample count unknown; counted as 1)"

@@ -258,3 +258,64 @@ def test_converter_names_a_csv_that_is_not_utf8(tmp_path):
     (tmp_path / "c.csv").write_bytes("path,caption\ni0.png,caf\xe9\n".encode("latin-1"))
     with pytest.raises(SystemExit, match="is not UTF-8 text .* save it as UTF-8"):
         _to_shards()(["--csv", str(tmp_path / "c.csv"), "--out", str(tmp_path / "out")])
+
+
+# ---- 10. pipe: shard specs ------------------------------------------------------------------------
+
+def test_a_failing_pipe_command_is_named_with_its_exit_status(tmp_path):
+    from datamodules import ImageTextDataModule
+    from datamodules.shards import PipeCommandError
+
+    for workers in (0, 2):
+        dm = ImageTextDataModule(shards={"train": [f"pipe:cat {tmp_path}/missing-{i}.tar" for i in range(2)],
+                                         "validate": False, "samples_per_epoch": 4},
+                                 stream={"num_workers": workers, "batch_size": 2})
+        dm.setup("fit")
+        with pytest.raises(PipeCommandError, match=r"the shell command 'cat .*/missing-\d.tar' exited with status 1"):
+            list(dm.train_dataloader())
+
+
+def test_a_pipe_spec_recorded_in_a_checkpoint_is_never_run(tmp_path):
+    from datamodules import ImageTextDataModule, ShardError
+    from tests._data import write_shards
+
+    [shard] = write_shards(str(tmp_path / "d"), [4])
+    ran = tmp_path / "RAN"
+    ckpt = tmp_path / "crafted.ckpt"
+    torch.save({"datamodule_hyper_parameters": {"shards": {"train": f"pipe:touch {ran}; cat {shard}"},
+                                                "stream": {"num_workers": 0, "batch_size": 2}}}, ckpt)
+    with pytest.raises(ShardError, match=r"records the shell command\(s\) shards.train='pipe:touch .*a checkpoint "
+                                         r"never runs a command"):
+        ImageTextDataModule.load_from_checkpoint(str(ckpt))
+    assert not ran.exists()
+    dm = ImageTextDataModule.load_from_checkpoint(str(ckpt), shards={"train": f"pipe:cat {shard}", "validate": False,
+                                                                     "samples_per_epoch": 4})
+    dm.setup("fit")  # given by the caller: runs
+    assert len([k for b in dm.train_dataloader() for k in b["key"]]) == 4 and not ran.exists()
+
+
+def test_a_fit_checkpoint_records_the_data_specs_and_they_load_back(stopped_run):
+    from datamodules import ImageLabelDataModule
+
+    [ckpt] = glob.glob(str(stopped_run / "runs/mmalign/version_0/checkpoints/last.ckpt"))
+    hp = torch.load(ckpt, weights_only=True)["datamodule_hyper_parameters"]
+    assert hp["shards"]["train"] == "digits/train" and hp["stream"]["batch_size"] == 64 and "preprocess" not in hp
+    dm = ImageLabelDataModule.load_from_checkpoint(ckpt)
+    assert dm.cfg.label.num_classes == 10 and dm.cfg.image.size == 32 and dm.cfg.stream.num_workers == 0
+
+
+def test_a_stream_whose_shards_all_yield_nothing_fails_instead_of_hanging(tmp_path):
+    """Every shard truncated before its first sample: a reader's pass yields nothing, and looping again
+    would never end. Run in a subprocess so that a hang fails the test instead of the suite."""
+    from tests._data import write_shards
+
+    for path in write_shards(str(tmp_path), [4, 4]):
+        with open(path, "r+b") as f:
+            f.truncate(300)
+    code = ("from datamodules import ImageTextDataModule\n"
+            f"dm = ImageTextDataModule(shards={{'train': {str(tmp_path)!r}, 'validate': False, 'samples_per_epoch': 8}},"
+            " stream={'num_workers': 0, 'batch_size': 2})\n"
+            "dm.setup('fit')\nlist(dm.train_dataloader())\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode != 0 and "none of its shards yielded a sample in a whole pass" in res.stderr, res.stderr[-2000:]
