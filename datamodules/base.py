@@ -300,8 +300,12 @@ class StreamingDataModule(pl.LightningDataModule):
             what = self._spec_name(split)
             urls = expand_shards(spec, what)
             sizes = self._index(urls, what)
-            self._eval[split] = InMemoryDataset(urls, self._decode_eval, self.cfg.eval.max_samples, sizes)
-            self.health.add(self._stage_name(split), self._eval[split].load_report)
+            ds = InMemoryDataset(urls, self._decode_eval, self.cfg.eval.max_samples, sizes)
+            if len(ds) < world:  # a rank without a sample has no metric to synchronise: the others would hang
+                raise ShardError(f"{what}: {len(ds)} evaluation sample(s) for {world} ranks; every rank needs at "
+                                 "least one. Evaluate on fewer devices, add samples, or raise eval.max_samples.")
+            self._eval[split] = ds
+            self.health.add(self._stage_name(split), ds.load_report)
 
     @staticmethod
     def _stage_name(split: str) -> str:

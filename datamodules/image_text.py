@@ -44,11 +44,18 @@ class ImageTextDataModule(StreamingDataModule):
         image = self._transform(train)(decode_image_bytes(find_image(sample)))
         meta = read_json(sample)
         if self.caption_key == "txt":
-            text = sample["txt"].decode("utf-8").strip()
+            try:
+                text = sample["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError as exc:  # skipped and counted: guessing an encoding would garble it
+                raise ValueError(f"caption is not UTF-8 ({exc.reason} at byte {exc.start})") from None
         else:
-            text = str(meta[self.caption_key[5:]]).strip()
+            value = meta[self.caption_key[5:]]
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(f"json caption field '{self.caption_key[5:]}' holds {value!r}, not text")
+            text = str(value).strip()
         if not text:
-            raise ValueError("empty caption")
+            raise ValueError("empty caption")  # empty or whitespace only: skipped and counted
+        # a caption longer than the text tower's context is cut by the tokenizer (open_clip and HF truncate)
         return {"image": image, "text": text, "key": sample["__key__"], "meta": meta}
 
     def collate(self, samples: list[dict]) -> dict:

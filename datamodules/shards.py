@@ -123,15 +123,18 @@ def _index_folder(url: str, read_exts: Sequence[str], required: Sequence[Sequenc
     n, counts, labelled = folder_index_members(url)
     texts = {}
     if labelled and "cls" in read_exts:  # labels come from the folder names: read them without the images
-        texts = {s["__key__"]: {"cls": s["cls"].decode()} for s in _folder_labels(url)}
+        texts = {s["__key__"]: {"cls": s["cls"].decode(), "json": s["json"].decode()} for s in _folder_labels(url)}
     complete = n if all(any(counts.get(e) for e in group) for group in required) else 0
     return ShardIndex(url, n, Counter(counts), texts, complete, [])
 
 
 def _folder_labels(url: str) -> Iterator[dict]:
     root, lo, hi = parse_url(url)
-    for rel, cls in scan(root).files[lo:hi]:
-        yield {"__key__": rel.rpartition(".")[0], "cls": str(cls).encode()}
+    listing = scan(root)
+    for i in range(lo, hi):
+        cls = listing.files[i][1]
+        yield {"__key__": listing.key(i), "cls": str(cls).encode(),
+               "json": json.dumps({"class": listing.classes[cls]}).encode()}
 
 
 def write_sizes_file(directory: str, sizes: dict[str, int]) -> str:
@@ -201,10 +204,24 @@ def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:
     for directory in {os.path.dirname(u) for u in urls if not _is_remote(u) and not u.startswith(FOLDER_SCHEME)}:
         path = os.path.join(directory, SIZES_FILE)
         if os.path.isfile(path):
-            with open(path) as f:
-                for name, n in json.load(f).items():
-                    sizes[os.path.join(directory, name)] = int(n)
+            sizes.update({os.path.join(directory, name): n for name, n in _read_sizes(path).items()})
     return sizes
+
+
+def _read_sizes(path: str) -> dict[str, int]:
+    fix = ("it maps shard file names to sample counts, e.g. {\"shard-000000.tar\": 1000}. Fix it, or delete it (local "
+           "shards are then counted by the index)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ShardError(f"'{path}' is not a readable sizes file ({exc}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise ShardError(f"'{path}' holds a {type(data).__name__}, not a mapping; {fix}.")
+    bad = [(k, v) for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ShardError(f"'{path}': the count of {bad[0][0]!r} is {bad[0][1]!r}, not a whole number >= 0; {fix}.")
+    return data
 
 
 def iter_tar_samples(url: str, errors: list[str], start: int = 0) -> Iterator[dict]:
