@@ -157,7 +157,10 @@ class StreamingDataModule(pl.LightningDataModule):
     def _rooted(self, spec: ShardSpec) -> ShardSpec:
         if self.data_root is None or spec is None:
             return spec
-        join = lambda s: s if _is_remote(s) or os.path.isabs(s) else os.path.join(self.data_root, s)  # noqa: E731
+
+        def join(s: str) -> str:  # schemes (pipe:, folder://, npy://, s3://) and absolute paths stay as given
+            return s if "://" in s or _is_remote(s) or os.path.isabs(s) else os.path.join(self.data_root, s)
+
         return join(spec) if isinstance(spec, str) else [join(s) for s in spec]
 
     # ---- subclass interface -------------------------------------------------------------------
@@ -171,32 +174,6 @@ class StreamingDataModule(pl.LightningDataModule):
         """Subclass hook: validate the indexed text members (e.g. labels) of one shard."""
 
     # ---- preparation --------------------------------------------------------------------------
-    def _generated_roots(self) -> dict[str, set[str]]:
-        """Roots of the built-in dataset to create: the parents of configured split folders that do
-        not exist. A missing folder is only generated when it can be what the generator writes: its
-        root is named after the dataset (``.../shapes``, ``.../shapes32``) and the split is one the
-        generator knows; anything else is a typo and fails instead of silently creating a dataset.
-        Returns ``{root: {missing split folders}}``."""
-        from .generate import SPLITS
-
-        name = self.cfg.generate.name
-        roots: dict[str, set[str]] = {}
-        for key, spec in self.shards.items():
-            for s in [spec] if isinstance(spec, str) else (spec or []):
-                if _is_remote(s) or os.path.exists(s):
-                    continue
-                root, split = os.path.split(os.path.normpath(s))
-                what = self._spec_name(key)
-                if not os.path.basename(root).startswith(name):
-                    raise ShardError(f"{what}: '{s}' does not exist, and generate: {name} only writes into a "
-                                     f"folder named after the dataset ('.../{name}/{split}'), so this looks "
-                                     f"like a typo in the path. Fix the path, or name the folder '{name}*'.")
-                if split not in SPLITS[name]:
-                    raise ShardError(f"{what}: '{s}' does not exist and '{split}' is not a split of the built-in "
-                                     f"'{name}' dataset ({', '.join(SPLITS[name])}). Fix the split name.")
-                roots.setdefault(root, set()).add(split)
-        return roots
-
     @staticmethod
     def _spec_name(key: str) -> str:
         names = {"fit": "shards.train", "validate": "shards.val", "test": "shards.test", "predict": "shards.predict"}
@@ -207,9 +184,10 @@ class StreamingDataModule(pl.LightningDataModule):
         gen = self.cfg.generate
         if gen is None:
             return
-        from .generate import generate_dataset
+        from .generate import generate_dataset, roots_to_generate
 
-        for root, splits in self._generated_roots().items():
+        specs = {self._spec_name(key): spec for key, spec in self.shards.items()}
+        for root, splits in roots_to_generate(specs, gen.name).items():
             generate_dataset(gen.name, root, **gen.kwargs)
             absent = sorted(s for s in splits if not os.path.exists(os.path.join(root, s)))
             if absent:  # an earlier, complete dataset at root was generated without these splits

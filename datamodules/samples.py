@@ -10,7 +10,7 @@ import io
 import json
 
 #: image members a sample may carry, in the order they are looked for
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm")
 
 
 def find_image(sample: dict) -> bytes:

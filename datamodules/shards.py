@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
+from .benchmarks import NPY_SCHEME, iter_npy_samples, npy_size
 from .errors import ShardError
 from .folders import (FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder,
                       iter_folder_samples, parse_url, scan)
@@ -29,7 +30,7 @@ SIZES_FILE = "sizes.json"  # webdataset/img2dataset-style {shard basename: sampl
 
 
 def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or ("://" in url and not url.startswith(FOLDER_SCHEME))
+    return url.startswith("pipe:") or ("://" in url and not url.startswith((FOLDER_SCHEME, NPY_SCHEME)))
 
 
 def expand_shards(spec: str | Sequence[str] | None, what: str = "shards") -> list[str]:
@@ -45,7 +46,7 @@ def expand_shards(spec: str | Sequence[str] | None, what: str = "shards") -> lis
             if _is_remote(part):
                 urls.append(part)
                 continue
-            if part.startswith(FOLDER_SCHEME):
+            if part.startswith((FOLDER_SCHEME, NPY_SCHEME)):
                 urls.append(part)
                 continue
             for path in braceexpand.braceexpand(os.path.expanduser(part)):
@@ -100,6 +101,11 @@ def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequ
     the index counts the samples that have them all."""
     if url.startswith(FOLDER_SCHEME):
         return _index_folder(url, read_exts, required)
+    if url.startswith(NPY_SCHEME):  # every row is complete: an image and its label
+        n = npy_size(url)
+        texts = {s["__key__"]: {"cls": s["cls"].decode()} for s in iter_npy_samples(url, [])} \
+            if "cls" in read_exts else {}
+        return ShardIndex(url, n, Counter({"ppm": n, "cls": n}), texts, n, [])
     keys: dict[str, set[str]] = {}
     texts: dict[str, dict[str, str]] = {}
     try:
@@ -201,7 +207,9 @@ def check_key(key: str) -> None:
 def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:
     """Sample counts from ``sizes.json`` files next to the shards, when present."""
     sizes: dict[str, int] = {u: folder_size(u) for u in urls if u.startswith(FOLDER_SCHEME)}
-    for directory in {os.path.dirname(u) for u in urls if not _is_remote(u) and not u.startswith(FOLDER_SCHEME)}:
+    sizes.update({u: npy_size(u) for u in urls if u.startswith(NPY_SCHEME)})
+    for directory in {os.path.dirname(u) for u in urls if not _is_remote(u) and not u.startswith((FOLDER_SCHEME,
+                                                                                                     NPY_SCHEME))}:
         path = os.path.join(directory, SIZES_FILE)
         if os.path.isfile(path):
             sizes.update({os.path.join(directory, name): n for name, n in _read_sizes(path).items()})
@@ -237,6 +245,9 @@ def iter_tar_samples(url: str, errors: list[str], start: int = 0) -> Iterator[di
     """
     if url.startswith(FOLDER_SCHEME):
         yield from iter_folder_samples(url, errors, start)
+        return
+    if url.startswith(NPY_SCHEME):
+        yield from iter_npy_samples(url, errors, start)
         return
     yield from _read_tar(url, errors, skip=start)
     if start > 0:
@@ -351,7 +362,7 @@ def shard_fingerprint(urls: Sequence[str], sizes: dict[str, int]) -> dict:
     import hashlib
     import zlib
 
-    local = [u for u in urls if not _is_remote(u) and not u.startswith(FOLDER_SCHEME)]
+    local = [u for u in urls if not _is_remote(u) and not u.startswith((FOLDER_SCHEME, NPY_SCHEME))]
     common = os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in local]) if local else ""
     entries = []
     for url in urls:
@@ -360,10 +371,11 @@ def shard_fingerprint(urls: Sequence[str], sizes: dict[str, int]) -> dict:
             root, lo, hi = parse_url(url)
             listing = json.dumps(scan(root).files[lo:hi]).encode()
             entries.append([f"{os.path.basename(root)}#{lo}-{hi}", zlib.crc32(listing), 0, count])
-        elif _is_remote(url):
+        elif _is_remote(url) or url.startswith(NPY_SCHEME):
             entries.append([url, -1, -1, count])
         else:
             st = os.stat(url)
             entries.append([os.path.relpath(os.path.abspath(url), common), st.st_size, st.st_mtime_ns, count])
     digest = hashlib.sha1(json.dumps(entries).encode()).hexdigest()
-    return {"count": len(entries), "digest": digest, "entries": entries if len(entries) <= FINGERPRINT_ENTRIES else None}
+    kept = entries if len(entries) <= FINGERPRINT_ENTRIES else None
+    return {"count": len(entries), "digest": digest, "entries": kept}

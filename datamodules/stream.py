@@ -200,9 +200,9 @@ class StreamingDataset(IterableDataset):
         for url in self._shard_order(slot, rng):
             if url is None:
                 if read == 0:  # a whole pass without one sample: looping again would never end
-                    raise ShardError(f"reader {slot.index} (rank {slot.rank}, worker {slot.worker}): none of its shards "
-                                     f"yielded a sample in a whole pass ({'; '.join(failures[:3]) or 'all empty'}). "
-                                     "Fix or remove them.")
+                    why = "; ".join(failures[:3]) or "all empty"
+                    raise ShardError(f"reader {slot.index} (rank {slot.rank}, worker {slot.worker}): none of its "
+                                     f"shards yielded a sample in a whole pass ({why}). Fix or remove them.")
                 read, failures = 0, []
                 yield _PASS_END
                 continue

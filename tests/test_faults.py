@@ -282,7 +282,7 @@ FAULTS = [
     ("missing brace range", lambda t, d: expand_shards(str(t / "x-{0..3}.tar")), ShardError, "4 shard path"),
     ("dir without shards", lambda t, d: expand_shards(str(t)), ShardError, "holds no \\*.tar shards"),
     ("garbage tar", f_garbage_tar, ShardError, "not a readable tar file.*Re-create or remove it"),
-    ("shard without images", f_no_images, ShardError, "no sample with a .jpg/.jpeg/.png/.webp/.bmp member"),
+    ("shard without images", f_no_images, ShardError, "no sample with a .jpg/.jpeg/.png/.webp/.bmp/.ppm member"),
     ("most samples lack a caption", f_mostly_no_caption, ShardError, "18 of the 20 samples .* lack a required member"),
     ("label field no sample has", f_mostly_no_label, DataConfigError, "no json field 'shape_id'.*fields seen: \\['other'\\]"),
     ("empty shard", f_empty_shard, ShardError, "holds no samples"),

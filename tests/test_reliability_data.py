@@ -23,7 +23,8 @@ DIGITS = os.path.join(ROOT, "configs/classify/digits.yaml")
 
 def _fit(cwd, data, record, *extra, devices=None, timeout=600):
     """``mmalign fit`` of the digits config in ``cwd`` (digits under ``data``), recording every batch."""
-    args = [sys.executable, "-m", "mmalign", "fit", "-c", DIGITS, "--model.class_path=tests._modules.RecordingClassifier",
+    args = [sys.executable, "-m", "mmalign", "fit", "-c", DIGITS,
+            "--model.class_path=tests._modules.RecordingClassifier",
             f"--model.init_args.record={record}", "--checkpoint.every_n_train_steps=4",
             "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.check_val_every_n_epoch=100",
@@ -313,12 +314,14 @@ def test_a_stream_whose_shards_all_yield_nothing_fails_instead_of_hanging(tmp_pa
         with open(path, "r+b") as f:
             f.truncate(300)
     code = ("from datamodules import ImageTextDataModule\n"
-            f"dm = ImageTextDataModule(shards={{'train': {str(tmp_path)!r}, 'validate': False, 'samples_per_epoch': 8}},"
+            f"dm = ImageTextDataModule(shards={{'train': {str(tmp_path)!r}, 'validate': False, "
+            "'samples_per_epoch': 8},"
             " stream={'num_workers': 0, 'batch_size': 2})\n"
             "dm.setup('fit')\nlist(dm.train_dataloader())\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": ROOT})
-    assert res.returncode != 0 and "none of its shards yielded a sample in a whole pass" in res.stderr, res.stderr[-2000:]
+    assert res.returncode != 0, res.stderr[-2000:]
+    assert "none of its shards yielded a sample in a whole pass" in res.stderr, res.stderr[-2000:]
 
 
 # ---- malformed side files, read-only data roots, stray generation folders ---------------------------
@@ -432,8 +435,8 @@ def test_an_eval_set_smaller_than_the_world_fails_at_setup_on_every_rank(tmp_pat
 
 @pytest.mark.distributed
 def test_ddp_fit_with_an_eval_set_smaller_than_the_world_stops_before_training(tmp_path, data_root):
-    res = _fit(tmp_path, data_root, tmp_path / "b.jsonl", "--trainer.max_steps=2", "--data.init_args.eval.max_samples=1",
-               devices=2, timeout=300)
+    res = _fit(tmp_path, data_root, tmp_path / "b.jsonl", "--trainer.max_steps=2",
+               "--data.init_args.eval.max_samples=1", devices=2, timeout=300)
     assert res.returncode != 0
     assert "shards.val: 1 evaluation sample(s) for 2 ranks; every rank needs at least one" in res.stderr
     assert "Connection closed" not in res.stderr and not os.path.exists(tmp_path / "b.jsonl")
@@ -612,8 +615,8 @@ def test_image_folders_with_different_class_folders_are_refused_or_mapped_by_nam
             _save(str(tmp_path / split / c / "x.png"), 10)
     dm = ImageLabelDataModule(shards={"train": str(tmp_path / "train"), "val": str(tmp_path / "val")},
                               stream={"num_workers": 0, "batch_size": 1}, image={"size": 8})
-    with pytest.raises(DataConfigError, match=r"class folders of shards.train .* and shards.val .* differ \(only in the "
-                                              r"first: \['dog'\].*set label.classes"):
+    with pytest.raises(DataConfigError, match=r"class folders of shards.train .* and shards.val .* differ "
+                                              r"\(only in the first: \['dog'\].*set label.classes"):
         dm.setup("fit")
     (tmp_path / "classes.txt").write_text("cat\ndog\nfish\n")
     got, _ = _folder_labels(tmp_path / "val", classes=str(tmp_path / "classes.txt"))

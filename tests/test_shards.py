@@ -36,7 +36,7 @@ def test_index_counts_and_labels(tmp_path):
 def test_shard_without_images_fails_at_setup(tmp_path):
     write_shards(str(tmp_path), [3, 3], with_image=False)
     dm = ImageTextDataModule(shards={"train": str(tmp_path)}, stream={"num_workers": 0, "batch_size": 2})
-    with pytest.raises(ShardError, match="no sample with a .jpg/.jpeg/.png/.webp/.bmp member"):
+    with pytest.raises(ShardError, match="no sample with a .jpg/.jpeg/.png/.webp/.bmp/.ppm member"):
         dm.setup("fit")
 
 

@@ -66,6 +66,31 @@ def is_complete(root: str) -> bool:
     return os.path.isfile(os.path.join(root, INFO_FILE))
 
 
+def roots_to_generate(specs: dict, name: str) -> dict[str, set[str]]:
+    """Roots of the built-in dataset ``name`` to create: the parents of the configured split folders
+    (``{option name: shard spec}``) that do not exist. A missing folder is only generated when it can be
+    what the generator writes: its root is named after the dataset (``.../shapes``, ``.../shapes32``)
+    and the split is one the generator knows; anything else is a typo and fails instead of silently
+    creating a dataset. Returns ``{root: {missing split folders}}``."""
+    from ..errors import ShardError
+
+    roots: dict[str, set[str]] = {}
+    for what, spec in specs.items():
+        for s in [spec] if isinstance(spec, str) else (spec or []):
+            if "://" in s or s.startswith("pipe:") or os.path.exists(s):
+                continue
+            root, split = os.path.split(os.path.normpath(s))
+            if not os.path.basename(root).startswith(name):
+                raise ShardError(f"{what}: '{s}' does not exist, and generate: {name} only writes into a "
+                                 f"folder named after the dataset ('.../{name}/{split}'), so this looks "
+                                 f"like a typo in the path. Fix the path, or name the folder '{name}*'.")
+            if split not in SPLITS[name]:
+                raise ShardError(f"{what}: '{s}' does not exist and '{split}' is not a split of the built-in "
+                                 f"'{name}' dataset ({', '.join(SPLITS[name])}). Fix the split name.")
+            roots.setdefault(root, set()).add(split)
+    return roots
+
+
 def generate_dataset(name: str, root: str, **kwargs) -> dict:
     """Create dataset ``name`` under ``root`` unless it is already there; returns its info."""
     if name not in GENERATORS:

@@ -4,7 +4,9 @@
 labelled or unlabelled samples; two sources are built in:
 
 - ``CorruptionStream``: the CIFAR-10-C style benchmark, ``benchmark.dir/{corruption}/{severity}/*.tar``
-  written on first use from ``shards.test`` (``datamodules.corrupt``), in the benchmark order;
+  written on first use from ``shards.test`` (``datamodules.corrupt``), in the benchmark order; or the
+  published CIFAR-10-C / CIFAR-100-C arrays and ImageNet-C folders read as they are
+  (``benchmark.layout``, ``datamodules.benchmarks``);
 - ``TargetStream``: your own data, tar shards or an image folder (``datamodules.folders``), one
   domain per entry of ``domains`` in the order given, labelled (errors reported) or not
   (predictions written, entropy tracked).
@@ -24,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from datamodules.base import Preprocess
+from datamodules.benchmarks import check_cifar_c, cifar_c_url
 from datamodules.eval_sets import EvalLoader, InMemoryDataset
 from datamodules.image_label import ImageLabelDataModule
 from datamodules.shards import expand_shards
 from datamodules.specs import EvalSpec, GenerateSpec, ImageSpec, LabelSpec, ShardsSpec, StreamSpec
-from mmalign.specs import coerce, need, positive
+from mmalign.specs import coerce, need, one_of, positive
 
 UNLABELLED = -1
 
@@ -59,19 +62,26 @@ class BenchmarkSpec:
 
     Args:
         dir: Folder of the benchmark (relative to ``shards.data_root``).
+        layout: ``shards``: ``<dir>/<corruption>/<severity>/*.tar``, written from ``shards.test`` on first
+            use; ``cifar_c``: the published CIFAR-10-C / CIFAR-100-C folder (``<corruption>.npy`` holding
+            severities 1..5 in consecutive blocks, plus ``labels.npy``); ``imagenet_c``: the published
+            ImageNet-C tree (``<corruption>/<severity>/<wnid>/*.JPEG``; classes = the sorted wnids, or a
+            class-index file as ``label.classes``). Both read as they are, never converted.
         corruptions: ``all`` (the 15 benchmark corruptions in benchmark order) or a list, streamed
-            in the given order.
+            in the given order (a published folder may hold more, e.g. ``speckle_noise``: list them).
         severities: Severity or severities (1..5); each corruption visits them in the given order.
         seed: Seed of the corruptions written on first use.
     """
 
     dir: str = "corrupted"
+    layout: Literal["shards", "cifar_c", "imagenet_c"] = "shards"
     corruptions: str | list[str] = "all"
     severities: int | list[int] = 5
     seed: int = 0
 
     def __post_init__(self) -> None:
         need(bool(self.dir), "benchmark.dir must name a folder.")
+        one_of("benchmark.layout", self.layout, ("shards", "cifar_c", "imagenet_c"))
         need(isinstance(self.corruptions, str) or len(self.corruptions) > 0,
              "benchmark.corruptions must be 'all' or name at least one corruption, got [].")
         sev = [self.severities] if isinstance(self.severities, int) else list(self.severities)
@@ -219,9 +229,10 @@ class CorruptionStream(DomainStream):
 
         self.cfg.benchmark = b = coerce(benchmark, BenchmarkSpec, "benchmark")
         self.corruptions, self.severities = b.corruption_list, b.severity_list
-        for c in self.corruptions:
-            for s in self.severities:
-                check_name_severity(c, s)
+        if b.layout == "shards":  # written by us: only the corruptions we can write (published files may hold more)
+            for c in self.corruptions:
+                for s in self.severities:
+                    check_name_severity(c, s)
         self.domains_dir = self._rooted(b.dir)
         self.corruption_seed = b.seed
 
@@ -230,6 +241,9 @@ class CorruptionStream(DomainStream):
         return [f"{c}/{s}" for c in self.corruptions for s in self.severities]
 
     def domain_spec(self, domain: str) -> str:
+        if self.cfg.benchmark.layout == "cifar_c":
+            corruption, _, severity = domain.partition("/")
+            return cifar_c_url(self.domains_dir, corruption, int(severity))
         return os.path.join(self.domains_dir, domain)
 
     def _missing(self) -> list[str]:
@@ -239,6 +253,8 @@ class CorruptionStream(DomainStream):
 
     def prepare_data(self) -> None:
         super().prepare_data()  # generates the built-in clean data when configured
+        if self.cfg.benchmark.layout != "shards":
+            return  # published benchmark files: read as they are
         missing = self._missing()
         if not missing:
             return
@@ -252,10 +268,19 @@ class CorruptionStream(DomainStream):
         corrupt_shards(self.shards["test"], self.domains_dir, corrs, sevs, seed=self.corruption_seed, verbose=False)
 
     def setup(self, stage: str) -> None:
-        missing = self._missing()
+        layout = self.cfg.benchmark.layout
+        if layout == "cifar_c":
+            check_cifar_c(self.domains_dir, self.corruptions, self.severities)
+            return
+        missing = self._missing() if layout == "shards" else \
+            [d for d in self.domain_names if not os.path.isdir(os.path.join(self.domains_dir, d))]
         if missing:
-            raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}; run "
-                                    "prepare_data() or scripts/make_corrupted.py first.")
+            fix = ("run prepare_data() or scripts/make_corrupted.py first" if layout == "shards" else
+                   "layout imagenet_c reads <dir>/<corruption>/<severity>/<wnid>/*.JPEG; fix benchmark.dir or "
+                   "benchmark.corruptions")
+            raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}; {fix}.")
+        if layout == "imagenet_c":  # every domain must index the same wnids (or label.classes maps them)
+            self.check_folder_classes({f"domain {d}": self.domain_spec(d) for d in self.domain_names})
 
 
 class TargetStream(DomainStream):
