@@ -72,6 +72,7 @@ def _epoch_of(records):
     return {s: {r["epoch"] for r in rows} for s, rows in records.items()}
 
 
+@pytest.mark.slow
 def test_resume_with_a_smaller_batch_continues_every_reader_where_it_was(stopped_run, tmp_path):
     """Batch 64 -> 32, same shards and readers: 512 samples of epoch 0 were trained on, so the epoch
     continues at batch 16 of 39 (1259 // 32), each reader at its own position: no sample of the epoch
@@ -86,6 +87,7 @@ def test_resume_with_a_smaller_batch_continues_every_reader_where_it_was(stopped
     assert {24, 28, 32, 33} <= set(steps)  # the 3 newest step checkpoints and last.ckpt
 
 
+@pytest.mark.slow
 def test_resume_with_more_workers_continues_from_the_global_position(stopped_run, tmp_path):
     """num_workers 0 -> 2: other readers, same epoch: it continues at batch 8 of 19 and ends there."""
     err, records, steps = _resume(stopped_run, tmp_path, "--data.init_args.stream.num_workers=2", max_steps=21)
@@ -95,6 +97,7 @@ def test_resume_with_more_workers_continues_from_the_global_position(stopped_run
     assert {12, 16, 20, 21} <= set(steps)
 
 
+@pytest.mark.slow
 def test_resume_after_a_shard_was_removed_restarts_the_epoch(stopped_run, tmp_path):
     """One shard of 200 removed: the epoch's content changed, so epoch 0 restarts from its first batch
     (16 batches of the 1059 left), saying so, and the run checkpoints again."""
@@ -107,6 +110,7 @@ def test_resume_after_a_shard_was_removed_restarts_the_epoch(stopped_run, tmp_pa
     assert {16, 20, 24, 26} <= set(steps)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_resume_on_two_processes_continues_from_the_global_position(stopped_run, tmp_path):
     """1 -> 2 DDP processes (gloo): 512 samples done = 4 global batches of 2 x 64; 9 per epoch."""
@@ -433,6 +437,7 @@ def test_an_eval_set_smaller_than_the_world_fails_at_setup_on_every_rank(tmp_pat
                                                   "every rank needs at least one"), out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_ddp_fit_with_an_eval_set_smaller_than_the_world_stops_before_training(tmp_path, data_root):
     res = _fit(tmp_path, data_root, tmp_path / "b.jsonl", "--trainer.max_steps=2",
