@@ -156,10 +156,19 @@ class ClipsGradients:
 
 def moved_option_hint(cls: type, name: str) -> str | None:
     """``"'lr' moved to 'optim.lr'"`` for an option an older config used, else None."""
-    for klass in getattr(cls, "__mro__", ()):
-        target = (klass.__dict__.get("moved_options") or {}).get(name)
-        if target:
-            return f"option '{name}' moved to '{target}' (--model.init_args.{target}=... or the nested mapping in YAML)"
+    import difflib
+
+    moved: dict[str, str] = {}
+    for klass in reversed(getattr(cls, "__mro__", ())):
+        moved.update(klass.__dict__.get("moved_options") or {})
+    group = getattr(cls, "config_group", "model")  # datamodules are configured under ``data``
+    if name in moved:
+        return f"option '{name}' moved to '{moved[name]}' (--{group}.init_args.{moved[name]}=... or the nested " \
+               "mapping in YAML)"
+    close = difflib.get_close_matches(name, list(moved), n=1)  # a typo of an old flat option
+    if close:
+        return f"option '{name}' looks like '{close[0]}', which moved to '{moved[close[0]]}' " \
+               f"(--{group}.init_args.{moved[close[0]]}=...)"
     return None
 
 

@@ -67,9 +67,10 @@ def make_module(loss: str, seed: int = 0, text: str = "scratch", tower: str = "v
 def datamodule(root: str, batch: int, module, split_val: bool = True):
     from datamodules import ImageTextDataModule
 
-    return ImageTextDataModule(data_root=root, train_shards="shapes/train", val_shards="shapes/val",
-                               extra_val_shards={"heldout": "shapes/heldout"} if split_val else None,
-                               generate="shapes", batch_size=batch, num_workers=1, preprocess=module.preprocess)
+    return ImageTextDataModule(shards={"data_root": root, "train": "shapes/train", "val": "shapes/val",
+                                       "extra_val": {"heldout": "shapes/heldout"} if split_val else None},
+                               stream={"batch_size": batch, "num_workers": 1}, generate="shapes",
+                               preprocess=module.preprocess)
 
 
 # ---- (a) throughput -------------------------------------------------------------------------

@@ -48,8 +48,8 @@ def _run(cmd: list[str], env: dict, cwd: str, log: str) -> float:
 def _zeroshot(weights_arg: list[str], model_args: list[str], data_root: str, split: str, cwd: str, env: dict) -> float:
     out = os.path.join(cwd, f"zs-{split}-{os.getpid()}-{time.time_ns()}")
     cmd = [sys.executable, "-m", "mmalign", "zeroshot", "-c", os.path.join(ROOT, "configs/clip/zeroshot_shapes.yaml"),
-           *model_args, *weights_arg, f"--data.init_args.data_root={data_root}",
-           f"--data.init_args.test_shards=shapes/{split}", "--data.init_args.num_workers=0",
+           *model_args, *weights_arg, f"--data.init_args.shards.data_root={data_root}",
+           f"--data.init_args.shards.test=shapes/{split}", "--data.init_args.stream.num_workers=0",
            "--trainer.enable_progress_bar=false", f"--out={out}", "--label_field=cls",
            f"--classes={data_root}/shapes/classes.json"]
     _run(cmd, env, cwd, out + ".log")
@@ -76,7 +76,7 @@ def peer_run(config: str, data_root: str, deps: str, seed: int, workers: int, th
     # --- mmalign: the config as shipped, validation off (open_clip's trainer validates nothing here)
     mm_dir = os.path.join(workdir, f"mmalign-{seed}")
     mm_cmd = [sys.executable, "-m", "mmalign", "fit", "-c", config, f"--seed_everything={seed}",
-              f"--data.init_args.seed={seed}", f"--data.init_args.num_workers={workers}",
+              f"--data.init_args.stream.seed={seed}", f"--data.init_args.stream.num_workers={workers}",
               "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", f"--trainer.max_epochs={epochs}",
               f"--trainer.default_root_dir={mm_dir}", "--checkpoint.every_n_train_steps=0"]
 

@@ -186,8 +186,8 @@ def test_zeroshot_subcommand_matches_hand_computation(in_tmp, data_root):
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
                      "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY, "pretrained": export}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
-                    "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
-                                  "batch_size": 32}},
+                    "init_args": {"shards": {"data_root": data_root, "test": "shapes/heldout"},
+                                  "stream": {"num_workers": 0, "batch_size": 32}}},
            "trainer": {"enable_progress_bar": False, "logger": False}}
     (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
     classes = os.path.join(data_root, "shapes", "classes.json")
@@ -197,8 +197,8 @@ def test_zeroshot_subcommand_matches_hand_computation(in_tmp, data_root):
     # the same number computed by hand over the same images
     from datamodules import ImageLabelDataModule
 
-    dm = ImageLabelDataModule(data_root=data_root, test_shards="shapes/heldout", num_workers=0, batch_size=64,
-                              preprocess=m.preprocess)
+    dm = ImageLabelDataModule(shards={"data_root": data_root, "test": "shapes/heldout"},
+                              stream={"num_workers": 0, "batch_size": 64}, preprocess=m.preprocess)
     dm.setup("test")
     spec = load_class_spec(classes)
     tok = m.preprocess.tokenizer
@@ -242,7 +242,8 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
                      "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY, "pretrained": export}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
-                    "init_args": {"test_shards": str(in_tmp / "photos"), "num_workers": 0, "batch_size": 4}},
+                    "init_args": {"shards": {"test": str(in_tmp / "photos")},
+                                  "stream": {"num_workers": 0, "batch_size": 4}}},
            "trainer": {"enable_progress_bar": False, "logger": False}}
     (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
     cli.main(["zeroshot", "-c", "zs.yaml", "--out=zs", "--allow_random_weights=true"])

@@ -25,7 +25,7 @@ from tests.test_faults import DIGITS, QUICK, ROOT, _tiny_classifier_ckpt, run_cl
 
 def test_failed_setup_leaves_no_run_folder(in_tmp):
     with pytest.raises(ShardError, match="do not exist"):
-        run_cli("fit", "-c", DIGITS, "--data.init_args.generate=null", "--data.init_args.train_shards=nowhere/train",
+        run_cli("fit", "-c", DIGITS, "--data.init_args.generate=null", "--data.init_args.shards.train=nowhere/train",
                 *QUICK)
     assert not glob.glob("runs/mmalign/version_*")
 
@@ -122,8 +122,8 @@ def test_cafa_statistics_follow_the_source_checkpoint(tmp_path, data_root):
 
     def stats():
         model = TTAModel(ckpt, methods=["cafa"])
-        dm = CorruptionStream(data_root=data_root, domains_dir=str(tmp_path), train_shards="digits/train",
-                              num_workers=0, preprocess=model.preprocess)
+        dm = CorruptionStream(shards={"data_root": data_root, "train": "digits/train"}, stream={"num_workers": 0},
+                              benchmark={"dir": str(tmp_path)}, preprocess=model.preprocess)
         return source_statistics(model, dm, str(tmp_path), "cpu", logs.append, max_samples=64)
 
     first = stats()
@@ -143,8 +143,8 @@ def test_zeroshot_unknown_label_field_and_strict_json(in_tmp, data_root):
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
                      "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
-                    "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
-                                  "batch_size": 32}},
+                    "init_args": {"shards": {"data_root": data_root, "test": "shapes/heldout"},
+                                  "stream": {"num_workers": 0, "batch_size": 32}}},
            "trainer": {"enable_progress_bar": False, "logger": False, "limit_test_batches": 1}}
     (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
     classes = os.path.join(data_root, "shapes", "classes.json")
@@ -164,7 +164,7 @@ def _fit(record, extra, cwd, env):
     return subprocess.Popen([sys.executable, "-m", "mmalign", "fit", "-c", DIGITS,
                              "--model.class_path=tests._modules.RecordingClassifier",
                              f"--model.init_args.record={record}", "--trainer.max_steps=20",
-                             "--checkpoint.every_n_train_steps=4", "--data.init_args.num_workers=2",
+                             "--checkpoint.every_n_train_steps=4", "--data.init_args.stream.num_workers=2",
                              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
                              "--trainer.enable_model_summary=false", *extra],
                             cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs/classify/digits.yaml")
 CLIP_CFG = os.path.join(ROOT, "configs/clip/shapes_clip_scratch.yaml")
 QUICK = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-         "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0", "--trainer.enable_model_summary=false"]
+         "--trainer.enable_progress_bar=false", "--data.init_args.stream.num_workers=0",
+         "--trainer.enable_model_summary=false"]
 TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}
 
 

@@ -215,8 +215,8 @@ def _zeroshot_config(folder, data_root) -> str:
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
                      "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
-                    "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
-                                  "batch_size": 32}},
+                    "init_args": {"shards": {"data_root": data_root, "test": "shapes/heldout"},
+                                  "stream": {"num_workers": 0, "batch_size": 32}}},
            "classes": os.path.join(data_root, "shapes", "classes.json"), "label_field": "cls",
            "trainer": {"enable_progress_bar": False, "logger": False, "limit_test_batches": 1}}
     path = os.path.join(str(folder), "zs.yaml")

@@ -73,8 +73,8 @@ def test_module_validates_weights():
 
 
 def _datamodule(model, root, **kw):
-    return AudioTextDataModule(train_shards=os.path.join(root, "train"), val_shards=os.path.join(root, "test"),
-                               batch_size=8, num_workers=0, preprocess=model.preprocess, **kw)
+    return AudioTextDataModule(shards={"train": os.path.join(root, "train"), "val": os.path.join(root, "test")},
+                               stream={"batch_size": 8, "num_workers": 0}, preprocess=model.preprocess, **kw)
 
 
 @pytest.mark.parametrize("mode", ["dtw", "soft_dtw"])
@@ -154,8 +154,8 @@ def bad_shard(tmp_path_factory):
 
 
 def _eval_batches(model, shard_dir):
-    dm = AudioTextDataModule(val_shards=shard_dir, batch_size=8, num_workers=0, max_seconds=2.0,
-                             preprocess=model.preprocess)
+    dm = AudioTextDataModule(shards={"val": shard_dir}, stream={"batch_size": 8, "num_workers": 0},
+                             audio={"max_seconds": 2.0}, preprocess=model.preprocess)
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     return batches, dm.health.take("val")

@@ -18,7 +18,7 @@ import torch
 from datamodules.base import Preprocess
 from mmalign.checkpoint_layout import CONTRASTIVE_MOVED
 from mmalign.distributed import average_gradients_
-from mmalign.evaluation.scaffold import EvalScaffold
+from mmalign.training.eval_scaffold import EvalScaffold
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
 from mmalign.specs import ClipsGradients, OptimSpec, ReadsFlatCheckpoints, as_hparams, replace, store_specs
 
@@ -221,7 +221,7 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
 
         clamp_logit_scale_(self.model.logit_scale.data, self.cfg.objective.max_logit_scale)
 
-    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    # ---- evaluation (mmalign.training.eval_scaffold) -----------------------------------------
     eval_progress_keys = ("zeroshot_top1",)
 
     def set_zeroshot_classes(self, classes, label_field: str | None = None) -> None:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.base import Preprocess
-from mmalign.evaluation.scaffold import EvalScaffold
 from mmalign.specs import ClipsGradients, OptimSpec, ReadsFlatCheckpoints, coerce, store_specs
+from mmalign.training.eval_scaffold import EvalScaffold
 
 from .specs import (DEFAULT_SPEC_AUGMENT, SPEECH_MOVED, SPEECH_OPTIM, SpeechEvalSpec, SpeechFeatureSpec, SpeechLossSpec,
                     TowerSpec)
@@ -138,7 +138,7 @@ class SpeechTextAligner(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
 
         clamp_logit_scale_(self.logit_scale.data, self.cfg.losses.max_logit_scale)
 
-    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    # ---- evaluation (mmalign.training.eval_scaffold) -----------------------------------------
     eval_progress_keys = ("speech2text_r1",)
     _RENAME = {"i2t": "text2speech", "t2i": "speech2text"}
 

@@ -39,7 +39,7 @@ class TTAModel(pl.LightningModule):
         small_batch: Batches of one image with BatchNorm: ``error`` (default) or ``source_stats``
             (predict with the source running statistics, no update).
         cafa_stats: Source statistics file; default ``<checkpoint stem>.cafa_stats.pt`` next to the
-            checkpoint, computed from ``data.init_args.train_shards`` when missing.
+            checkpoint, computed from ``data.init_args.shards.train`` when missing.
         cafa_covariance: ``auto`` (class-wise unless C*d*d > 5e7), ``shared`` or ``classwise``.
         cafa_shrinkage: Shrinkage towards a scaled identity, in [0, 1].
         cafa_denominator: ``all`` (sum over every class) or ``others`` (c != y); unverified in
