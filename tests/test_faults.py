@@ -349,7 +349,7 @@ def run_cli(*args):
     return cli.main(list(args))
 
 
-@pytest.mark.parametrize("arg,needle", [("--model.init_args.lrr=1", "Did you mean 'optim.lr'"),
+@pytest.mark.parametrize("arg,needle", [("--model.init_args.lrr=1", "which moved to 'optim.lr'"),
                                         ("--model.init_args.optim.lrr=1", "Did you mean 'optim.lr'"),
                                         ("--model.init_args.num_classes=abc", "num_classes"),
                                         ("--data.init_args.shuffle_bufer=3", "which moved to 'stream.shuffle_buffer'")])

@@ -376,15 +376,15 @@ def _wrong_checkpoints(folder):
     (folder / "garbage.ckpt").write_bytes(b"\x00\x13not a checkpoint at all" * 20)
     good = _tiny_classifier_ckpt(folder / "good.ckpt")
     (folder / "truncated.ckpt").write_bytes(open(good, "rb").read()[:2000])
-    torch.save(ImageClassifier("resnet18", 10, image_size=32, model_kwargs={"layers": [1, 1, 1, 1],
-               "channels": [16, 32, 64, 128], "stem_width": 16}).model.state_dict(), str(folder / "plain.pt"))
+    net = {"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}}
+    torch.save(ImageClassifier(net, 10, transform={"image_size": 32}).model.state_dict(), str(folder / "plain.pt"))
     _clip_ckpt(folder / "clip.ckpt")
 
 
 WRONG = [("empty.ckpt", r"is empty \(0 bytes\)"),
          ("garbage.ckpt", r"is not a PyTorch checkpoint"),
          ("truncated.ckpt", r"is truncated or damaged"),
-         ("plain.pt", r"holds a plain state dict.*model\.init_args\.checkpoint_path=.*plain\.pt"),
+         ("plain.pt", r"holds a plain state dict.*model\.init_args\.network\.checkpoint_path=.*plain\.pt"),
          ("clip.ckpt", r"was trained with model mmalign\.contrastive\.CLIP.*config builds mmalign\.classify")]
 
 

@@ -15,7 +15,8 @@ from datamodules.transforms import default_image_transform
 from mmalign.checkpoint_layout import CLASSIFIER_MOVED
 from mmalign.models import compile_in_place
 from mmalign.models.timm_models import check_timm_name, create_timm_model
-from mmalign.specs import ClipsGradients, OptimSpec, ReadsFlatCheckpoints, coerce, store_specs
+from mmalign.specs import OptimSpec, coerce, store_specs
+from mmalign.training.spec_module import ClipsGradients, ReadsFlatCheckpoints
 
 from .specs import CLASSIFIER_OPTIM, ClassifierLossSpec, TimmNetworkSpec, TransformSpec, check_num_classes
 

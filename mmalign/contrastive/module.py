@@ -20,7 +20,8 @@ from mmalign.checkpoint_layout import CONTRASTIVE_MOVED
 from mmalign.distributed import average_gradients_
 from mmalign.training.eval_scaffold import EvalScaffold
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
-from mmalign.specs import ClipsGradients, OptimSpec, ReadsFlatCheckpoints, as_hparams, replace, store_specs
+from mmalign.specs import OptimSpec, as_hparams, replace, store_specs
+from mmalign.training.spec_module import ClipsGradients, ReadsFlatCheckpoints
 
 from .specs import CLIP_OPTIM, ClipEvalSpec, ClipModelSpec, ContrastiveConfig, LockSpec, ObjectiveSpec
 

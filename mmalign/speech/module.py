@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.base import Preprocess
-from mmalign.specs import ClipsGradients, OptimSpec, ReadsFlatCheckpoints, coerce, store_specs
+from mmalign.specs import OptimSpec, coerce, store_specs
+from mmalign.training.spec_module import ClipsGradients, ReadsFlatCheckpoints
 from mmalign.training.eval_scaffold import EvalScaffold
 
 from .specs import (DEFAULT_SPEC_AUGMENT, SPEECH_MOVED, SPEECH_OPTIM, SpeechEvalSpec, SpeechFeatureSpec, SpeechLossSpec,

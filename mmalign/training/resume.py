@@ -50,8 +50,26 @@ def find_last_checkpoint(cfg: Any) -> str | None:
     return None
 
 
-#: model options that take a weights file, in the order a plain state dict is best given to them
-WEIGHT_OPTIONS = ("checkpoint_path", "pretrained", "init_checkpoint", "source_checkpoint")
+#: model options (``group.field`` inside a spec) that take a weights file, in the order a plain state dict is
+#: best given to them; the flat names are those of modules whose options are not grouped
+WEIGHT_OPTIONS = ("network.checkpoint_path", "model.pretrained", "model.init_checkpoint", "source.checkpoint",
+                  "checkpoint_path", "pretrained", "init_checkpoint", "source_checkpoint")
+
+
+def _option(init: Any, dotted: str) -> tuple[bool, Any]:
+    """``(present, value)`` of a ``group.field`` (or flat) option in a model's ``init_args``."""
+    node = init
+    for part in dotted.split("."):
+        if node is None:
+            return False, None
+        try:
+            present = part in node
+        except TypeError:
+            return False, None
+        if not present:
+            return False, None
+        node = _get(node, part)
+    return True, node
 
 
 def read_hparams(path: str, model: Any = None) -> tuple[dict, int]:
@@ -63,7 +81,8 @@ def read_hparams(path: str, model: Any = None) -> tuple[dict, int]:
     if isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict) and "pytorch-lightning_version" in ck:
         return dict(ck.get("hyper_parameters") or {}), int(ck.get("global_step", -1))
     init = _get(model, "init_args", {}) or {}
-    option = next((k for k in WEIGHT_OPTIONS if k in init and not isinstance(init.get(k), bool)), None)
+    option = next((k for k in WEIGHT_OPTIONS if _option(init, k)[0] and not isinstance(_option(init, k)[1], bool)),
+                  None)
     plain = isinstance(ck, dict) and ck and all(hasattr(v, "shape") for v in ck.values())
     what = f"holds a plain state dict of {len(ck)} tensors" if plain else "is not a Lightning checkpoint"
     where = (f"give it to the model instead: --model.init_args.{option}={path}" if option and plain
@@ -156,8 +175,8 @@ def require_weights(config: Any, resuming: bool) -> None:
     if resuming or _get(cfg, "ckpt_path") or _get(cfg, "allow_random_weights"):
         return
     init = _get(_get(cfg, "model"), "init_args", {}) or {}
-    options = [k for k in WEIGHT_OPTIONS if k in init]
-    if any(_get(init, k) for k in options):
+    options = [k for k in WEIGHT_OPTIONS if _option(init, k)[0]]
+    if any(_option(init, k)[1] for k in options):
         return
     weights = " or weights (" + ", ".join(f"--model.init_args.{k}" for k in options) + ")" if options else ""
     raise ValueError(f"{sub} would score a randomly initialised model: give a checkpoint (--ckpt_path PATH, or "
