@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corruptions", nargs="+", default=["all"],
                    help="names (space or comma separated) or 'all' (default); an unknown name lists the valid ones")
     p.add_argument("--severities", nargs="+", type=int, default=[5], help="1..5 (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the corruptions' random draws (default 0)")
     p.add_argument("--image-key", default="auto", help="image member extension (jpg, png, ...) or 'auto'")
 
 

@@ -23,9 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, help="labelled source shards (folder, glob or brace pattern)")
     p.add_argument("--label-key", default="cls", help="'cls' or a json field (e.g. shape_id)")
     p.add_argument("--max-samples", type=int, default=2000, help="labelled source subset size (default 2000)")
-    p.add_argument("--covariance", default="auto", choices=["auto", "shared", "classwise"])
+    p.add_argument("--covariance", default="auto", choices=["auto", "shared", "classwise"],
+                   help="one covariance shared by all classes, one per class, or auto (per class unless the C*d*d "
+                        "matrices would pass ~400 MB)")
     p.add_argument("--shrinkage", type=float, default=0.1, help="covariance shrinkage towards the diagonal, in [0, 1)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="feature extraction batch (default 256)")
     p.add_argument("--out", default=None, help="default: <checkpoint stem>.cafa_stats.pt beside the checkpoint")
 
 
