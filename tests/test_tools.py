@@ -267,3 +267,7 @@ def test_export_refuses_in_one_line(tmp_path):
     (tmp_path / "c.ckpt").write_bytes(b"")
     one_line_error(mmalign("export", "--ckpt", tmp_path / "c.ckpt", "--out", tmp_path / "full"), "not an empty folder")
     assert (tmp_path / "full" / "x").read_text() == "keep" and not (tmp_path / "o").exists()
+    res = mmalign("export", "--ckpt", tmp_path / "c.ckpt", "--out", tmp_path / "new")  # not a checkpoint
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and "c.ckpt" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "new").exists()  # no empty folder left behind

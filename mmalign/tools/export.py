@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> str:
     from mmalign.models.open_clip_models import allow_weight_packages, export_open_clip, open_clip_from_checkpoint
     from mmalign.training.outputs import check_output_dir
 
-    check_output_dir(args.out, "export", "--out")
+    check_output_dir(args.out, "export", "--out", create=False)  # writable, yet nothing created before the model loads
     allow_weight_packages(args.weight_package)
     model, hp = open_clip_from_checkpoint(args.ckpt)
     name = hp["model"]["name"]
