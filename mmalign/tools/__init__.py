@@ -3,8 +3,8 @@
 
 They sit beside LightningCLI's subcommands (``fit``, ``zeroshot``, ...) but are plain argparse
 commands: none of them trains or needs a config, so none of them pays for building a Trainer. Each is
-a module with a docstring (its ``--help`` text, examples included), ``HELP`` (one line for the
-listing), ``add_arguments(parser)`` and ``run(args)``; ``run`` checks its inputs before any work and
+a module with a docstring (its ``--help`` text, examples included), ``add_arguments(parser)`` and
+``run(args)`` (its one-line summary is in ``SUMMARIES`` here); ``run`` checks its inputs before any work and
 raises ``ToolError`` with one line naming the problem and the fix.
 
 This module imports only the standard library: ``python -m mmalign --help`` lists the tools without

@@ -33,7 +33,6 @@ import random
 
 from mmalign.tools import ToolError
 
-HELP = "an image folder or a CSV of (image, caption[, label]) as webdataset shards"
 
 KEEP = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 IMAGE_COLS, CAPTION_COLS = ("image", "path", "filepath", "url", "file"), ("caption", "text", "title")

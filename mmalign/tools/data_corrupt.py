@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "CIFAR-10-C style corrupted copies of image shards"
-
 
 def _names(values: list[str]) -> list[str]:
     # "--corruptions all", space- or comma-separated names

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "write a built-in dataset (shapes, digits, spoken) as webdataset shards"
 _OPTIONS = {  # flag -> (type, help); which dataset takes which is the generators' own signature
     "seed": (int, "fixes every sample (and spoken's voice/text split); default 0"),
     "image_size": (int, "shapes, digits: image side in pixels"),

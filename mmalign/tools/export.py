@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "an mmalign CLIP/SigLIP checkpoint as a portable open_clip folder"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="mmalign Lightning checkpoint of a CLIP/SigLIP run (last.ckpt)")

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "CAFA's source statistics for a classifier checkpoint, stored beside it"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="ImageClassifier checkpoint (or plain weights + --model-name)")

