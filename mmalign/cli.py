@@ -15,6 +15,13 @@ expose them in the entry-point group ``mmalign.subcommands``, and scripts can ca
 LightningCLI adds subcommands. Keep their modules light at import: ``--help`` imports them. A
 function's ``outputs`` attribute (``{"out": "zero-shot results"}``) names its result-folder options:
 the CLI checks them, with the run folders and ``checkpoint.dirpath``, before anything is built.
+
+Tools
+-----
+``export``, ``data generate|convert|corrupt``, ``weights fetch`` and ``tta stats`` need no model or
+config: they are plain commands (``mmalign.tools``), dispatched before LightningCLI is built and
+listed at the end of ``--help``. Expected third-party messages are silenced by name at start
+(``mmalign.quiet``).
 """
 
 from __future__ import annotations
@@ -207,7 +214,17 @@ class MMAlignCLI(LightningCLI):
 
 class ConciseArgumentParser(LightningArgumentParser):
     """Prints a config error once, last, as one readable message (no usage wall, no dump of the
-    whole parsed value), with close matches for a mistyped option."""
+    whole parsed value), with close matches for a mistyped option. The top-level help ends with
+    the tools, which are not LightningCLI subcommands."""
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if getattr(self, "_subcommands_action", None) is None or "fit" not in self._subcommands_action.choices:
+            return text
+        from mmalign.tools import listing
+
+        return (f"{text}\ntools (plain commands, no config; each has its own --help, see docs/cli.md):\n"
+                f"{listing('    ')}\n")
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:
@@ -224,9 +241,19 @@ def _parser_kwargs() -> dict[str, Any]:
     return {**mode, **{name: dict(mode) for name in MMAlignCLI.subcommands()}}
 
 
-def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
+def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI | None:
     """Entry point of ``python -m mmalign`` and the ``mmalign`` console script."""
     import signal
+
+    from mmalign.quiet import quiet_third_party
+    from mmalign.tools import dispatch
+
+    quiet_third_party()
+    status = dispatch(sys.argv[1:] if args is None else list(args))
+    if status is not None:  # a tool ran (or refused its input in one line)
+        if status:
+            raise SystemExit(status)
+        return None
 
     import lightning.pytorch as pl
     from lightning.pytorch.utilities.exceptions import SIGTERMException

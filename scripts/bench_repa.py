@@ -39,7 +39,7 @@ TEACHERS = {  # name -> (config that trains it, whether its tokens are interpola
     "vit": ("configs/repa/teacher_vit_shapes.yaml", False),  # 8x8 patch tokens at 32 px: the DiT's grid
     # 4x4 map at 32 px (output_stride 8), its tokens upsampled to the student's 8x8 grid
     "resnet": ("configs/repa/teacher_resnet_shapes.yaml", True),
-    # torchvision's ImageNet MobileNetV2 (scripts/fetch_mobilenet_v2.py), nothing trained here: dilated to
+    # torchvision's ImageNet MobileNetV2 (mmalign weights fetch mobilenetv2), nothing trained here: dilated to
     # output stride 8 and fed the 32-px images resized to 64 px, its final 1280-d map is the 8x8 grid
     "mobilenetv2": (None, False),
 }
@@ -291,7 +291,7 @@ def main() -> None:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--teacher", default="resnet", choices=list(TEACHERS))
     p.add_argument("--teacher-ckpt", default=None, help="Lightning ckpt of the teacher's config (default: train one); "
-                   "for mobilenetv2 the weights file of scripts/fetch_mobilenet_v2.py")
+                   "for mobilenetv2 the weights file of `mmalign weights fetch mobilenetv2`")
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--data-root", default=os.environ.get("MMALIGN_DATA", "data"))
     p.add_argument("--work-dir", default="outputs/bench/repa_work")
@@ -305,7 +305,7 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     if args.teacher == "mobilenetv2" and not args.teacher_ckpt:
         p.error("--teacher mobilenetv2 needs --teacher-ckpt weights/mobilenetv2_100_imagenet.pth "
-                "(python scripts/fetch_mobilenet_v2.py writes it)")
+                "(python -m mmalign weights fetch mobilenetv2 writes it)")
     teacher = args.teacher_ckpt or train_teacher(args)
     overhead = measure_overhead(args, teacher, args.overhead_reps) if args.overhead_reps else None
     results = []

@@ -33,7 +33,7 @@ ADAPT_QUICK = ("--model.init_args.source_checkpoint=null", "--model.init_args.mo
 FD_QUICK = ("--model.init_args.fd.num_samples=8", "--model.init_args.fd.sample_steps=2",
             "--model.init_args.fd.network.checkpoint={fd_ckpt}")
 TEACHER_QUICK = FD_QUICK + ("--model.init_args.teacher.checkpoint={teacher_ckpt}",)
-# the quick start's ImageNet MobileNetV2 file (scripts/fetch_mobilenet_v2.py) stands in as random weights
+# the quick start's ImageNet MobileNetV2 file (mmalign weights fetch mobilenetv2) stands in as random weights
 MOBILENET_QUICK = ("--model.init_args.model.image_tower_checkpoint={mobilenet_ckpt}",)
 
 

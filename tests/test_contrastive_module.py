@@ -284,7 +284,7 @@ def test_image_tower_checkpoint_from_timm_weights_or_a_classifier(tmp_path):
 def test_image_tower_checkpoint_missing_or_of_another_architecture(tmp_path):
     import timm
 
-    with pytest.raises(FileNotFoundError, match="fetch_mobilenet_v2.py"):
+    with pytest.raises(FileNotFoundError, match="mmalign weights fetch mobilenetv2"):
         timm_tower(tmp_path / "no.pth")
     torch.save(timm.create_model("mobilenetv2_050", pretrained=False).state_dict(), tmp_path / "mnv2.pth")
     with pytest.raises(CheckpointMismatchError):

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_START = [
-    'pip install -e ".[text]" && python scripts/fetch_mobilenet_v2.py && python -m mmalign fit -c '
+    'pip install -e ".[text]" && python -m mmalign weights fetch mobilenetv2 && python -m mmalign fit -c '
     "configs/clip/shapes_clip.yaml",
     "bash .ci/run",
 ]

@@ -179,12 +179,9 @@ def test_a_changed_shard_set_is_noticed_and_restarts_the_epoch(tmp_path, capsys,
 # ---- 7. the shard converter -----------------------------------------------------------------------
 
 def _to_shards():
-    import importlib.util
+    from mmalign.tools import call
 
-    spec = importlib.util.spec_from_file_location("to_shards", os.path.join(ROOT, "scripts", "to_shards.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    return lambda argv: call("data", "convert", *argv)
 
 
 def _save(path, value, fmt="PNG", mode="RGB", size=12):
@@ -239,7 +236,9 @@ def test_a_writer_refuses_a_key_it_would_merge(tmp_path):
 def test_converter_names_a_malformed_csv_row(tmp_path, rows, message):
     _save(str(tmp_path / "i0.png"), 10)
     (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
-    with pytest.raises(SystemExit, match=message):
+    from mmalign.tools import ToolError
+
+    with pytest.raises(ToolError, match=message):
         _to_shards()(["--csv", str(tmp_path / "c.csv"), "--out", str(tmp_path / "out")])
 
 
@@ -261,7 +260,9 @@ def test_converter_reads_label_spellings_and_skips_unreadable_rows_by_number(tmp
 
 def test_converter_names_a_csv_that_is_not_utf8(tmp_path):
     (tmp_path / "c.csv").write_bytes("path,caption\ni0.png,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(SystemExit, match="is not UTF-8 text .* save it as UTF-8"):
+    from mmalign.tools import ToolError
+
+    with pytest.raises(ToolError, match="is not UTF-8 text .* save it as UTF-8"):
         _to_shards()(["--csv", str(tmp_path / "c.csv"), "--out", str(tmp_path / "out")])
 
 

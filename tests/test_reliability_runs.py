@@ -246,15 +246,15 @@ def test_export_names_files_only_inside_its_folder(tmp_path):
 
     name = _escaping_name(tmp_path / "escaped")
     ckpt = _clip_ckpt(tmp_path / "crafted.ckpt", name=name, cfg=TINY)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/export_open_clip.py"), "--ckpt", ckpt,
-                          "--out", str(tmp_path / "out"), "--no-register"], capture_output=True, text=True, timeout=300,
+    res = subprocess.run([sys.executable, "-m", "mmalign", "export", "--ckpt", ckpt,
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
     assert res.returncode != 0 and "is not a plain name" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
     assert not glob.glob(str(tmp_path / "escaped*"))
     # a sane checkpoint exports (the script rebuilds the architecture, not the whole module)
     good = _clip_ckpt(tmp_path / "good.ckpt")
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/export_open_clip.py"), "--ckpt", good,
-                          "--out", str(tmp_path / "out"), "--no-register"], capture_output=True, text=True, timeout=300,
+    res = subprocess.run([sys.executable, "-m", "mmalign", "export", "--ckpt", good,
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT})
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["mmalign-test-tiny.json", "open_clip_config.json",
@@ -282,8 +282,8 @@ def test_pkg_text_tower_from_a_checkpoint_imports_nothing(tmp_path, data_root):
     last = res.stderr.strip().splitlines()[-1]
     assert res.returncode != 0 and "'mmalign_marker_mod' is not a known weight package" in last, res.stderr[-2000:]
     assert "--weight_packages" in last and not (tmp_path / "IMPORTED").exists()
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/export_open_clip.py"), "--ckpt", ckpt, "--out",
-                          "out", "--no-register"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    res = subprocess.run([sys.executable, "-m", "mmalign", "export", "--ckpt", ckpt, "--out",
+                          "out"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.returncode != 0 and not (tmp_path / "IMPORTED").exists(), res.stderr[-2000:]
     # the user (not the file) may allow a package on the command line: then, and only then, it is imported
     res = subprocess.run(cmd + ["--weight_packages=[mmalign_marker_mod]"], capture_output=True, text=True,

@@ -1,5 +1,4 @@
 import ctypes.util
-import importlib.util
 import io
 import json
 import os
@@ -154,13 +153,12 @@ def test_spoken_samples_roundtrip(tmp_path):
 
 
 @needs_espeak
-def test_make_spoken_script_writes_the_generated_layout(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_spoken", os.path.join(ROOT, "scripts", "make_spoken.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_data_generate_spoken_writes_the_generated_layout(tmp_path):
+    from mmalign.tools import call
+
     out = tmp_path / "spoken"
-    info = mod.main(["--out", str(out), "--num-train", "4", "--num-test", "2", "--num-seen-voice", "2",
-                     "--num-val", "2", "--shard-size", "3", "--seed", "5"])
+    info = call("data", "generate", "spoken", "--root", str(out), "--num-train", "4", "--num-test", "2",
+                "--num-seen-voice", "2", "--num-val", "2", "--shard-size", "3", "--seed", "5")
     on_disk = json.loads((out / "info.json").read_text())
     assert on_disk["dataset"] == "spoken"
     assert on_disk["splits"] == {"train": 4, "test": 2, "test_seen_voice": 2, "val": 2}

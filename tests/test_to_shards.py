@@ -1,6 +1,6 @@
-"""scripts/to_shards.py: image folders and CSVs become shards the datamodules read."""
+"""``mmalign data convert``: image folders and CSVs become shards the datamodules read (in-process through
+``mmalign.tools.call``; the command line itself is tested in tests/test_tools.py)."""
 
-import importlib.util
 import json
 import os
 
@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmalign.tools import ToolError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("to_shards", os.path.join(ROOT, "scripts", "to_shards.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _convert(argv):
+    from mmalign.tools import call
+
+    return call("data", "convert", *argv)
 
 
 def _img(path, value, fmt="PNG"):
@@ -28,7 +29,7 @@ def test_image_folder_to_labelled_shards(tmp_path):
         for i in range(n):
             _img(tmp_path / "in" / c / f"{i}.png", 40 * i)
     (tmp_path / "in" / "dog" / "broken.jpg").write_bytes(b"not an image")
-    info = _script().main(["--imagefolder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--shard-size", "2"])
+    info = _convert(["--imagefolder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--shard-size", "2"])
     assert info == {"samples": 5, "shards": 3, "skipped": 1, "examples": info["examples"], "classes": 2,
                     "renamed_keys": 0}
     assert json.load(open(tmp_path / "out" / "classes.json"))["classnames"] == ["big cat", "dog"]
@@ -52,7 +53,7 @@ def test_csv_to_caption_shards(tmp_path):
         _img(tmp_path / "imgs" / f"{i}.bmp", 50 * i, "BMP")  # re-encoded as JPEG
         rows.append(f"imgs/{i}.bmp,caption number {i},{i % 2}")
     (tmp_path / "caps.csv").write_text("\n".join(rows) + "\n")
-    info = _script().main(["--csv", str(tmp_path / "caps.csv"), "--out", str(tmp_path / "out")])
+    info = _convert(["--csv", str(tmp_path / "caps.csv"), "--out", str(tmp_path / "out")])
     assert info["samples"] == 4 and info["skipped"] == 0
     from datamodules import ImageTextDataModule
 
@@ -65,5 +66,5 @@ def test_csv_to_caption_shards(tmp_path):
 
 def test_bad_csv_column_is_named(tmp_path):
     (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
-    with pytest.raises(SystemExit, match="no image column .*columns: \\['foo', 'bar'\\]"):
-        _script().main(["--csv", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ToolError, match="no image column .*columns: \\['foo', 'bar'\\]"):
+        _convert(["--csv", str(tmp_path / "x.csv"), "--out", str(tmp_path / "o")])

@@ -118,7 +118,7 @@ def generate_dataset(name: str, root: str, **kwargs) -> dict:
     except OSError as exc:
         raise PermissionError(f"cannot write the built-in '{name}' dataset into '{parent}' ({exc.strerror or exc}). "
                               "Point shards.data_root (or MMALIGN_DATA) at a writable folder, or write it there "
-                              f"with: python scripts/generate_data.py {name} --root DIR") from None
+                              f"with: mmalign data generate {name} --root DIR") from None
     log.warning("generating built-in dataset '%s' into %s (first use; this happens once)", name, root)
     try:
         info = GENERATORS[name](tmp, **kwargs)

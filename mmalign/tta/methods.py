@@ -180,7 +180,7 @@ class Cafa(TTAMethod):
 
     def __init__(self, model, cfg=None, stats=None):
         if stats is None:
-            raise ValueError("cafa needs source statistics: compute them with `python scripts/cafa_stats.py` "
+            raise ValueError("cafa needs source statistics: compute them with `mmalign tta stats` "
                              "or set cafa_source_shards so adapt computes them.")
         super().__init__(model, cfg)
         self.stats = stats

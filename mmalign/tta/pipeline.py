@@ -1,6 +1,6 @@
 """The adaptation pipeline, once: source statistics, methods, the stream loop, the report.
 
-``python -m mmalign adapt``, ``scripts/bench_tta.py`` and ``scripts/cafa_stats.py`` all call these
+``python -m mmalign adapt``, ``scripts/bench_tta.py`` and ``mmalign tta stats`` all call these
 functions, so what a benchmark measures is what the command runs.
 """
 

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Convert an image folder or a CSV of (image path, caption) into img2dataset-style webdataset shards.
 
-    python scripts/to_shards.py --imagefolder /data/pets --out /data/pets-shards
-    python scripts/to_shards.py --csv captions.csv --out /data/caps-shards --shard-size 5000
+    mmalign data convert --imagefolder /data/pets --out /data/pets-shards
+    mmalign data convert --csv captions.csv --out /data/caps-shards --shard-size 5000
 
 Each sample is ``{key}.{jpg|png|webp}`` (the original bytes; other formats are re-encoded as JPEG),
 ``{key}.txt`` (the caption: the CSV's, or ``--caption-template`` filled with the class name for a
@@ -31,7 +30,9 @@ import io
 import json
 import os
 import random
-import sys
+
+from mmalign.tools import ToolError
+
 
 KEEP = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 IMAGE_COLS, CAPTION_COLS = ("image", "path", "filepath", "url", "file"), ("caption", "text", "title")
@@ -74,7 +75,7 @@ def unique_keys(items: list[dict]) -> int:
 def _pick(header: list[str], given: str | None, choices: tuple[str, ...], what: str) -> str | None:
     if given:
         if given not in header:
-            sys.exit(f"error: --{what}-col {given!r} is not a column of the CSV (columns: {header})")
+            raise ToolError(f"--{what}-col {given!r} is not a column of the CSV (columns: {header})")
         return given
     return next((c for c in header if c.lower() in choices), None)
 
@@ -89,7 +90,7 @@ def _csv_label(text: str | None, where: str) -> int | None:
     except ValueError:
         value = float("nan")
     if not value == value or value != int(value) or value < 0:  # NaN, 2.5, -1
-        sys.exit(f"error: {where}: label {text!r} is not a class index (a whole number >= 0). Fix the row, or name "
+        raise ToolError(f"{where}: label {text!r} is not a class index (a whole number >= 0). Fix the row, or name "
                  "the label column with --label-col.")
     return int(value)
 
@@ -105,23 +106,23 @@ def _csv_items(path: str, image_col: str | None, caption_col: str | None, label_
             caption_col = _pick(header, caption_col, CAPTION_COLS, "caption")
             label_col = _pick(header, label_col, ("label", "class", "cls"), "label")
             if image_col is None:
-                sys.exit(f"error: no image column in {path} (columns: {header}); name it with --image-col")
+                raise ToolError(f"no image column in {path} (columns: {header}); name it with --image-col")
             for i, row in enumerate(reader):
                 where = f"{path}: row {reader.line_num}"
                 if None in row:
-                    sys.exit(f"error: {where} has more fields than the header ({len(header)}); quote fields "
+                    raise ToolError(f"{where} has more fields than the header ({len(header)}); quote fields "
                              "that hold commas.")
                 img = (row.get(image_col) or "").strip()
                 if "://" in img:
-                    sys.exit(f"error: {where}: {img!r} is a URL; this converter reads local files only")
+                    raise ToolError(f"{where}: {img!r} is a URL; this converter reads local files only")
                 caption = row.get(caption_col) if caption_col else None
                 yield {"path": (img if os.path.isabs(img) else os.path.join(base, img)) if img else "",
                        "key": f"{i:09d}", "where": f"row {reader.line_num}", "caption": caption,
                        "label": _csv_label(row.get(label_col), where) if label_col else None, "class": None}
     except UnicodeDecodeError as exc:
-        sys.exit(f"error: {path} is not UTF-8 text ({exc}); save it as UTF-8.")
+        raise ToolError(f"{path} is not UTF-8 text ({exc}); save it as UTF-8.")
     except csv.Error as exc:
-        sys.exit(f"error: {path}: malformed CSV ({exc}).")
+        raise ToolError(f"{path}: malformed CSV ({exc}).")
 
 
 def _sample(item: dict) -> dict:
@@ -148,25 +149,30 @@ def _sample(item: dict) -> dict:
     return sample
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--imagefolder", help="root/<class>/*.jpg (labelled) or a folder of images")
     src.add_argument("--csv", help="CSV with an image-path column and a caption column")
-    p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--out", required=True, help="output folder (new, or empty)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per .tar shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard names: PREFIX-NNNNNN.tar")
     p.add_argument("--shuffle", action="store_true", help="shuffle the samples (with --seed) before sharding")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the --shuffle order (default 0)")
     p.add_argument("--caption-template", default="a photo of a {}.", help="folder input: caption per class")
-    p.add_argument("--image-col")
-    p.add_argument("--caption-col")
+    p.add_argument("--image-col", help="CSV column of the image path (default: image/path/filepath/url/file)")
+    p.add_argument("--caption-col", help="CSV column of the caption (default: caption/text/title)")
     p.add_argument("--label-col", help="CSV column of the class index (default: label/class/cls when present)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
     if args.shard_size < 1:
-        p.error(f"--shard-size must be >= 1, got {args.shard_size}")
-    if os.path.exists(args.out) and os.listdir(args.out):
-        p.error(f"--out {args.out!r} exists and is not empty")
+        raise ToolError(f"--shard-size must be >= 1, got {args.shard_size}")
+    source = args.imagefolder or args.csv
+    if not (os.path.isdir(source) if args.imagefolder else os.path.isfile(source)):
+        raise ToolError(f"{'--imagefolder' if args.imagefolder else '--csv'} {source!r}: no such "
+                        f"{'folder' if args.imagefolder else 'file'}")
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise ToolError(f"--out {args.out!r} exists and is not an empty folder; choose a new one")
 
     from tqdm import tqdm
 
@@ -204,6 +210,3 @@ def main(argv: list[str] | None = None) -> dict:
              else ""))
     return info
 
-
-if __name__ == "__main__":
-    main()
