@@ -133,7 +133,7 @@ def test_module_trains_two_steps_with_align_uniform():
     before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
     trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, DataLoader([b, batch(6, seed=2)], batch_size=None))
+    trainer.fit(model, DataLoader([b, b], batch_size=None))
     assert trainer.global_step == 2
     changed = [n for n, p in model.model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert "visual.conv1.weight" in changed and "token_embedding.weight" in changed
@@ -152,3 +152,12 @@ def test_objective_spec_refuses_align_options_with_another_loss():
         ObjectiveSpec(loss="align_uniform", tile_size=64)
     with pytest.raises(ValueError, match="objective.uniform_t must be > 0"):
         ObjectiveSpec(loss="align_uniform", uniform_t=0.0)
+    with pytest.raises(ValueError, match="objective.label_smoothing=0.1 only applies to objective.loss: clip"):
+        ObjectiveSpec(loss="align_uniform", label_smoothing=0.1)
+    # a null loss resolves to the class's default first, and the check runs again then
+    from mmalign.contrastive import SigLIP
+    from test_contrastive_module import tiny
+
+    with pytest.raises(ValueError, match="objective.uniform_t=3.0 only apply to objective.loss: align_uniform, "
+                                         "but the loss is 'siglip'"):
+        tiny(SigLIP, objective={"uniform_t": 3.0})

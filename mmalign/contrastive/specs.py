@@ -147,6 +147,10 @@ class ObjectiveSpec:
             set_ = [f"{k}={getattr(self, k)}" for k, v in _ALIGN_UNIFORM_DEFAULTS.items() if getattr(self, k) != v]
             need(not set_, f"objective.{', objective.'.join(set_)} only apply to objective.loss: align_uniform, "
                            f"but the loss is {self.loss!r}; remove them or choose that loss.")
+        # only ClipLoss reads it: a SigLIP or align_uniform run would otherwise ignore it silently
+        need(self.loss in (None, "clip") or self.label_smoothing == 0,
+             f"objective.label_smoothing={self.label_smoothing} only applies to objective.loss: clip, but the "
+             f"loss is {self.loss!r}; remove it or choose that loss.")
         need(isinstance(self.accumulate_micro_batches, int) and self.accumulate_micro_batches >= 1,
              f"objective.accumulate_micro_batches must be an int >= 1 (1 = no feature cache), got "
              f"{self.accumulate_micro_batches!r}.")
