@@ -238,7 +238,8 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
         (in_tmp / "photos" / c).mkdir(parents=True)
         for i in range(3):
             Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(in_tmp / "photos" / c / f"{i}.jpg")
-    export = tiny().export_open_clip(str(in_tmp / "export"))
+    m = tiny()
+    export = m.export_open_clip(str(in_tmp / "export"))
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
                      "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY, "pretrained": export}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
@@ -249,7 +250,26 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
     cli.main(["zeroshot", "-c", "zs.yaml", "--out=zs", "--allow_random_weights=true"])
     report = json.loads((in_tmp / "zs" / "zeroshot.json").read_text())
     assert report["num_classes"] == 3 and report["classes"] == "image folder names"
-    assert set(report["per_class_top1"]) == {"red circle", "blue square", "green star"} and 0 <= report["top1"] <= 1
+    assert set(report["per_class_top1"]) == {"red circle", "blue square", "green star"}
+    # the same predictions by hand: prompt-averaged class embeddings, nearest class per image
+    import torch.nn.functional as F
+
+    from mmalign.evaluation.prompts import __file__ as prompts_py
+
+    templates = json.load(open(os.path.join(os.path.dirname(prompts_py), "..", "data", "prompts", "default.json")))
+    names = ["red circle", "blue square", "green star"]
+    m.model.eval()
+    with torch.no_grad():
+        weights = torch.stack([F.normalize(F.normalize(m.model.encode_text(m.preprocess.tokenizer(
+            [t.format(n) for t in templates["templates"]])), dim=-1).mean(0), dim=0) for n in names])
+        hits = {}
+        for c, n in zip(("red_circle", "blue_square", "green_star"), names):
+            images = torch.stack([m.preprocess.eval_transform(Image.open(in_tmp / "photos" / c / f"{i}.jpg").convert("RGB"))
+                                  for i in range(3)])
+            pred = (F.normalize(m.model.encode_image(images), dim=-1) @ weights.T).argmax(1)
+            hits[n] = (pred == names.index(n)).float().mean().item()
+    assert report["per_class_top1"] == pytest.approx(hits)
+    assert report["top1"] == pytest.approx(sum(hits.values()) / 3)  # 3 images per class
 
 
 TIMM_TOWER = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "timm_model_name": "resnet10t", "timm_model_pretrained": False,
