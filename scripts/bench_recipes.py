@@ -107,7 +107,8 @@ def _cached(rows: list, fn, **key) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=os.environ.get("MMALIGN_DATA", "data"), help="data root (shapes/ is generated)")
+    p.add_argument("--root", default=None, help="data root, shapes/ generated there if missing (default: $MMALIGN_DATA "
+                                                "or data; with --smoke: smoke_data/ beside --out, never the real one)")
     p.add_argument("--steps", type=int, default=276, help="steps per run (default: the config's 6 epochs of 46)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="the lr grid of every arm")
@@ -116,9 +117,11 @@ def main(argv=None) -> dict:
                                                         "checks the script end to end, decides nothing")
     a = p.parse_args(argv)
     tuning, report = TUNING_SEEDS, REPORT_SEEDS
+    if not a.smoke:
+        a.root = a.root or os.environ.get("MMALIGN_DATA", "data")
     if a.smoke:
         a.steps, a.batch, a.lrs = 2, 8, a.lrs[:1]
-        a.root = a.root if a.root != "data" else os.path.join(os.path.dirname(os.path.abspath(a.out)), "smoke_data")
+        a.root = a.root or os.path.join(os.path.dirname(os.path.abspath(a.out)), "smoke_data")
         tuning, report = TUNING_SEEDS[:1], REPORT_SEEDS[:2]
     rows: list = []
     if os.path.isfile(a.out):
