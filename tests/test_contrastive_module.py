@@ -128,11 +128,15 @@ class SGDSigLIP(SGDCLIP):
     default_loss = "siglip"
 
 
+class SGDAlignUniform(SGDCLIP):
+    default_loss = "align_uniform"
+
+
 def _fit_one_step(cls_name: str, k: int, batches: list[dict], world: int):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    cls = {"clip": SGDCLIP, "siglip": SGDSigLIP}[cls_name]
+    cls = {"clip": SGDCLIP, "siglip": SGDSigLIP, "align_uniform": SGDAlignUniform}[cls_name]
     model = tiny(cls, objective={"accumulate_micro_batches": k})
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -142,7 +146,9 @@ def _fit_one_step(cls_name: str, k: int, batches: list[dict], world: int):
     return {n: p.detach().numpy().copy() for n, p in model.model.named_parameters()}
 
 
-DDP_CASES = [("clip", 1), ("siglip", 1), ("clip", 2)]
+# align_uniform: its frozen logit scale must not stall DDP, and the uniformity over the global batch
+# must give the global step, directly and through the feature cache
+DDP_CASES = [("clip", 1), ("siglip", 1), ("clip", 2), ("align_uniform", 1), ("align_uniform", 2)]
 
 
 def _ddp_worker(rank, world, cases):
@@ -157,7 +163,7 @@ def _ddp_worker(rank, world, cases):
 @pytest.mark.distributed
 def test_ddp_step_equals_single_process_global_batch():
     """One real Lightning DDP step on 2 gloo processes equals the single-process step on the global
-    batch: CLIP, SigLIP (ring) and CLIP through the feature cache (k=2)."""
+    batch: CLIP, SigLIP (ring), CLIP through the feature cache (k=2), and align_uniform (k=1, 2)."""
     ddp = run_distributed(_ddp_worker, 2, (DDP_CASES,), timeout=300)
     for case, (cls_name, k) in enumerate(DDP_CASES):
         single = _fit_one_step(cls_name, k, [batch(8)], 1)
