@@ -12,11 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~15 tiny runs: minutes on a busy machine
 def test_smoke_run_keeps_held_out_out_of_tuning(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_recipes.py"), "--smoke",
-                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=2200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     runs = res["runs"]
