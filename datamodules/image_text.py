@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from mmalign.specs import coerce
@@ -17,7 +19,8 @@ class ImageTextDataModule(StreamingDataModule):
 
     Args:
         shards, stream, eval, generate, preprocess: See ``StreamingDataModule``.
-        caption: Where the caption is: ``txt`` or ``json:<field>`` (``CaptionSpec``).
+        caption: Where the caption is: ``txt`` or ``json:<field>``; ``augment``: EDA on training
+            captions (``CaptionSpec``, ``TextAugmentSpec``).
         image: Default transform size when the model supplies none (``ImageSpec``).
     """
 
@@ -33,6 +36,13 @@ class ImageTextDataModule(StreamingDataModule):
         self.caption_key, self.image_size = self.cfg.caption.key, self.cfg.image.size
         if self.caption_key != "txt":
             self.required = (IMAGE_EXTS, ("json",))
+        self.text_augment = None
+        aug = self.cfg.caption.augment
+        if aug is not None:  # the synonym file is read now: a bad one fails before any work
+            from .text_augment import TextAugment, load_synonyms
+
+            self.text_augment = TextAugment(aug.synonym, aug.insert, aug.swap, aug.delete, aug.prob,
+                                            load_synonyms(aug.synonyms, aug.builtin_synonyms))
 
     def _transform(self, train: bool):
         chosen = self.preprocess.train_transform if train else self.preprocess.eval_transform
@@ -55,6 +65,10 @@ class ImageTextDataModule(StreamingDataModule):
             text = str(value).strip()
         if not text:
             raise ValueError("empty caption")  # empty or whitespace only: skipped and counted
+        if train and self.text_augment is not None:
+            # the stream runs decode under python/torch RNGs seeded by (seed, epoch, reader, position):
+            # the same draw on a rerun or after resume, whatever the worker count of the process
+            text = self.text_augment(text, random.Random(random.getrandbits(64)))
         # a caption longer than the text tower's context is cut by the tokenizer (open_clip and HF truncate)
         return {"image": image, "text": text, "key": sample["__key__"], "meta": meta}
 

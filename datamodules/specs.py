@@ -222,14 +222,53 @@ class ImageSpec:
 
 
 @dataclass(frozen=True)
+class TextAugmentSpec:
+    """EDA augmentation of training captions (``datamodules.text_augment``; Wei and Zou 2019). Per
+    caption, with probability ``prob``, one enabled operation (rate > 0) is drawn and applied with its
+    rate; evaluation captions are never changed. Seeded per sample: reproducible, and resume-exact.
+
+    Args:
+        synonym: Rate of synonym replacement (EDA's alpha: round(alpha x words), at least 1, replaced).
+        insert: Rate of random insertion of a synonym of a caption word.
+        swap: Rate of random swaps of two words.
+        delete: Probability of deleting each word (one word always survives).
+        prob: Probability that a training caption is augmented at all.
+        synonyms: A JSON file ``{"word": ["synonym", ...]}`` merged over the built-in table.
+        builtin_synonyms: Start from the built-in table for the ``shapes`` captions' words.
+    """
+
+    synonym: float = 0.0
+    insert: float = 0.0
+    swap: float = 0.0
+    delete: float = 0.0
+    prob: float = 1.0
+    synonyms: str | None = None
+    builtin_synonyms: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("synonym", "insert", "swap", "delete", "prob"):
+            unit_interval(f"caption.augment.{name}", getattr(self, name), closed_top=True)
+        need(self.synonyms is None or (isinstance(self.synonyms, str) and self.synonyms.strip()),
+             f"caption.augment.synonyms must be a JSON file path or null, got {self.synonyms!r}.")
+        need(any(getattr(self, k) > 0 for k in ("synonym", "insert", "swap", "delete")),
+             "caption.augment: every rate (synonym, insert, swap, delete) is 0, so nothing would change; "
+             "set at least one, or remove caption.augment.")
+        need(self.builtin_synonyms or self.synonyms is not None or not (self.synonym or self.insert),
+             "caption.augment: synonym/insert need a synonym table; set caption.augment.synonyms or keep "
+             "builtin_synonyms: true.")
+
+
+@dataclass(frozen=True)
 class CaptionSpec:
-    """Where a sample's caption is.
+    """Where a sample's caption is, and how training captions are augmented.
 
     Args:
         key: ``txt`` for the ``.txt`` member, or ``json:<field>`` to take it from the json.
+        augment: EDA text augmentation of the training stream (``TextAugmentSpec``); null = none.
     """
 
     key: str = "txt"
+    augment: TextAugmentSpec | None = None
 
     def __post_init__(self) -> None:
         need(self.key == "txt" or (self.key.startswith("json:") and len(self.key) > 5),

@@ -132,18 +132,35 @@ def test_config_parses(name, in_tmp, capsys):
     assert exit_info.value.code in (0, None) and "class_path:" in out and "${" not in out
 
 
-def _run(case: Case, checkpoints: dict[str, str]):
+def _run(case: Case, checkpoints: dict[str, str], monkeypatch):
+    import lightning.pytorch as pl
+    import torch
+
+    before: dict = {}
+    real_fit = pl.Trainer.fit
+
+    def fit(self, model, *args, **kwargs):  # observes the model the CLI hands over; the fit itself is real
+        before.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return real_fit(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
     c = cli.main(_args(case, checkpoints))
     if case.command == "fit":
         assert c.trainer.global_step == 2
+        # the two steps trained something: a finite loss, and trainable weights that moved
+        loss = c.trainer.callback_metrics.get("train/loss")
+        assert loss is not None and torch.isfinite(loss), loss
+        moved = [n for n, p in c.model.named_parameters()
+                 if n in before and not torch.equal(p.detach().cpu(), before[n].cpu())]
+        assert before and moved, f"no trainable parameter changed in 2 steps (of {len(before)})"
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.smoke])
-def test_smoke_run_per_method(name, in_tmp, checkpoints):
-    _run(CASES[name], checkpoints)
+def test_smoke_run_per_method(name, in_tmp, checkpoints, monkeypatch):
+    _run(CASES[name], checkpoints, monkeypatch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.runs_here and not c.smoke])
-def test_every_config_runs_two_steps(name, in_tmp, checkpoints):
-    _run(CASES[name], checkpoints)
+def test_every_config_runs_two_steps(name, in_tmp, checkpoints, monkeypatch):
+    _run(CASES[name], checkpoints, monkeypatch)

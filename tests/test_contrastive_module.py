@@ -128,11 +128,15 @@ class SGDSigLIP(SGDCLIP):
     default_loss = "siglip"
 
 
+class SGDAlignUniform(SGDCLIP):
+    default_loss = "align_uniform"
+
+
 def _fit_one_step(cls_name: str, k: int, batches: list[dict], world: int):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    cls = {"clip": SGDCLIP, "siglip": SGDSigLIP}[cls_name]
+    cls = {"clip": SGDCLIP, "siglip": SGDSigLIP, "align_uniform": SGDAlignUniform}[cls_name]
     model = tiny(cls, objective={"accumulate_micro_batches": k})
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -142,7 +146,9 @@ def _fit_one_step(cls_name: str, k: int, batches: list[dict], world: int):
     return {n: p.detach().numpy().copy() for n, p in model.model.named_parameters()}
 
 
-DDP_CASES = [("clip", 1), ("siglip", 1), ("clip", 2)]
+# align_uniform: its frozen logit scale must not stall DDP, and the uniformity over the global batch
+# must give the global step, directly and through the feature cache
+DDP_CASES = [("clip", 1), ("siglip", 1), ("clip", 2), ("align_uniform", 1), ("align_uniform", 2)]
 
 
 def _ddp_worker(rank, world, cases):
@@ -157,7 +163,7 @@ def _ddp_worker(rank, world, cases):
 @pytest.mark.distributed
 def test_ddp_step_equals_single_process_global_batch():
     """One real Lightning DDP step on 2 gloo processes equals the single-process step on the global
-    batch: CLIP, SigLIP (ring) and CLIP through the feature cache (k=2)."""
+    batch: CLIP, SigLIP (ring), CLIP through the feature cache (k=2), and align_uniform (k=1, 2)."""
     ddp = run_distributed(_ddp_worker, 2, (DDP_CASES,), timeout=300)
     for case, (cls_name, k) in enumerate(DDP_CASES):
         single = _fit_one_step(cls_name, k, [batch(8)], 1)
@@ -238,7 +244,8 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
         (in_tmp / "photos" / c).mkdir(parents=True)
         for i in range(3):
             Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(in_tmp / "photos" / c / f"{i}.jpg")
-    export = tiny().export_open_clip(str(in_tmp / "export"))
+    m = tiny()
+    export = m.export_open_clip(str(in_tmp / "export"))
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
                      "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY, "pretrained": export}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
@@ -249,7 +256,26 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names(in_tmp):
     cli.main(["zeroshot", "-c", "zs.yaml", "--out=zs", "--allow_random_weights=true"])
     report = json.loads((in_tmp / "zs" / "zeroshot.json").read_text())
     assert report["num_classes"] == 3 and report["classes"] == "image folder names"
-    assert set(report["per_class_top1"]) == {"red circle", "blue square", "green star"} and 0 <= report["top1"] <= 1
+    assert set(report["per_class_top1"]) == {"red circle", "blue square", "green star"}
+    # the same predictions by hand: prompt-averaged class embeddings, nearest class per image
+    import torch.nn.functional as F
+
+    from mmalign.evaluation.prompts import __file__ as prompts_py
+
+    templates = json.load(open(os.path.join(os.path.dirname(prompts_py), "..", "data", "prompts", "default.json")))
+    names = ["red circle", "blue square", "green star"]
+    m.model.eval()
+    with torch.no_grad():
+        weights = torch.stack([F.normalize(F.normalize(m.model.encode_text(m.preprocess.tokenizer(
+            [t.format(n) for t in templates["templates"]])), dim=-1).mean(0), dim=0) for n in names])
+        hits = {}
+        for c, n in zip(("red_circle", "blue_square", "green_star"), names):
+            images = torch.stack([m.preprocess.eval_transform(Image.open(in_tmp / "photos" / c / f"{i}.jpg").convert("RGB"))
+                                  for i in range(3)])
+            pred = (F.normalize(m.model.encode_image(images), dim=-1) @ weights.T).argmax(1)
+            hits[n] = (pred == names.index(n)).float().mean().item()
+    assert report["per_class_top1"] == pytest.approx(hits)
+    assert report["top1"] == pytest.approx(sum(hits.values()) / 3)  # 3 images per class
 
 
 TIMM_TOWER = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "timm_model_name": "resnet10t", "timm_model_pretrained": False,

@@ -34,7 +34,22 @@ def test_sample_mode_compares_across_batch():
     # only if positions are permuted consistently; swapping two *images* in pred changes the sample matrices
     pred = y[[1, 0, 2, 3]]
     assert manifold_loss(pred, y, "sample") > 0.01
-    assert manifold_loss(y[:, torch.randperm(9)], y[:, torch.randperm(9)], "token") >= 0
+    # token mode: reordering the tokens of both sides the same way permutes both similarity matrices
+    # alike, so the (mean squared) difference is unchanged, and positive for different features
+    other, perm = torch.randn_like(y), torch.randperm(9)
+    before = manifold_loss(other, y, "token")
+    assert before > 0.01
+    torch.testing.assert_close(manifold_loss(other[:, perm], y[:, perm], "token"), before)
+
+
+def test_manifold_loss_by_hand():
+    # one image, two 2-D tokens. pred: (1,0), (0,1) -> cosines [[1, 0], [0, 1]];
+    # target: (1,0), (1,1) -> [[1, 1/sqrt2], [1/sqrt2, 1]]; squared differences 0, 1/2, 1/2, 0 -> mean 1/4
+    pred = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    assert float(manifold_loss(pred, target, "token")) == pytest.approx(0.25, abs=1e-6)
+    # sample mode: one sample per position, so every B x B matrix is [[1]] and the loss is 0
+    assert float(manifold_loss(pred, target, "sample")) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_upsampling_8_to_16_shapes():

@@ -114,7 +114,23 @@ def test_fit_and_evaluate_reports_all_metrics(spoken_root):
                 "wer", "cer", "onset_error_ms", "onset_baseline_ms", "alignment", "uniformity_speech",
                 "uniformity_text", "modality_gap"):
         assert f"val/{key}" in res, key
-    assert all(0.0 <= res[f"val/{k}"] <= 1.0 for k in ("speech2text_r1", "text2speech_r5"))
+    # the same recalls by hand over the val set: speech -> the deduplicated transcripts (one right);
+    # text -> all clips (a hit if ANY clip of that transcript is within the top k)
+    model.eval()
+    sp_emb, tx_emb, texts = [], [], []
+    with torch.no_grad():
+        for b in dm.val_dataloader():
+            _, sp, tx = model.losses(b, local_only=True)
+            sp_emb.append(sp["emb"]), tx_emb.append(tx["emb"]), texts.extend(b["text"])
+    sp_emb, tx_emb = torch.cat(sp_emb), torch.cat(tx_emb)
+    unique = sorted(set(texts))
+    gallery = torch.stack([tx_emb[texts.index(t)] for t in unique])
+    top1 = (sp_emb @ gallery.T).argmax(1).tolist()
+    s2t_r1 = sum(unique[j] == t for j, t in zip(top1, texts)) / len(texts)
+    top5 = (gallery @ sp_emb.T).topk(5, dim=1).indices.tolist()
+    t2s_r5 = sum(any(texts[j] == t for j in row) for row, t in zip(top5, unique)) / len(unique)
+    assert res["val/speech2text_r1"] == pytest.approx(s2t_r1, abs=1e-6)
+    assert res["val/text2speech_r5"] == pytest.approx(t2s_r5, abs=1e-6)
     assert res["val/speech2text_r10"] == 1.0  # fewer than 10 distinct transcripts: every one is "retrieved"
     assert res["val/onset_baseline_ms"] > 0 and np.isfinite(res["val/onset_error_ms"])
     # without a CTC head there is nothing to decode or align

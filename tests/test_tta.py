@@ -1,13 +1,14 @@
 """TTA methods: hand-computed TENT step, filter, CAFA, reset/episodic semantics, edge cases."""
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from mmalign.tta.cafa_stats import SourceStats, compute_source_stats, stats_path_for
-from mmalign.tta.losses import cafa_loss, crowd_filter_mask, filtered_entropy_loss, mahalanobis_sq, softmax_entropy
+from mmalign.tta.losses import cafa_loss, crowd_filter_mask, filtered_entropy_loss, mahalanobis_sq
 from mmalign.tta.methods import Norm, TTAConfig, TTAMethod, Tent, TentFilter, build_method
 from mmalign.tta.source import SplitClassifier, TimmClassifier
 from mmalign.tta.stream import run_stream
@@ -58,13 +59,14 @@ def test_filter_keeps_exactly_non_dropping_samples():
     p_adapt = torch.tensor([[0.7, 0.3], [0.4, 0.6], [0.5, 0.5], [0.2, 0.8]])
     # c_o = [0, 1, 0, 0]; p_adapt[c_o] = .7 .6 .5 .2 vs p_orig[c_o] = .6 .7 .5 .9
     assert crowd_filter_mask(p_adapt, p_orig).tolist() == [True, False, True, False]
-    logits = torch.randn(4, 2, requires_grad=True)
+    # softmax rows: [1/4, 3/4], (dropped), [1/2, 1/2], (dropped)
+    logits = torch.tensor([[0.0, math.log(3)], [5.0, -5.0], [1.0, 1.0], [-2.0, 3.0]], requires_grad=True)
     keep = torch.tensor([True, False, True, False])
     loss = filtered_entropy_loss(logits, keep, alpha=0.5)
-    kept = logits[keep].softmax(-1)
-    mean_p = kept.mean(0)
-    expected = softmax_entropy(logits[keep]).mean() + 0.5 * (mean_p * mean_p.log()).sum()
-    torch.testing.assert_close(loss, expected)
+    # mean entropy of the kept rows, minus 0.5 x the entropy of their mean prediction [3/8, 5/8]
+    h_kept = (-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)) + math.log(2)) / 2
+    expected = h_kept + 0.5 * (3 / 8 * math.log(3 / 8) + 5 / 8 * math.log(5 / 8))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert logits.grad[~keep].abs().sum() == 0  # dropped samples give no gradient
 
@@ -72,15 +74,20 @@ def test_filter_keeps_exactly_non_dropping_samples():
 def test_filter_whole_batch_diversity_reads_every_sample():
     """diversity="batch" (the public reimplementation): the mean prediction is the batch's, so the
     rejected samples get gradient from that term alone; with nothing kept the term still applies."""
-    logits = torch.randn(4, 3, requires_grad=True)
+    # softmax rows: [1/3, 1/3, 1/3], [1/2, 1/4, 1/4], [1/4, 1/2, 1/4], [1/8, 1/8, 3/4]
+    ln2 = math.log(2)
+    logits = torch.tensor([[0.0, 0.0, 0.0], [ln2, 0.0, 0.0], [0.0, ln2, 0.0], [0.0, 0.0, math.log(6)]],
+                          requires_grad=True)
     keep = torch.tensor([True, False, True, False])
     loss = filtered_entropy_loss(logits, keep, alpha=0.5, diversity="batch")
-    mean_p = logits.softmax(-1).mean(0)
-    torch.testing.assert_close(loss, softmax_entropy(logits[keep]).mean() + 0.5 * (mean_p * mean_p.log()).sum())
+    h_kept = (math.log(3) + 1.5 * ln2) / 2  # entropies of rows 0 and 2
+    mean_p = [(1 / 3 + 1 / 2 + 1 / 4 + 1 / 8) / 4, (1 / 3 + 1 / 4 + 1 / 2 + 1 / 8) / 4, (1 / 3 + 1 / 4 + 1 / 4 + 3 / 4) / 4]
+    neg_h_mean = sum(q * math.log(q) for q in mean_p)  # of the WHOLE batch's mean prediction
+    assert float(loss) == pytest.approx(h_kept + 0.5 * neg_h_mean, rel=1e-6)
     loss.backward()
     assert logits.grad[~keep].abs().sum() > 0
     none_kept = filtered_entropy_loss(logits.detach(), torch.zeros(4, dtype=torch.bool), alpha=0.5, diversity="batch")
-    torch.testing.assert_close(none_kept, 0.5 * (mean_p * mean_p.log()).sum().detach())
+    assert float(none_kept) == pytest.approx(0.5 * neg_h_mean, rel=1e-6)
     with pytest.raises(ValueError, match="diversity='kep'"):
         filtered_entropy_loss(logits, keep, diversity="kep")
 

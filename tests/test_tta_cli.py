@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 
 import lightning
@@ -41,7 +42,9 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp):
     assert res["updates"]["cafa"] == 4 and res["updates"]["source"] == 0
     assert res["throughput_vs_source"]["source"] == 1.0
     kept = res["filter_kept_fraction"]
-    assert set(kept) == {"tent_filter"} and 0.0 <= kept["tent_filter"] <= 1.0
+    # reset setting, 2 domains x 2 batches of 8: each domain's first batch meets an adapted model equal to
+    # the original, so all 8 are kept; a fraction of the 32 samples, at least 16 of them
+    assert set(kept) == {"tent_filter"} and (kept["tent_filter"] * 32) % 1 == 0 and kept["tent_filter"] >= 0.5
     assert os.path.getsize(in_tmp / "out" / "error_stream.png") > 1000
     rows = open(in_tmp / "out" / "errors.csv").read().splitlines()
     assert rows[0] == "method,round,domain,error_pct,entropy,n" and len(rows) == 1 + 3 * 2
@@ -87,12 +90,21 @@ def test_adapt_on_an_unlabelled_image_folder(in_tmp):
     res = json.load(open(in_tmp / "out" / "results.json"))
     assert res["labelled"] is False and res["error_by_round"] is None and res["domains"] == ["target"]
     ent = res["entropy_by_round"]
-    assert set(ent) == {"source", "tent", "tent_filter"} and all(0 < v[0] <= 2.31 for v in ent.values())  # <= ln 10
-    assert 0.0 <= res["filter_kept_fraction"]["tent_filter"] <= 1.0 and res["updates"]["tent"] == 3
+    assert set(ent) == {"source", "tent", "tent_filter"}
+    # 3 batches of 4, continual: the first batch is all kept (adapted == original) -> at least 4 of 12
+    kept = res["filter_kept_fraction"]["tent_filter"]
+    assert (kept * 12) % 1 == 0 and kept >= 4 / 12 and res["updates"]["tent"] == 3
     rows = [json.loads(x) for x in open(in_tmp / "out" / "predictions.jsonl")]
+    # each sample's entropy (nats) lies between -ln(max p) and h(max p) + (1 - max p) ln 9 (10 classes):
+    # the reported mean entropy must lie between the means of those bounds, read from the predictions
+    for m, v in ent.items():
+        conf = [r["confidence"] for r in rows if r["method"] == m]
+        lo = sum(-math.log(c) for c in conf) / len(conf)
+        hi = sum(-c * math.log(c) - (1 - c) * math.log(max(1 - c, 1e-12)) + (1 - c) * math.log(9) for c in conf) / len(conf)
+        assert lo - 1e-3 <= v[0] <= hi + 1e-3, (m, lo, v[0], hi)
     assert len(rows) == 12 * 3 and {r["method"] for r in rows} == {"source", "tent", "tent_filter"}
     assert {r["key"] for r in rows} == {f"{c}_{i}" for c in ("circle", "square") for i in range(6)}
-    assert all(0 <= r["pred"] < 10 and 0 < r["confidence"] <= 1 and "label" not in r for r in rows)
+    assert all(0 <= r["pred"] < 10 and 0.1 <= r["confidence"] <= 1 and "label" not in r for r in rows)  # max of 10
     assert os.path.isfile(in_tmp / "out" / "adapted_tent.ckpt") and os.path.isfile(in_tmp / "out" / "entropy_stream.png")
 
 
@@ -102,5 +114,6 @@ def test_adapt_on_a_labelled_image_folder_reports_errors(in_tmp):
     folder = _image_folder(in_tmp / "labelled", classes=("a", "b", "c"), per_class=4)
     cli.main(_target_args(ckpt, folder, "--out_dir=out2"))
     res = json.load(open(in_tmp / "out2" / "results.json"))
-    assert res["labelled"] is True and 0.0 <= res["error_by_round"]["source"][0] <= 100.0
+    err = res["error_by_round"]["source"][0]
+    assert res["labelled"] is True and abs(err * 12 / 100 - round(err * 12 / 100)) < 1e-6  # % of 12 samples
     assert not os.path.exists(in_tmp / "out2" / "predictions.jsonl")  # labelled: errors, no predictions by default

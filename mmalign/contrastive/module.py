@@ -25,7 +25,7 @@ from mmalign.training.spec_module import ClipsGradients, ReadsFlatCheckpoints
 
 from .specs import CLIP_OPTIM, ClipEvalSpec, ClipModelSpec, ContrastiveConfig, LockSpec, ObjectiveSpec
 
-LossName = Literal["clip", "siglip"]
+LossName = Literal["clip", "siglip", "align_uniform"]
 
 
 class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.LightningModule):
@@ -34,7 +34,7 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
     Args:
         model: open_clip architecture, starting weights, transforms (``specs.ClipModelSpec``).
         lock: Frozen towers and the text-feature cache (``specs.LockSpec``).
-        objective: CLIP / SigLIP loss, temperature, label smoothing, tiles, feature-cache
+        objective: CLIP / SigLIP / align_uniform loss, temperature, label smoothing, tiles, feature-cache
             accumulation (``specs.ObjectiveSpec``).
         optim: AdamW, warm-up, schedule (``mmalign.specs.OptimSpec``; default open_clip's recipe:
             lr 5e-4, weight decay 0.2, betas (0.9, 0.98), eps 1e-6, cosine).
@@ -90,12 +90,24 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
         from mmalign.models import compile_in_place
 
         compile_in_place(self.model, compile)
-        self.loss_fn = (ClipLoss(obj.label_smoothing, tile_size=obj.tile_size) if obj.loss == "clip"
-                        else SigLipLoss(obj.siglip_exchange, tile_size=obj.tile_size))
+        self.loss_fn = self._build_loss(obj)
+        if obj.loss == "align_uniform":
+            # no temperature in this loss: freeze the scale, or DDP would wait for its gradient forever
+            self.model.logit_scale.requires_grad_(False)
         self.automatic_optimization = obj.accumulate_micro_batches == 1
         self._zeroshot_path = cfg.eval.zeroshot_classes  # read at the first evaluation: the data may not exist yet
         self._zeroshot_spec = None
         self._zeroshot_weights = None
+
+    @staticmethod
+    def _build_loss(obj: ObjectiveSpec):
+        if obj.loss == "clip":
+            return ClipLoss(obj.label_smoothing, tile_size=obj.tile_size)
+        if obj.loss == "siglip":
+            return SigLipLoss(obj.siglip_exchange, tile_size=obj.tile_size)
+        from mmalign.losses.align_uniform import AlignUniformLoss
+
+        return AlignUniformLoss(obj.align_alpha, obj.uniform_t, obj.uniform_weight)
 
     def _load_image_tower(self, path: str) -> None:
         from mmalign.models.weights import load_weights, read_state_dict
@@ -156,6 +168,8 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
         return out[0], out[1]
 
     def contrastive_loss(self, image_features, text_features, local_only: bool = False) -> torch.Tensor:
+        if self.cfg.objective.loss == "align_uniform":  # no temperature: the logit scale is unused
+            return self.loss_fn(image_features, text_features, local_only=local_only)
         scale = self.model.logit_scale.exp()
         if self.cfg.objective.loss == "clip":
             return self.loss_fn(image_features, text_features, scale, local_only=local_only)
@@ -176,7 +190,8 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
         else:
             loss = self._feature_cache_step(images, tokens, k)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(images))
-        self.log("train/logit_scale", self.model.logit_scale.detach().exp().mean(), batch_size=len(images))
+        if self.cfg.objective.loss != "align_uniform":  # it leaves the scale at its initial value
+            self.log("train/logit_scale", self.model.logit_scale.detach().exp().mean(), batch_size=len(images))
         if getattr(self.model, "logit_bias", None) is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach().mean(), batch_size=len(images))
         return loss if k == 1 else None

@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 from mmalign.specs import OptimSpec, coerce, need, one_of, positive, replace, unit_interval
 
-LOSSES = ("clip", "siglip")
+LOSSES = ("clip", "siglip", "align_uniform")
 EXCHANGES = ("ring", "gather")
+#: the paper's values (Wang and Isola): alpha 2, t 2, lambda 1
+_ALIGN_UNIFORM_DEFAULTS = {"align_alpha": 2.0, "uniform_t": 2.0, "uniform_weight": 1.0}
 
 #: open_clip's CLIP recipe: AdamW(0.9, 0.98, eps 1e-6), weight decay 0.2 on matrices, cosine decay
 CLIP_OPTIM = OptimSpec(lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
@@ -92,9 +94,11 @@ class ObjectiveSpec:
     """The contrastive loss, its temperature (and SigLIP bias), and how a batch is stepped.
 
     Args:
-        loss: ``clip`` (softmax InfoNCE) or ``siglip`` (pairwise sigmoid); null = the class's own
-            (``CLIP``: clip, ``SigLIP``: siglip; ``ContrastiveModule``: clip). Checkpoints record the
-            resolved name.
+        loss: ``clip`` (softmax InfoNCE), ``siglip`` (pairwise sigmoid) or ``align_uniform``
+            (alignment + uniformity, Wang and Isola; ``mmalign.losses.align_uniform``: it has no
+            temperature, so the logit scale is unused and keeps its initial value); null = the class's
+            own (``CLIP``: clip, ``SigLIP``: siglip; ``ContrastiveModule``: clip). Checkpoints record
+            the resolved name.
         siglip_exchange: ``ring`` (neighbour exchange, B x B memory) or ``gather`` (B x N).
         label_smoothing: CLIP loss label smoothing (the improved-CLIP recipe uses 0.1).
         tile_size: null builds the full logit matrix (B x N for CLIP, B x B blocks for the SigLIP
@@ -104,18 +108,24 @@ class ObjectiveSpec:
         init_logit_scale: Initial log scale (default: log(1/0.07) for CLIP, log 10 for SigLIP).
         init_logit_bias: Initial SigLIP bias (default -10).
         max_logit_scale: The scale is clamped to at most this after every optimizer step.
+        align_alpha: ``align_uniform``: exponent of the positive-pair distance ``E ||f - g||^alpha`` (2).
+        uniform_t: ``align_uniform``: temperature of ``log E exp(-t ||f(x) - f(x')||^2)`` (2).
+        uniform_weight: ``align_uniform``: weight of the mean image/text uniformity (1).
         accumulate_micro_batches: k > 1 splits each batch into k micro-batches processed one at a time
             through a feature cache: memory of one micro-batch, gradients (and negatives) of the whole
             batch. Plain ``trainer.accumulate_grad_batches`` would NOT add negatives.
     """
 
-    loss: Literal["clip", "siglip"] | None = None
+    loss: Literal["clip", "siglip", "align_uniform"] | None = None
     siglip_exchange: Literal["ring", "gather"] = "ring"
     label_smoothing: float = 0.0
     tile_size: int | None = None
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
     max_logit_scale: float = 100.0
+    align_alpha: float = 2.0
+    uniform_t: float = 2.0
+    uniform_weight: float = 1.0
     accumulate_micro_batches: int = 1
 
     def __post_init__(self) -> None:
@@ -127,6 +137,20 @@ class ObjectiveSpec:
         unit_interval("objective.label_smoothing", self.label_smoothing)
         check_tile_size(self.tile_size, "ContrastiveModule", "objective.tile_size")
         positive("objective.max_logit_scale", self.max_logit_scale)
+        positive("objective.align_alpha", self.align_alpha)
+        positive("objective.uniform_t", self.uniform_t)
+        positive("objective.uniform_weight", self.uniform_weight, zero=True)
+        if self.loss == "align_uniform":
+            need(self.tile_size is None, f"objective.tile_size={self.tile_size} has no align_uniform version "
+                                         "(its memory is B x N per rank already); leave it null.")
+        elif self.loss is not None:
+            set_ = [f"{k}={getattr(self, k)}" for k, v in _ALIGN_UNIFORM_DEFAULTS.items() if getattr(self, k) != v]
+            need(not set_, f"objective.{', objective.'.join(set_)} only apply to objective.loss: align_uniform, "
+                           f"but the loss is {self.loss!r}; remove them or choose that loss.")
+        # only ClipLoss reads it: a SigLIP or align_uniform run would otherwise ignore it silently
+        need(self.loss in (None, "clip") or self.label_smoothing == 0,
+             f"objective.label_smoothing={self.label_smoothing} only applies to objective.loss: clip, but the "
+             f"loss is {self.loss!r}; remove it or choose that loss.")
         need(isinstance(self.accumulate_micro_batches, int) and self.accumulate_micro_batches >= 1,
              f"objective.accumulate_micro_batches must be an int >= 1 (1 = no feature cache), got "
              f"{self.accumulate_micro_batches!r}.")

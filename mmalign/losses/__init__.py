@@ -2,6 +2,8 @@
 
 - ``mmalign.losses.contrastive``: CLIP (softmax InfoNCE) and SigLIP (pairwise sigmoid) image-text
   losses, exact under multi-process training, plus the learnable logit scale/bias helpers.
+- ``mmalign.losses.align_uniform``: alignment + uniformity (Wang and Isola), the same exactness across
+  processes (uniformity over the global batch).
 - ``mmalign.losses.tiled``: the same two losses computed in tiles recomputed in backward
   (``ClipLoss(tile_size=...)``/``SigLipLoss(tile_size=...)``), memory flat in the batch size.
 - ``mmalign.contrastive.feature_cache``: gradient accumulation that keeps every micro-batch's negatives.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "AlignUniformLoss": "mmalign.losses.align_uniform",
     "ClipLoss": "mmalign.losses.contrastive",
     "SigLipLoss": "mmalign.losses.contrastive",
     "tiled_clip_loss": "mmalign.losses.tiled",
