@@ -239,8 +239,10 @@ def _moved_option(class_path: str, name: str) -> str | None:
     """An option of an older config that now lives in a group (``lr`` -> ``optim.lr``)."""
     from mmalign.specs import moved_option_hint
 
+    if "." in name:  # already inside a group: a typo of that group's field, not an old flat option
+        return None
     cls = _import_class(class_path)
-    return None if cls is None else moved_option_hint(cls, name.split(".")[-1])
+    return None if cls is None else moved_option_hint(cls, name)
 
 
 def _close_options(class_path: str, name: str) -> str:
