@@ -292,7 +292,7 @@ def summarise(runs: list[dict], claims=None) -> tuple[str, dict]:
     seen = compare([r["mmalign"]["val"] for r in runs], [r["open_clip"]["val"] for r in runs], paired=True)
     lines.append(f"mmalign / open_clip wall time: {ratio.mean:.3f}"
                  + (f" ± {ratio.half_width:.3f}" if not math.isnan(ratio.half_width) else "")
-                 + f" (per seed {', '.join(f'{r['time_ratio']:.3f}' for r in runs)})")
+                 + " (per seed " + ", ".join(f"{r['time_ratio']:.3f}" for r in runs) + ")")
     lines.append(f"zero-shot, mmalign vs open_clip (paired by seed): held-out {held.verdict()}, seen {seen.verdict()}")
     if claims is not None:
         claims.target(f"[{arm}] fit wall time <= 0.8x open_clip_train's", [r["time_ratio"] for r in runs], 0.8, "lower")

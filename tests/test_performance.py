@@ -1,0 +1,67 @@
+"""Start-up and per-step overhead: what the CLI imports, the NaN guard's host reads, cached shard indexes."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmalign import cli
+from mmalign.classify import ImageClassifier
+from mmalign.training.callbacks import NaNGuard, NonFiniteLossError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs/classify/digits.yaml")
+QUICK = ["--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0",
+         "--data.init_args.stream.num_workers=0", "--trainer.enable_model_summary=false"]
+
+
+def test_import_and_help_do_not_import_lightning():
+    code = ("import sys\nimport mmalign.cli as c\nprint('AFTER_IMPORT', sorted(m for m in ('lightning', 'torch') "
+            "if m in sys.modules))\ntry:\n    c.main(['--help'])\nexcept SystemExit as e:\n    print('EXIT', e.code)\n"
+            "print('AFTER_HELP', sorted(m for m in ('lightning', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "AFTER_IMPORT []" in out.stdout and "AFTER_HELP []" in out.stdout and "EXIT 0" in out.stdout, \
+        out.stdout[-800:] + out.stderr[-2000:]
+    # the help still names every subcommand with its docstring's first line
+    assert "zeroshot" in out.stdout and "Zero-shot classification" in out.stdout
+    assert "precompute_teacher" in out.stdout and "fit" in out.stdout
+
+
+def test_lightning_subcommands_listed_without_lightning_match_lightning():
+    from lightning.pytorch.cli import LightningCLI
+
+    assert set(cli.LIGHTNING_SUBCOMMANDS) == set(LightningCLI.subcommands())
+    assert cli.MMAlignCLI is cli._cli_classes()[0]  # the lazily built class is still reachable by name
+
+
+def test_nan_guard_refuses_a_zero_interval():
+    with pytest.raises(ValueError, match="check_every_n_steps=0"):
+        NaNGuard(0)
+
+
+class NaNAfterTwo(ImageClassifier):  # the digits classifier with a NaN loss from global step 2 on
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 2 else loss
+
+
+def test_deferred_nan_guard_reads_before_every_checkpoint(in_tmp):
+    """Read every 5 steps (as on an accelerator): the NaN of step 2 is found before the checkpoint of
+    step 3 is written, named with its step, and the last checkpoint on disk is the finite one of step 2."""
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at global step 2.*before writing a checkpoint"):
+        cli.main(["fit", "-c", DIGITS, "--model.class_path=tests.test_performance.NaNAfterTwo", "--trainer.max_steps=8",
+                  "--checkpoint.every_n_train_steps=1", "--nan_check_every_n_steps=5", *QUICK])
+    [last] = glob.glob("runs/mmalign/version_*/checkpoints/last.ckpt")
+    ck = torch.load(last, weights_only=False)
+    assert ck["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+
+
+def test_deferred_nan_guard_reads_at_its_interval(in_tmp):
+    """No checkpoint in between: the periodic read at step 5 stops the run, not the end of training."""
+    with pytest.raises(NonFiniteLossError, match="global step 2.*at the periodic check \\(step 5\\)"):
+        cli.main(["fit", "-c", DIGITS, "--model.class_path=tests.test_performance.NaNAfterTwo", "--trainer.max_steps=9",
+                  "--checkpoint.every_n_train_steps=100", "--nan_check_every_n_steps=5", *QUICK])
