@@ -126,6 +126,24 @@ def _trainer_defaults() -> dict[str, Any]:
     }
 
 
+def set_threads(threads: int | None, interop: int | None) -> None:
+    """Apply ``--torch_threads`` / ``--torch_interop_threads`` before any model is built (torch accepts
+    the inter-op count only before its first parallel work)."""
+    import torch
+
+    for name, value in (("--torch_threads", threads), ("--torch_interop_threads", interop)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name}={value}: give a thread count >= 1, or leave it out for torch's default.")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if interop is not None and interop != torch.get_num_interop_threads():
+        try:
+            torch.set_num_interop_threads(interop)
+        except RuntimeError as exc:
+            raise ValueError(f"--torch_interop_threads={interop}: torch refused it ({exc}); it can only be set "
+                             "before torch's first parallel work (use OMP_NUM_THREADS-style env settings instead).")
+
+
 @functools.cache
 def _cli_classes() -> tuple[type, type]:
     """``(MMAlignCLI, ConciseArgumentParser)``, built on first use so that importing this module
@@ -160,6 +178,10 @@ def _cli_classes() -> tuple[type, type]:
             parser.add_argument("--nan_check_every_n_steps", type=Optional[int], default=None,
                                 help="read the loss's finiteness every N steps (default: every step on CPU, every "
                                      "trainer.log_every_n_steps steps on an accelerator, where a read is a device sync)")
+            parser.add_argument("--torch_threads", type=Optional[int], default=None,
+                                help="torch.set_num_threads for the training process (default: torch's, one per core)")
+            parser.add_argument("--torch_interop_threads", type=Optional[int], default=None,
+                                help="torch.set_num_interop_threads (default: torch's)")
             # Models hand their transforms/tokenizer to the datamodule.
             parser.link_arguments("model.preprocess", "data.init_args.preprocess", apply_on="instantiate")
 
@@ -195,6 +217,10 @@ def _cli_classes() -> tuple[type, type]:
             if sub in _SCORING or getattr(_SUBCOMMANDS.get(sub), "needs_weights", False):
                 require_weights(self.config, bool(self._resume))
             allow_weight_packages(self._get(self.config, "weight_packages") or [])
+            try:
+                set_threads(self._get(self.config, "torch_threads"), self._get(self.config, "torch_interop_threads"))
+            except ValueError as exc:
+                self.parser.error(str(exc))
             prepare_run_dirs(self.config, self._resume, getattr(_SUBCOMMANDS.get(sub), "outputs", None))
             if self._resume and sub:
                 self.config[sub].ckpt_path = self._resume["path"]

@@ -65,3 +65,26 @@ def test_deferred_nan_guard_reads_at_its_interval(in_tmp):
     with pytest.raises(NonFiniteLossError, match="global step 2.*at the periodic check \\(step 5\\)"):
         cli.main(["fit", "-c", DIGITS, "--model.class_path=tests.test_performance.NaNAfterTwo", "--trainer.max_steps=9",
                   "--checkpoint.every_n_train_steps=100", "--nan_check_every_n_steps=5", *QUICK])
+
+
+def test_channels_last_tower_computes_the_same_features():
+    from tests.test_contrastive_module import batch, tiny
+
+    plain, fast = tiny(), tiny(model={"channels_last": True})
+    conv = fast.model.visual.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    b = batch(n=4)
+    for a, c in zip(plain.encode(b["image"], b["tokens"]), fast.encode(b["image"], b["tokens"])):
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+
+
+def test_thread_options_are_applied_and_checked(in_tmp, capsys):
+    before = torch.get_num_threads()
+    try:
+        cli.main(["-c", DIGITS, "--torch_threads=1", "--trainer.max_steps=1", *QUICK], run=False)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        cli.main(["-c", DIGITS, "--torch_threads=0", *QUICK], run=False)
+    assert "torch_threads=0: give a thread count >= 1" in capsys.readouterr().err
