@@ -88,3 +88,36 @@ def test_thread_options_are_applied_and_checked(in_tmp, capsys):
     with pytest.raises(SystemExit):
         cli.main(["-c", DIGITS, "--torch_threads=0", *QUICK], run=False)
     assert "torch_threads=0: give a thread count >= 1" in capsys.readouterr().err
+
+
+def _write_shard(path, n):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as t:
+        for i in range(n):
+            for ext, data in (("txt", b"a caption"), ("cls", str(i).encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+def test_shard_index_is_cached_beside_the_shards_and_rescanned_when_changed(tmp_path, monkeypatch):
+    from datamodules import shards
+
+    shard = str(tmp_path / "a.tar")
+    _write_shard(shard, 3)
+    first = shards.index_shard(shard, ("cls",), (("txt",),))
+    assert first.num_samples == 3 and first.texts["s002"] == {"cls": "2"}
+    assert (tmp_path / ".mmalign-index" / "a.tar.json").is_file()
+
+    def no_scan(*args):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(shards, "_scan_tar", no_scan)
+    assert shards.index_shard(shard, ("cls",), (("txt",),)) == first  # served from the cache
+    with pytest.raises(AssertionError, match="scanned again"):  # other members asked for: a fresh scan
+        shards.index_shard(shard, (), (("txt",),))
+    monkeypatch.undo()
+    _write_shard(shard, 5)  # rewritten: size (and mtime) differ
+    assert shards.index_shard(shard, ("cls",), (("txt",),)).num_samples == 5
