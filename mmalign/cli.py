@@ -238,16 +238,17 @@ def _cli_classes() -> tuple[type, type]:
                 raise
 
         def instantiate_trainer(self, **kwargs: Any):
-            from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+            from lightning.pytorch.callbacks import ProgressBar
 
-            from mmalign.training.callbacks import DataHealthMonitor, NaNGuard, PredictionWriter, ResumeOverrides
+            from mmalign.training.callbacks import (DataHealthMonitor, NaNGuard, PredictionWriter, ResumeOverrides,
+                                                    SyncFreeRichProgressBar)
 
             config = self._get(self.config_init, "trainer", default={})
             extra = [NaNGuard(self._get(self.config, "nan_check_every_n_steps")), DataHealthMonitor(), ResumeOverrides(),
                      PredictionWriter()]
             given = config.get("callbacks") or []
             if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
-                extra.append(RichProgressBar(leave=True))
+                extra.append(SyncFreeRichProgressBar(leave=True))
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": extra}
             return super().instantiate_trainer(**kwargs)
 

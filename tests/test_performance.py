@@ -121,3 +121,29 @@ def test_shard_index_is_cached_beside_the_shards_and_rescanned_when_changed(tmp_
     monkeypatch.undo()
     _write_shard(shard, 5)  # rewritten: size (and mtime) differ
     assert shards.index_shard(shard, ("cls",), (("txt",),)).num_samples == 5
+
+
+def test_progress_bar_reads_logged_metrics_only_every_n_steps(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from mmalign.training.callbacks import SyncFreeRichProgressBar
+
+    class Logs(BoringModel):
+        def training_step(self, batch, batch_idx):
+            self.log("seen", float(self.global_step), prog_bar=True)
+            return super().training_step(batch, batch_idx)
+
+    class Recorder(SyncFreeRichProgressBar):
+        shown = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.shown.append(self.get_metrics(trainer, pl_module)["seen"])
+
+    bar = Recorder(metrics_every_n_steps=3)
+    trainer = pl.Trainer(max_steps=7, callbacks=[bar], logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(Logs())
+    # read at steps 1 (first), 3 and 6: the value logged in the step before each read
+    assert bar.shown == [0.0, 0.0, 2.0, 2.0, 2.0, 5.0, 5.0]

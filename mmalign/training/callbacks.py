@@ -318,3 +318,26 @@ def _rows(prediction) -> list[dict]:
         return [values]
     n = lengths.pop()
     return [{k: (v[i] if isinstance(v, list) else v) for k, v in values.items()} for i in range(n)]
+
+
+class SyncFreeRichProgressBar(pl.callbacks.RichProgressBar):
+    """The rich progress bar, reading the logged metrics every ``metrics_every_n_steps`` training steps
+    instead of every batch: each read turns the logged tensors into floats, a host-device sync on an
+    accelerator. ``None`` (default): every step on the CPU (no sync there), every
+    ``trainer.log_every_n_steps`` steps otherwise. Validation and epoch ends always read fresh values."""
+
+    def __init__(self, metrics_every_n_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if metrics_every_n_steps is not None and metrics_every_n_steps < 1:
+            raise ValueError(f"metrics_every_n_steps={metrics_every_n_steps}: give a step count >= 1 or None.")
+        self.metrics_every_n_steps = metrics_every_n_steps
+        self._cached: tuple[int, dict] | None = None  # (global step read at, metrics)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        every = self.metrics_every_n_steps or (1 if pl_module.device.type == "cpu" else max(1, trainer.log_every_n_steps))
+        step = trainer.global_step
+        fresh = (not trainer.training or not self._cached or not self._cached[1] or every == 1 or step % every == 0
+                 or step - self._cached[0] >= every)
+        if fresh:
+            self._cached = (step, super().get_metrics(trainer, pl_module))
+        return self._cached[1]
