@@ -126,7 +126,7 @@ def _plain_loop(model, batches, warmup: int, lr: float, weight_decay: float, war
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
         if i % 10 == 0:
-            float(loss)
+            float(loss.detach())
     return _mean_step(stamps, warmup)
 
 

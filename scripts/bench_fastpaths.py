@@ -75,7 +75,7 @@ def _steps(m, ctx, batches, arm: str) -> tuple[float, float]:
             if sched is not None:
                 sched.step()
             m._clamp_scale()
-        return (time.perf_counter() - t0) / len(batches), float(loss)
+        return (time.perf_counter() - t0) / len(batches), float(loss.detach())
     finally:
         torch.set_num_threads(threads)
 

@@ -4,6 +4,7 @@
     python scripts/profile_fit.py --steps 60 --workers 0  # decode inside the training process (visible)
     python scripts/profile_fit.py --cprofile              # also a cProfile of the steps (top functions)
     python scripts/profile_fit.py -- --trainer.precision=bf16-mixed   # any CLI option after --
+    python scripts/profile_fit.py --code /path/to/main-checkout --out before.json   # another tree's code
 
 The script re-runs itself as a child process (so the interpreter's start and exit are measured from
 outside) that stamps every phase of one ``fit``:
@@ -219,6 +220,8 @@ def main() -> None:
     p.add_argument("--out", default="outputs/profile/fit.json")
     p.add_argument("--cprofile", action="store_true", help="also profile fit with cProfile (slows every step)")
     p.add_argument("--cprofile-top", type=int, default=30)
+    p.add_argument("--code", default=ROOT, help="the mmalign tree to profile, first on the child's PYTHONPATH "
+                                                "(e.g. a checkout of main, for a before/after pair)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="CLI options for fit, after --")
     a = p.parse_args()
@@ -227,7 +230,8 @@ def main() -> None:
     if a.child:
         print("PROFILE_JSON " + json.dumps(child(a)), flush=True)
         return
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([os.path.abspath(a.code), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     t_launch = time.time()
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *sys.argv[1:]], env=env, cwd=os.getcwd(),
                           stdout=subprocess.PIPE, text=True)
