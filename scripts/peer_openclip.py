@@ -200,9 +200,10 @@ def _zeroshot(weights_arg: list[str], model_args: list[str], data_root: str, spl
 
 
 def _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, tag, epochs, steps_per_epoch,
-          max_steps, arm, order) -> dict:
-    """One mmalign run and one open_clip run of ``epochs`` x ``steps_per_epoch`` steps (mmalign stopped at
-    ``max_steps`` when given); wall times and the checked step counts."""
+          short, arm, order) -> dict:
+    """One mmalign run and one open_clip run of ``epochs`` x ``steps_per_epoch`` steps; wall times and the
+    checked step counts. ``short``: both run WHOLE epochs of ``steps_per_epoch`` batches (mmalign through
+    ``shards.samples_per_epoch``), so neither pays for stopping its loader workers mid-epoch."""
     mm_prec, oc_prec = ARMS[arm]
     mm_dir, oc_dir = os.path.join(workdir, f"mmalign-{tag}"), os.path.join(workdir, f"openclip-{tag}")
     # a rerun in the same workdir starts clean: open_clip refuses an existing run name, and mmalign
@@ -211,14 +212,15 @@ def _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, tag
         shutil.rmtree(stale, ignore_errors=True)
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
-        mm_cmd = mmalign_command(config, seed, workers, mm_dir, epochs=epochs, max_steps=max_steps, precision=mm_prec)
+        cap = (f"--data.init_args.shards.samples_per_epoch={steps_per_epoch * rec['batch']}",) if short else ()
+        mm_cmd = mmalign_command(config, seed, workers, mm_dir, epochs=epochs, precision=mm_prec, extra=cap)
         oc_cmd = openclip_command(rec, data_root, seed, workers, oc_dir, tmp, epochs, steps_per_epoch, oc_prec)
         for who in order:
             if who == "mmalign":
                 seconds[who] = _run(mm_cmd, env, workdir, mm_dir + ".log")
             else:
                 seconds[who] = _run(oc_cmd, oc_env, workdir, oc_dir + ".log")
-    expected = max_steps or epochs * steps_per_epoch
+    expected = epochs * steps_per_epoch
     mm, oc = mmalign_steps(mm_dir), openclip_steps(oc_dir, oc_dir + ".log", epochs, rec["batch"])
     check_equal_work(mm, oc, expected)
     return {"steps": expected, "seconds": seconds, "mmalign_counts": mm, "open_clip_counts": oc}
@@ -241,15 +243,15 @@ def peer_run(config: str, data_root: str, deps: str, seed: int, workers: int, th
     # alternate which runs first, so a slow drift of the machine's load does not favour one side
     order = ["mmalign", "open_clip"] if seed % 2 == 0 else ["open_clip", "mmalign"]
     long = _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, f"{arm}-{seed}", epochs, spe,
-                 None, arm, order)
+                 False, arm, order)
     row = {"seed": seed, "arm": arm, "steps": long["steps"], "batch": rec["batch"], "epochs": epochs,
            "workers": workers, "threads": threads, "order": order}
     short = None
     if short_steps:
-        # open_clip: one epoch of short_steps batches (a multiple of the workers); mmalign: max_steps
+        # both: one whole epoch of n batches (n a multiple of the workers, as open_clip rounds up to one)
         n = max(workers, short_steps - short_steps % max(1, workers))
         short = _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, f"{arm}-{seed}-short", 1, n,
-                      n, arm, order[::-1])
+                      True, arm, order[::-1])
     net = rec["model"]
     model_args = [f"--model.init_args.model.name={net['name']}"] + (
         [f"--model.init_args.model.cfg={json.dumps(net['cfg'])}"] if net.get("cfg") else [])

@@ -113,9 +113,16 @@ def wrap(target: str, counter: Counter) -> bool:
     return True
 
 
+def _exit_stamp(label: str) -> None:
+    print(f"PROFILE_EXIT {label} {time.time()!r}", flush=True)
+
+
 def child(a) -> dict:
     """One fit in this process, every phase stamped."""
+    import atexit
+
     t_start = time.time()
+    atexit.register(_exit_stamp, "atexit_end")  # registered first, runs last: after every other handler
     stamps = {}
     for name in IMPORTS:
         t0 = time.perf_counter()
@@ -186,6 +193,7 @@ def child(a) -> dict:
         s = io.StringIO()
         pstats.Stats(profiler, stream=s).sort_stats("cumulative").print_stats(a.cprofile_top)
         result["cprofile"] = s.getvalue()
+    atexit.register(_exit_stamp, "atexit_start")  # registered last, runs first
     result["child_end"] = time.time()
     return result
 
@@ -200,6 +208,8 @@ def table(r: dict) -> str:
     lines.append(f"{'fixed cost (sum of the above)':<34}{r['fixed_s']:>10.3f}")
     lines.append(f"{'steps (' + str(r['steps'] - 1) + ' after the first)':<34}{ph['steps']:>10.3f}")
     lines.append(f"{'whole process':<34}{r['wall_s']:>10.3f}")
+    for k, v in r.get("exit_detail", {}).items():
+        lines.append(f"{'  exit: ' + k:<34}{v:>10.3f}")
     lines += ["", f"{'inside the fixed cost':<34}{'calls':>8}{'seconds':>10}"]
     for k, v in r["setup"].items():
         lines.append(f"{k:<34}{v['calls']:>8}{v['seconds']:>10.3f}" + ("" if v["found"] else "  (probe absent)"))
@@ -243,6 +253,10 @@ def main() -> None:
     r = json.loads(lines[-1][len("PROFILE_JSON "):])
     r["phases"]["interpreter"] = r["child_start"] - t_launch
     r["phases"]["exit"] = t_end - r["child_end"]
+    stamps = dict(ln.split()[1:] for ln in proc.stdout.splitlines() if ln.startswith("PROFILE_EXIT "))
+    if len(stamps) == 2:  # exit = the atexit handlers (loggers, loader workers, ...) + interpreter teardown
+        r["exit_detail"] = {"atexit handlers": float(stamps["atexit_end"]) - float(stamps["atexit_start"]),
+                            "interpreter teardown": t_end - float(stamps["atexit_end"])}
     r["wall_s"] = t_end - t_launch
     r["fixed_s"] = r["wall_s"] - r["phases"]["steps"]
     r["other_s_per_step"] = r["step_s"] - sum(v["s_per_step"] for v in r["per_step"].values())
