@@ -232,6 +232,8 @@ def main() -> None:
     p.add_argument("--cprofile-top", type=int, default=30)
     p.add_argument("--code", default=ROOT, help="the mmalign tree to profile, first on the child's PYTHONPATH "
                                                 "(e.g. a checkout of main, for a before/after pair)")
+    p.add_argument("--full-exit", action="store_true", help="end with the interpreter's full teardown instead of "
+                                                             "mmalign.cli.exit_fast (as before it existed)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="CLI options for fit, after --")
     a = p.parse_args()
@@ -239,6 +241,12 @@ def main() -> None:
         p.error(f"--steps {a.steps}: need at least 3 (a first step and two to average)")
     if a.child:
         print("PROFILE_JSON " + json.dumps(child(a)), flush=True)
+        if not a.full_exit:  # end as `python -m mmalign` does (a tree from before exit_fast has none)
+            try:
+                from mmalign.cli import exit_fast
+            except ImportError:
+                return
+            exit_fast(0)
         return
     path = os.pathsep.join([os.path.abspath(a.code), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}

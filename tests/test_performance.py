@@ -147,3 +147,18 @@ def test_progress_bar_reads_logged_metrics_only_every_n_steps(tmp_path):
     trainer.fit(Logs())
     # read at steps 1 (first), 3 and 6: the value logged in the step before each read
     assert bar.shown == [0.0, 0.0, 2.0, 2.0, 2.0, 5.0, 5.0]
+
+
+def test_a_finished_command_exits_zero_after_atexit_handlers_and_writes_its_files(in_tmp):
+    """``python -m mmalign`` skips the interpreter's teardown (``exit_fast``): the exit status, the run's
+    files and the atexit handlers must survive that."""
+    code = ("import atexit, runpy, sys\natexit.register(lambda: open('atexit-ran', 'w').write('yes'))\n"
+            f"sys.argv = ['mmalign', 'fit', '-c', {DIGITS!r}, '--trainer.max_steps=2', *{QUICK!r}]\n"
+            "runpy.run_module('mmalign', run_name='__main__')\nprint('NOT REACHED')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NOT REACHED" not in out.stdout  # the process ended in exit_fast
+    assert (in_tmp / "atexit-ran").read_text() == "yes"
+    [metrics] = glob.glob("runs/mmalign/version_*/metrics.csv")
+    assert glob.glob("runs/mmalign/version_*/checkpoints/last.ckpt") and open(metrics).read().strip()
