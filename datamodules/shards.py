@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
+from . import index_cache
 from .benchmarks import NPY_SCHEME, iter_npy_samples, npy_size
 from .errors import ShardError
 from .folders import (FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder,
@@ -106,6 +107,18 @@ def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequ
         texts = {s["__key__"]: {"cls": s["cls"].decode()} for s in iter_npy_samples(url, [])} \
             if "cls" in read_exts else {}
         return ShardIndex(url, n, Counter({"ppm": n, "cls": n}), texts, n, [])
+    cached = index_cache.load(url, read_exts, required)  # a scan costs a seek per member; a cache hit one read
+    if cached is not None:
+        return ShardIndex(url, cached["num_samples"], Counter(cached["ext_counts"]), cached["texts"],
+                          cached["complete"], cached["incomplete_keys"])
+    index = _scan_tar(url, read_exts, required)
+    index_cache.store(url, read_exts, required, {"num_samples": index.num_samples, "ext_counts": dict(index.ext_counts),
+                                                 "texts": index.texts, "complete": index.complete,
+                                                 "incomplete_keys": index.incomplete_keys})
+    return index
+
+
+def _scan_tar(url: str, read_exts: Sequence[str], required: Sequence[Sequence[str]]) -> ShardIndex:
     keys: dict[str, set[str]] = {}
     texts: dict[str, dict[str, str]] = {}
     try:

@@ -2,11 +2,11 @@ import sys
 
 from mmalign.tools import dispatch
 
-# A tool runs without importing Lightning (mmalign.cli imports it at the top); the console script
-# (mmalign.cli:main) dispatches the same way, only after that import.
+# A tool runs without importing Lightning; the console script (mmalign.cli:main) dispatches the same way.
 if (status := dispatch(sys.argv[1:])) is not None:
     sys.exit(status)
 
-from mmalign.cli import main  # noqa: E402
+from mmalign.cli import exit_fast, main  # noqa: E402
 
 main()
+exit_fast(0)  # a finished command: skip the interpreter's teardown (errors and SystemExit never get here)

@@ -87,6 +87,8 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
             enable_text_cache(self.model, lk.text_cache_size)
         if m.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        if m.channels_last:  # weights here, images in encode(): both must be channels-last to pay off
+            self.model.visual.to(memory_format=torch.channels_last)
         from mmalign.models import compile_in_place
 
         compile_in_place(self.model, compile)
@@ -162,6 +164,8 @@ class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.L
     # ---- forward / loss -----------------------------------------------------------------------
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised image and text features ``[B, D]``."""
+        if self.cfg.model.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         out = self.model(images, tokens)
         if isinstance(out, dict):
             return out["image_features"], out["text_features"]

@@ -45,6 +45,9 @@ class ClipModelSpec:
         image_size: Force the image size of the model's transforms (default: the model's own).
         augment: open_clip ``aug_cfg`` for the training transform (e.g. ``{scale: [0.7, 1.0]}``).
         grad_checkpointing: Recompute activations in backward to save memory.
+        channels_last: Keep the image tower's weights and input images in channels-last memory
+            format: faster convolutions for conv towers (timm CNNs such as MobileNetV2) on CPUs with
+            oneDNN and on GPUs with tensor cores; no effect on what is computed (docs/performance.md).
     """
 
     name: str = "ViT-B-32"
@@ -55,6 +58,7 @@ class ClipModelSpec:
     image_size: int | None = None
     augment: dict[str, Any] | None = None
     grad_checkpointing: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         need(isinstance(self.name, str) and bool(self.name),

@@ -90,16 +90,72 @@ def _lower_lr_advice(pl_module) -> str:
 
 
 class NaNGuard(pl.Callback):
-    """Stops training at the first non-finite loss, before backward, so no bad update is applied
-    and the last checkpoint on disk stays the last good one. Parameters and buffers are checked by
-    ``RunCheckpoint`` just before each checkpoint is written (``check_finite_state``): a per-step
-    check of them would cost a device sync every step."""
+    """Stops training at a non-finite loss. Parameters and buffers are checked by ``RunCheckpoint``
+    just before each checkpoint is written (``check_finite_state``): a per-step check of them would
+    cost a device sync every step.
+
+    Args:
+        check_every_n_steps: how often the loss's finiteness is read on the host. ``None`` (default):
+            every step when the model is on the CPU (reading a CPU tensor is no device sync; training
+            stops before backward, so no bad update is applied), and every ``trainer.log_every_n_steps``
+            steps on an accelerator, where reading the loss would stall the host once per step. Between
+            two reads the flag and the first bad step accumulate on the device; they are also read before
+            every checkpoint is written, so the last checkpoint on disk precedes the first bad step.
+    """
+
+    def __init__(self, check_every_n_steps: int | None = None) -> None:
+        if check_every_n_steps is not None and check_every_n_steps < 1:
+            raise ValueError(f"NaNGuard check_every_n_steps={check_every_n_steps}: give a step count >= 1, or None "
+                             "(every step on CPU, every trainer.log_every_n_steps steps on an accelerator).")
+        self.check_every_n_steps = check_every_n_steps
+        self._first_bad: torch.Tensor | None = None  # device scalar: first non-finite step, -1 while none
+
+    def _every(self, trainer, pl_module) -> int:
+        if self.check_every_n_steps is not None:
+            return self.check_every_n_steps
+        return 1 if pl_module.device.type == "cpu" else max(1, trainer.log_every_n_steps)
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLossError(
-                f"non-finite loss ({float(loss.detach().float().mean())}) at global step {trainer.global_step}, "
-                f"epoch {trainer.current_epoch}. No update was applied. " + _lower_lr_advice(pl_module))
+        loss = loss.detach()
+        if self._every(trainer, pl_module) == 1:
+            if not torch.isfinite(loss).all():
+                raise NonFiniteLossError(
+                    f"non-finite loss ({float(loss.float().mean())}) at global step {trainer.global_step}, "
+                    f"epoch {trainer.current_epoch}. No update was applied. " + _lower_lr_advice(pl_module))
+            return
+        if self._first_bad is None or self._first_bad.device != loss.device:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        # no host sync: the first bad step is kept on the device until the next read
+        bad = ~torch.isfinite(loss).all() & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, trainer.global_step), self._first_bad)
+
+    def read(self, trainer, pl_module, when: str) -> None:
+        """Read the flag accumulated on the device (one host sync); raise if a loss was non-finite."""
+        if self._first_bad is None:
+            return
+        first = int(self._first_bad)  # the one host sync of the window
+        if first < 0:
+            return
+        self._first_bad = None
+        raise NonFiniteLossError(
+            f"non-finite loss at global step {first}, epoch {trainer.current_epoch}, found {when} (step "
+            f"{trainer.global_step}): on an accelerator the NaN guard reads the loss every "
+            f"{self._every(trainer, pl_module)} steps (trainer.log_every_n_steps; --nan_check_every_n_steps=1 reads "
+            "every step), so the updates of the steps in between were applied. No checkpoint was written after "
+            f"step {first}. " + _lower_lr_advice(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._first_bad is not None and trainer.global_step % self._every(trainer, pl_module) == 0:
+            self.read(trainer, pl_module, "at the periodic check")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.read(trainer, pl_module, "before writing a checkpoint")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.read(trainer, pl_module, "at the end of the epoch")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.read(trainer, pl_module, "before validation")
 
 
 def _state_tensors(module: torch.nn.Module):
@@ -262,3 +318,26 @@ def _rows(prediction) -> list[dict]:
         return [values]
     n = lengths.pop()
     return [{k: (v[i] if isinstance(v, list) else v) for k, v in values.items()} for i in range(n)]
+
+
+class SyncFreeRichProgressBar(pl.callbacks.RichProgressBar):
+    """The rich progress bar, reading the logged metrics every ``metrics_every_n_steps`` training steps
+    instead of every batch: each read turns the logged tensors into floats, a host-device sync on an
+    accelerator. ``None`` (default): every step on the CPU (no sync there), every
+    ``trainer.log_every_n_steps`` steps otherwise. Validation and epoch ends always read fresh values."""
+
+    def __init__(self, metrics_every_n_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if metrics_every_n_steps is not None and metrics_every_n_steps < 1:
+            raise ValueError(f"metrics_every_n_steps={metrics_every_n_steps}: give a step count >= 1 or None.")
+        self.metrics_every_n_steps = metrics_every_n_steps
+        self._cached: tuple[int, dict] | None = None  # (global step read at, metrics)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        every = self.metrics_every_n_steps or (1 if pl_module.device.type == "cpu" else max(1, trainer.log_every_n_steps))
+        step = trainer.global_step
+        fresh = (not trainer.training or not self._cached or not self._cached[1] or every == 1 or step % every == 0
+                 or step - self._cached[0] >= every)
+        if fresh:
+            self._cached = (step, super().get_metrics(trainer, pl_module))
+        return self._cached[1]

@@ -142,8 +142,10 @@ class RunCheckpoint(ModelCheckpoint):
         self._exempt = frozenset(n for n in nonfinite_state(pl_module) if n not in dict(pl_module.named_parameters()))
 
     def _check_state(self, trainer, collective: bool = True) -> None:
-        from .callbacks import check_finite_state
+        from .callbacks import NaNGuard, check_finite_state
 
+        for guard in (c for c in trainer.callbacks if isinstance(c, NaNGuard)):  # a deferred loss check first:
+            guard.read(trainer, trainer.lightning_module, "before writing a checkpoint")  # its error names the step
         if self._checked_at != trainer.global_step:
             check_finite_state(trainer, trainer.lightning_module, self._exempt, collective)
             self._checked_at = trainer.global_step
