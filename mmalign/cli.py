@@ -416,5 +416,13 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI | None:
         raise
 
 
+
+def console_main() -> int:
+    """The installed ``mmalign`` script: its wrapper does ``sys.exit(console_main())``, so this returns
+    the exit status (``main`` returns the CLI object, which ``sys.exit`` would print and read as 1)."""
+    main()
+    exit_fast(0)
+    return 0
+
 if __name__ == "__main__":  # pragma: no cover
     main(sys.argv[1:])

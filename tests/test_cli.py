@@ -128,3 +128,20 @@ def test_ddp_two_cpu_processes_with_uneven_shards(in_tmp, data_root):
     assert len(glob.glob(str(in_tmp / "runs/mmalign/version_*"))) == 1  # rank 1 uses rank 0's claimed folder
     [last] = glob.glob(str(in_tmp / "runs/mmalign/version_*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=False)["global_step"] == 1259 // (2 * 64)
+
+
+def test_installed_script_exits_zero_after_a_finished_fit(in_tmp, data_root):
+    """The ``mmalign`` console script's wrapper is ``sys.exit(<entry point>())``: a finished fit must
+    give status 0 (``main`` returns the CLI object, which ``sys.exit`` would print and turn into 1)."""
+    from importlib.metadata import entry_points
+
+    [ep] = [ep for ep in entry_points(group="console_scripts") if ep.name == "mmalign"]
+    module, _, func = ep.value.partition(":")
+    wrapper = (f"import sys; from {module} import {func}; sys.argv = ['mmalign'] + sys.argv[1:]; "
+               f"sys.exit({func}())")
+    res = subprocess.run([sys.executable, "-c", wrapper, "fit", "-c", DIGITS, "--trainer.max_steps=2",
+                          "--trainer.limit_val_batches=1", *QUICK], capture_output=True, text=True, timeout=400,
+                         cwd=in_tmp, env={**os.environ, "MMALIGN_DATA": data_root, "PYTHONPATH": ROOT})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "MMAlignCLI" not in res.stderr
+    assert glob.glob(str(in_tmp / "runs/mmalign/version_*/checkpoints/last.ckpt"))
