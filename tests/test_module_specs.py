@@ -50,7 +50,7 @@ def test_every_moved_option_lands_on_a_field_of_its_group(cls):
 @pytest.mark.parametrize("cls, kwargs, pattern", [
     (CLIP, {"objective": {"accumulate_micro_batches": 0}}, r"objective.accumulate_micro_batches must be an int >= 1.*got 0"),
     (CLIP, {"objective": {"tile_size": 0}}, r"objective.tile_size must be a positive int .*got 0"),
-    (CLIP, {"objective": {"loss": "triplet"}}, r"objective.loss must be one of \['clip', 'siglip'\], got 'triplet'"),
+    (CLIP, {"objective": {"loss": "triplet"}}, r"objective.loss must be one of \['clip', 'siglip', 'align_uniform'\], got 'triplet'"),
     (CLIP, {"lock": {"text_unlocked_layers": -1}}, r"lock.text_unlocked_layers must be >= 0, got -1"),
     (CLIP, {"model": {"image_size": 0}}, r"model.image_size must be > 0 \(or null\), got 0"),
     (CLIP, {"eval": {"retrieval_chunk_size": 0}}, r"eval.retrieval_chunk_size must be > 0, got 0"),
