@@ -26,7 +26,7 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp):
     _tiny_checkpoint(ckpt)
     digest = hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
     cli.main(["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"),
-              f"--model.init_args.source_checkpoint={ckpt}", "--model.init_args.methods=[source,tent_filter,cafa]",
+              f"--model.init_args.source.checkpoint={ckpt}", "--model.init_args.methods=[source,tent_filter,cafa]",
               "--data.init_args.corruptions=[gaussian_noise,contrast]", "--data.init_args.domains_dir=digits-c-cli",
               "--data.init_args.source_max_samples=50", "--data.init_args.num_workers=0",
               "--data.init_args.batch_size=8", "--max_batches=2", "--setting=reset", "--save_adapted=true",
@@ -43,7 +43,7 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp):
     assert set(kept) == {"tent_filter"} and 0.0 <= kept["tent_filter"] <= 1.0
     assert os.path.getsize(in_tmp / "out" / "error_stream.png") > 1000
     rows = open(in_tmp / "out" / "errors.csv").read().splitlines()
-    assert rows[0] == "method,round,domain,error_pct,entropy,n" and len(rows) == 1 + 3 * 2
+    assert rows[0] == "method,round,domain,error_pct,entropy,agreement_pct,kept_pct,resets,n" and len(rows) == 1 + 3 * 2
     from mmalign.classify import ImageClassifier
 
     adapted = ImageClassifier.load_from_checkpoint(str(in_tmp / "out" / "adapted_cafa.ckpt"), map_location="cpu")
@@ -69,7 +69,7 @@ def _image_folder(root, classes=("circle", "square"), per_class=6, labelled=True
 
 def _target_args(ckpt, spec, *extra):
     return ["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"), "-c",
-            os.path.join(ROOT, "configs/tta/target.yaml"), f"--model.init_args.source_checkpoint={ckpt}",
+            os.path.join(ROOT, "configs/tta/target.yaml"), f"--model.init_args.source.checkpoint={ckpt}",
             "--model.init_args.methods=[source,tent,tent_filter]", f"--data.init_args.test_shards={spec}",
             "--data.init_args.num_workers=0", "--data.init_args.batch_size=4", "--trainer.enable_progress_bar=false",
             *extra]

@@ -9,6 +9,7 @@ so an open_clip zero-shot classifier can later plug in with a linear head of cla
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,76 +80,150 @@ class ZeroShotHead(nn.Module):
         return self.scale * feats @ self.weights.T
 
 
-def load_open_clip_zeroshot(checkpoint: str, hp: dict[str, Any], classes: str | None) -> tuple[SplitClassifier, dict]:
+@dataclass
+class SourceFile:
+    """A source checkpoint read once: its loaded contents and the sha256 of its bytes (what CAFA's
+    statistics are tied to)."""
+
+    path: str
+    raw: Any
+    sha256: str
+
+
+def read_source_file(path: str) -> SourceFile:
+    """Read the file's bytes once, hash them, and load them with ``weights_only=True`` (a crafted file
+    cannot run code); ``.safetensors`` files hold plain weights."""
+    import hashlib
+    import io
+    import pickle
+
+    from mmalign.models.weights import UnsafeCheckpointError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"source.checkpoint {path!r} does not exist. Train one with "
+                                "`python -m mmalign fit -c configs/classify/digits.yaml` and point "
+                                "source.checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        return SourceFile(path, load_safetensors(data), digest)
+    try:
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(f"refusing to load {path!r}: it holds pickled Python objects beyond tensors and "
+                                    "plain containers, which could run code when loaded. Re-save its weights as a "
+                                    f"plain state dict. torch said: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    except RuntimeError as exc:
+        raise ValueError(f"{path!r} is not a torch checkpoint torch can read ({str(exc).splitlines()[0]}); give the "
+                         ".ckpt a run wrote, or timm weights (.pth/.pt/.safetensors) with source.kind: timm.") from None
+    return SourceFile(path, raw, digest)
+
+
+def detect_kind(file: SourceFile | None) -> str:
+    """``classifier`` / ``open_clip`` from the checkpoint's own hyper-parameters, else ``timm``."""
+    from mmalign.classify.export import hparams_of as classifier_hparams
+    from mmalign.contrastive.export import hparams_of as contrastive_hparams
+
+    if file is None:
+        return "timm"
+    if contrastive_hparams(file.raw) is not None:
+        return "open_clip"
+    if classifier_hparams(file.raw) is not None:
+        return "classifier"
+    return "timm"
+
+
+def load_open_clip_zeroshot(file: SourceFile, classes: str | None) -> tuple[SplitClassifier, dict]:
     """A CLIP/SigLIP checkpoint of mmalign as a zero-shot classifier over ``classes`` (a class-spec
     file): image tower -> normalised features -> text-derived class weights."""
     if classes is None:
-        raise ValueError("source_checkpoint is a CLIP/SigLIP checkpoint: set zeroshot_classes to a class-spec file "
+        raise ValueError("source.kind is open_clip (a CLIP/SigLIP checkpoint): set source.classes to a class-spec file "
                          "({'classnames': [...], 'templates': [...]}) whose class order matches the labels.")
     import open_clip
 
-    from mmalign.models.open_clip_models import create_open_clip, open_clip_transforms
+    from mmalign.contrastive.export import model_from_checkpoint
     from mmalign.evaluation import build_zeroshot_weights, load_class_spec
-    from mmalign.models.weights import load_weights
+    from mmalign.models.open_clip_models import open_clip_transforms
 
-    clip = create_open_clip(hp["model_name"], hp.get("model_cfg"))
-    load_weights(clip, checkpoint, prefix="model.")
-    clip.eval()
+    clip, info = model_from_checkpoint(file.raw, f"source.checkpoint {file.path!r}")
     spec = load_class_spec(classes)
-    weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(hp["model_name"]), spec.classnames,
+    weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(info["model_name"]), spec.classnames,
                                      spec.templates)
-    _, eval_transform = open_clip_transforms(clip, hp.get("image_size"))
-    info = {"kind": "open_clip_zeroshot", "model_name": hp["model_name"], "model_cfg": hp.get("model_cfg"),
-            "num_classes": spec.num_classes, "classes": classes, "eval_transform": eval_transform,
-            "contrastive_hparams": {k: v for k, v in hp.items() if not k.startswith("_")}}
-    return SplitClassifier(ImageTower(clip), ZeroShotHead(weights)), info
+    _, eval_transform = open_clip_transforms(clip, info["image_size"])
+    hp = {"kind": "open_clip", "num_classes": spec.num_classes, "classes": classes, "eval_transform": eval_transform,
+          "contrastive_hparams": info["hparams"]}
+    return SplitClassifier(ImageTower(clip), ZeroShotHead(weights)), hp
 
 
-def load_source(checkpoint: str | None, model_name: str | None = None, num_classes: int | None = None,
-                model_kwargs: dict[str, Any] | None = None,
-                zeroshot_classes: str | None = None) -> tuple[FeatureClassifier, dict[str, Any]]:
-    """Build the source classifier; returns ``(model, hparams)``.
+def load_source(spec, log=print) -> tuple[FeatureClassifier, dict[str, Any], SourceFile | None]:
+    """Build the source classifier of a ``SourceSpec``; returns ``(model, hparams, file)``.
 
-    ``checkpoint`` may be an ``ImageClassifier`` Lightning checkpoint (its hyper-parameters rebuild
-    the timm model; ``model_name`` etc. must then be unset or agree), an mmalign CLIP/SigLIP
-    checkpoint (adapted as a zero-shot classifier over ``zeroshot_classes``), or plain weights for
-    the timm model named by ``model_name``. ``checkpoint=None`` builds randomly initialised weights: only
-    useful for smoke tests, and said so on stderr.
+    The checkpoint is read once (``read_source_file``). ``kind`` null: detected from the file, with a
+    notice; ``classifier`` rebuilds the timm network from the checkpoint's own hyper-parameters
+    (``name``/``num_classes`` must then be unset or agree); ``open_clip`` adapts a CLIP/SigLIP
+    checkpoint as a zero-shot classifier over ``classes``; ``timm`` loads plain weights into the timm
+    model ``name``. No checkpoint: random weights, only useful for smoke tests, and said so on stderr.
     """
-    hparams: dict[str, Any] = {}
-    if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"source_checkpoint {checkpoint!r} does not exist. Train one with "
-                                    "`python -m mmalign fit -c configs/classify/digits.yaml` and point "
-                                    "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
-        from mmalign.models.weights import load_checkpoint_file
+    file = read_source_file(spec.checkpoint) if spec.checkpoint is not None else None
+    kind = spec.kind
+    if kind is None:
+        kind = detect_kind(file)
+        if file is not None:
+            log(f"[adapt] source.kind not set: {file.path} is read as '{kind}' (set source.kind: {kind} to say so)")
+    where = f"source.checkpoint {spec.checkpoint!r}"
+    if kind == "open_clip":
+        if file is None:
+            raise ValueError("source.kind open_clip needs source.checkpoint (an mmalign CLIP/SigLIP checkpoint).")
+        model, hp = load_open_clip_zeroshot(file, spec.classes)
+        return model, hp, file
+    if kind == "classifier":
+        from mmalign.classify.export import network_from_checkpoint
 
-        raw = load_checkpoint_file(checkpoint, mmap=True)  # weights_only: a crafted file cannot run code
-        hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-        if hp and hp.get("loss") in ("clip", "siglip"):
-            return load_open_clip_zeroshot(checkpoint, hp, zeroshot_classes)
-        if hp and "model_name" in hp:
-            for key, given in (("model_name", model_name), ("num_classes", num_classes)):
-                if given is not None and given != hp[key]:
-                    raise ValueError(f"{key}={given!r} disagrees with the checkpoint's {hp[key]!r}; "
-                                     f"leave {key} unset when source_checkpoint is an ImageClassifier checkpoint.")
-            from mmalign.models.weights import load_weights
-            from mmalign.models.timm_models import create_timm_model
-
-            # rebuilt from the checkpoint's own hyper-parameters: the classifier's network is its
-            # ``model`` attribute, so its weights are the state-dict keys under "model."
-            net = create_timm_model(hp["model_name"], hp["num_classes"], False, None, **(hp.get("model_kwargs") or {}))
-            load_weights(net, checkpoint, prefix="model.")
-            return TimmClassifier(net), dict(hp)
-    if model_name is None or num_classes is None:
-        raise ValueError("set model_name and num_classes: the source checkpoint is not an ImageClassifier "
-                         "checkpoint (or none was given), so they cannot be read from it.")
+        if file is None:
+            raise ValueError("source.kind classifier needs source.checkpoint (an ImageClassifier checkpoint).")
+        net, info = network_from_checkpoint(file.raw, where)
+        for key, given in (("model_name", spec.name), ("num_classes", spec.num_classes)):
+            if given is not None and given != info[key]:
+                raise ValueError(f"source.{'name' if key == 'model_name' else key}={given!r} disagrees with the "
+                                 f"checkpoint's {info[key]!r}; leave it unset for an ImageClassifier checkpoint.")
+        return TimmClassifier(net), {"kind": "classifier", **info, "classifier_hparams": file.raw["hyper_parameters"]}, file
+    if spec.name is None or spec.num_classes is None:
+        raise ValueError("source.kind timm needs source.name (a timm model) and source.num_classes: the checkpoint "
+                         "is not an ImageClassifier checkpoint (or none was given), so they cannot be read from it.")
     from mmalign.models.timm_models import create_timm_model
 
-    if checkpoint is None:
+    net = create_timm_model(spec.name, spec.num_classes, False, None, **dict(spec.kwargs))
+    if file is None:
         import sys
 
-        print("[tta] source_checkpoint is null: using RANDOM weights (smoke test only).", file=sys.stderr)
-    net = create_timm_model(model_name, num_classes, False, checkpoint, **(model_kwargs or {}))
-    hparams.update(model_name=model_name, num_classes=num_classes, model_kwargs=model_kwargs or {})
-    return TimmClassifier(net), hparams
+        print("[tta] source.checkpoint is null: using RANDOM weights (smoke test only).", file=sys.stderr)
+    else:
+        _load_plain_weights(net, file, where)
+    return TimmClassifier(net), {"kind": "timm", "model_name": spec.name, "num_classes": spec.num_classes,
+                                 "model_kwargs": dict(spec.kwargs)}, file
+
+
+def _load_plain_weights(net: nn.Module, file: SourceFile, where: str) -> None:
+    """timm/torchvision weights already read, unwrapped from the usual containers and prefixes the way
+    ``mmalign.models.weights.load_weights`` does for a path."""
+    from mmalign.models.weights import _WRAPPER_KEYS, _strip_prefixes
+
+    sd = file.raw
+    for key in _WRAPPER_KEYS:
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{where} holds no state dict of tensors.")
+    own = net.state_dict()
+    sd = _strip_prefixes(sd, set(own))
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or bad:
+        raise ValueError(f"{where} does not fit timm model {type(net).__name__}: {len(missing)} missing {missing[:4]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:4]}, {len(bad)} of another shape {bad[:4]}. "
+                         "Check source.name and source.kwargs match the weights.")
+    net.load_state_dict(sd)
