@@ -1,5 +1,7 @@
 """Tiny models and configs shared by the TTA tests."""
 
+import os
+
 import torch
 from torch import nn
 
@@ -55,3 +57,31 @@ def hand_bn1d(x, gamma, beta, mu_ref, var_ref, prior, eps=1e-5):
 def entropy(logits):
     p = torch.softmax(logits, -1)
     return -(p * torch.log(p)).sum(-1)
+
+
+def tiny_checkpoint(path):
+    """A small random ImageClassifier checkpoint (resnet18 at width 8, 10 classes)."""
+    import lightning
+
+    from mmalign.classify import ImageClassifier
+
+    m = ImageClassifier("resnet18", num_classes=10, image_size=32,
+                        model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+
+
+def image_folder(root, classes=("circle", "square"), per_class=6, labelled=True):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        folder = os.path.join(root, c) if labelled else root
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            img = (rng.random((32, 32, 3)) * 255).astype("uint8")
+            Image.fromarray(img).save(os.path.join(folder, f"{c}_{i}.png"))
+    return str(root)
+
+

@@ -325,3 +325,21 @@ def test_timm_adapters_resnet_and_vit():
     sel = Tent(TimmClassifier(resnet), conf(norms=["layer4"]))
     assert len(sel.params) == 2 * sum(1 for n, m in resnet.named_modules()
                                       if n.startswith("layer4") and isinstance(m, nn.BatchNorm2d))
+
+
+def test_error_table_header_keeps_columns_apart():
+    """Issue 26: the header ran "satumean r1mean r3" together when domain names were short."""
+    from mmalign.tta.report import error_table
+    from mmalign.tta.results import StreamResult
+
+    res = StreamResult(["source", "tent"], ["saturate/5", "fog/5"], 3, "continual")
+    for rnd in range(3):
+        for m in ("source", "tent"):
+            for d in res.domains:
+                res.records.append({"method": m, "round": rnd, "domain": d, "batch": 0, "n": 10, "wrong": 1 + rnd,
+                                    "entropy": 2.0, "agree": 10, "kept": None, "small": False, "reset": False})
+    head = error_table(res).splitlines()[1]
+    assert head.split() == ["method", "satu5", "fog5", "mean", "r1", "mean", "r3"]
+    assert "  mean r1" in head and "  mean r3" in head
+    row = error_table(res).splitlines()[3].split()
+    assert row == ["source", "30.0", "30.0", "10.0", "30.0"]

@@ -4,46 +4,54 @@ import hashlib
 import json
 import os
 
-import lightning
 import torch
 
 from mmalign import cli
+from mmalign.tta.specs import DEFAULT_PRIOR
+
+from _tta import image_folder as _image_folder
+from _tta import tiny_checkpoint as _tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_checkpoint(path):
-    from mmalign.classify import ImageClassifier
+def test_adapt_cli_outputs_and_source_untouched(in_tmp, monkeypatch):
+    import builtins
 
-    m = ImageClassifier("resnet18", num_classes=10, image_size=32,
-                        model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
-    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
-
-
-def test_adapt_cli_outputs_and_source_untouched(in_tmp):
     ckpt = str(in_tmp / "source.ckpt")
     _tiny_checkpoint(ckpt)
     digest = hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if os.path.abspath(str(file)) == ckpt:
+            opened.append(args[0] if args else kwargs.get("mode", "r"))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
     cli.main(["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"),
-              f"--model.init_args.source.checkpoint={ckpt}", "--model.init_args.methods=[source,tent_filter,cafa]",
+              f"--model.init_args.source.checkpoint={ckpt}", "--model.init_args.methods=[source,tent_filter,cafa,eata]",
+              "--model.init_args.eata.fisher_samples=64",
               "--data.init_args.corruptions=[gaussian_noise,contrast]", "--data.init_args.domains_dir=digits-c-cli",
               "--data.init_args.source_max_samples=50", "--data.init_args.num_workers=0",
               "--data.init_args.batch_size=8", "--max_batches=2", "--setting=reset", "--save_adapted=true",
               "--out_dir=out", "--trainer.enable_progress_bar=false"])
+    assert opened == ["rb"], f"the source checkpoint was opened {len(opened)} times: read it once, hash it once"
+    monkeypatch.setattr(builtins, "open", real_open)
     assert hashlib.sha256(open(ckpt, "rb").read()).hexdigest() == digest
     assert os.path.isfile(in_tmp / "source.cafa_stats.pt")  # stored next to the checkpoint
     res = json.load(open(in_tmp / "out" / "results.json"))
-    assert res["methods"] == ["source", "tent_filter", "cafa"] and res["setting"] == "reset"
+    assert res["methods"] == ["source", "tent_filter", "cafa", "eata"] and res["setting"] == "reset"
+    assert res["complete"] is True and res["norm_prior"] == DEFAULT_PRIOR  # the shipped config keeps the default
     errs = res["error_by_round_domain"][0]
     assert set(errs["cafa"]) == {"gaussian_noise/5", "contrast/5"}
     assert res["updates"]["cafa"] == 4 and res["updates"]["source"] == 0
     assert res["throughput_vs_source"]["source"] == 1.0
     kept = res["filter_kept_fraction"]
-    assert set(kept) == {"tent_filter"} and 0.0 <= kept["tent_filter"] <= 1.0
+    assert set(kept) == {"tent_filter", "eata"} and 0.0 <= kept["tent_filter"] <= 1.0
     assert os.path.getsize(in_tmp / "out" / "error_stream.png") > 1000
     rows = open(in_tmp / "out" / "errors.csv").read().splitlines()
-    assert rows[0] == "method,round,domain,error_pct,entropy,agreement_pct,kept_pct,resets,n" and len(rows) == 1 + 3 * 2
+    assert rows[0] == "method,round,domain,error_pct,entropy,agreement_pct,kept_pct,resets,n" and len(rows) == 1 + 4 * 2
     from mmalign.classify import ImageClassifier
 
     adapted = ImageClassifier.load_from_checkpoint(str(in_tmp / "out" / "adapted_cafa.ckpt"), map_location="cpu")
@@ -51,20 +59,6 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp):
     assert not torch.equal(adapted.model.bn1.weight, source.model.bn1.weight)  # norm affine adapted
     assert torch.equal(adapted.model.conv1.weight, source.model.conv1.weight)  # everything else frozen
     assert torch.equal(adapted.model.bn1.running_mean, source.model.bn1.running_mean)
-
-
-def _image_folder(root, classes=("circle", "square"), per_class=6, labelled=True):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        folder = os.path.join(root, c) if labelled else root
-        os.makedirs(folder, exist_ok=True)
-        for i in range(per_class):
-            img = (rng.random((32, 32, 3)) * 255).astype("uint8")
-            Image.fromarray(img).save(os.path.join(folder, f"{c}_{i}.png"))
-    return str(root)
 
 
 def _target_args(ckpt, spec, *extra):

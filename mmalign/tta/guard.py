@@ -52,15 +52,24 @@ class Guard:
         self.avg: dict[str, float] = {}
         self.batches = 0
 
+    #: the most extreme averages seen after warm-up over the whole run (kept across restarts): how close
+    #: a healthy run comes to each threshold, which is what the thresholds are chosen from
+    extremes: dict[str, float] | None = None
+
     def update(self, p_adapt: torch.Tensor, p_source: torch.Tensor) -> str | None:
         """Feed one batch; returns why the method should be reset now, or None."""
         sig = batch_signals(p_adapt, p_source)
         d = self.spec.average
         self.avg = sig if not self.avg else {k: d * self.avg[k] + (1 - d) * v for k, v in sig.items()}
         self.batches += 1
-        if not self.spec.reset or self.batches <= self.spec.warmup:
+        if self.batches <= self.spec.warmup:
             return None
         a = self.avg
+        e = self.extremes or {"agreement": 1.0, "class_gain": -1.0, "entropy_ratio": float("inf")}
+        self.extremes = {"agreement": min(e["agreement"], a["agreement"]), "class_gain": max(e["class_gain"], a["class_gain"]),
+                         "entropy_ratio": min(e["entropy_ratio"], a["entropy_ratio"])}
+        if not self.spec.reset:
+            return None
         if a["agreement"] < self.spec.min_agreement:
             return f"agreement with the un-adapted model {a['agreement']:.2f} < {self.spec.min_agreement}"
         if a["class_gain"] > self.spec.max_class_gain:

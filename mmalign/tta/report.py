@@ -28,15 +28,15 @@ def error_table(result: StreamResult) -> str:
     per_round = result.round_errors() if labelled else result.round_entropy()
     cols = [_short(d) for d in result.domains]
     extra = ["mean"] if result.rounds == 1 else ["mean r1", f"mean r{result.rounds}"]
-    width = max(6, *(len(c) for c in cols + extra))  # every label fits, one space apart
-    head = f"{'method':<12}" + "".join(f" {c:>{width}}" for c in cols + extra)
+    width = max(6, *(len(c) for c in cols + extra))  # every label fits, two spaces apart
+    head = f"{'method':<12}" + "".join(f"  {c:>{width}}" for c in cols + extra)
     what = "error %" if labelled else "unlabelled: mean prediction entropy (nats)"
     lines = [f"{what} ({result.setting}, {result.rounds} round(s); domain columns: "
              f"{'last round' if result.rounds > 1 else 'one pass'})", head, "-" * len(head)]
     for m in result.methods:
         vals = [last[m][d] for d in result.domains]
         vals += [per_round[m][0]] if result.rounds == 1 else [per_round[m][0], per_round[m][-1]]
-        lines.append(f"{m:<12}" + "".join(f" {v:>{width}.{1 if labelled else 3}f}" for v in vals))
+        lines.append(f"{m:<12}" + "".join(f"  {v:>{width}.{1 if labelled else 3}f}" for v in vals))
     if not result.complete:
         lines.append(f"INCOMPLETE: the run stopped early ({result.error}); the figures cover what was measured.")
     return "\n".join(lines)
