@@ -14,6 +14,14 @@ import argparse
 import os
 
 
+def source_datamodule(model, args):
+    """The one place this script builds a datamodule: the labelled source shards."""
+    from datamodules import ImageLabelDataModule
+
+    return ImageLabelDataModule(train_shards=args.shards, label_key=args.label_key, num_classes=model.num_classes,
+                                preprocess=model.preprocess, num_workers=0, batch_size=args.batch_size)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="ImageClassifier checkpoint (or weights + --model-name)")
@@ -28,14 +36,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--out", default=None, help="default: <checkpoint stem>.cafa_stats.pt")
     args = parser.parse_args(argv)
 
-    from datamodules import ImageLabelDataModule
     from mmalign.tta import TTAModel
     from mmalign.tta.pipeline import source_statistics
 
-    model = TTAModel(args.checkpoint, args.model_name, args.num_classes, methods=["source"], cafa_stats=args.out,
-                     cafa_covariance=args.covariance, cafa_shrinkage=args.shrinkage)
-    dm = ImageLabelDataModule(train_shards=args.shards, label_key=args.label_key, num_classes=model.num_classes,
-                              preprocess=model.preprocess, num_workers=0, batch_size=args.batch_size)
+    kind = "timm" if args.model_name else None
+    model = TTAModel({"checkpoint": args.checkpoint, "kind": kind, "name": args.model_name,
+                      "num_classes": args.num_classes}, methods=["source"],
+                     cafa={"stats": args.out, "covariance": args.covariance, "shrinkage": args.shrinkage})
+    dm = source_datamodule(model, args)
     out = model.stats_path(".")
     if os.path.isfile(out):
         os.remove(out)  # this script always recomputes

@@ -226,8 +226,8 @@ def _logged(method):
             Spy.resets += 1
             method.reset()
 
-        def __call__(self, x):
-            out.append(call(x))
+        def __call__(self, x, **kwargs):
+            out.append(call(x, **kwargs))
             return out[-1]
 
         def __getattr__(self, name):  # counters and state of the method itself

@@ -62,7 +62,7 @@ def test_a_collapsing_method_is_reset_and_the_unlabelled_stream_reports_it():
     preds = []
     guard = Guard(GuardSpec(warmup=2))
     res = run_stream({"norm": Norm(model, conf()), "tent": Tent(model, conf(lr=1.0))}, RandomStream(labelled=False),
-                     guards={"tent": guard}, reference=model, on_predictions=preds.append)
+                     guards={"tent": guard}, reference=model, baseline=Norm(model, conf()), on_predictions=preds.append)
     assert res.resets, "the guard never fired on a collapsing method"
     first = res.resets[0]
     assert first["method"] == "tent" and "agreement" in first["reason"]
@@ -80,7 +80,7 @@ def test_guard_off_lets_the_collapse_run():
     model = tiny_cnn(num_classes=4)
     guard = Guard(GuardSpec(reset=False, warmup=2))
     res = run_stream({"norm": Norm(model, conf()), "tent": Tent(model, conf(lr=1.0))}, RandomStream(labelled=False),
-                     guards={"tent": guard})
+                     guards={"tent": guard}, baseline=Norm(model, conf()))
     assert not res.resets and guard.extremes["agreement"] < 0.5
 
 
@@ -89,3 +89,36 @@ def test_guard_spec_validation():
         GuardSpec(min_agreement=1.5)
     with pytest.raises(ValueError, match="guard.warmup must be >= 0, got -1"):
         GuardSpec(warmup=-1)
+
+
+def test_source_fallback_takes_the_batches_whose_statistics_leave_the_model_less_certain():
+    """Per batch: when the un-adapted model under test-batch statistics is less certain (mean entropy)
+    than the source model, every adapting method predicts that batch with the source statistics and
+    learns nothing; otherwise it adapts. The decisions equal an independent comparison per batch."""
+    model = tiny_cnn(num_classes=4)
+    stream = RandomStream(labelled=True, batches=4)
+    for d, (scale, offset) in zip(stream.domain_names, ((1.0, 2.0), (3.0, 0.0))):  # shifts of both kinds
+        stream.data[d] = [(x * (scale if i % 2 else 1.0) + (offset if i % 2 else 0.0), y)
+                          for i, (x, y) in enumerate(stream.data[d])]
+    twin = Norm(model, conf())  # the same statistics as the baseline, outside the loop
+
+    def mean_entropy(logits):
+        p = logits.softmax(-1)
+        return float(-(p * p.log()).sum(-1).mean())
+
+    expected = [mean_entropy(twin(x)) > mean_entropy(model(x)) for d in stream.domain_names
+                for x, _ in stream.data[d]]
+    assert any(expected) and not all(expected), "the test needs batches on both sides"
+    tent = Tent(model, conf(lr=0.1))
+    preds = []
+    res = run_stream({"source": Norm(model, conf(prior=math.inf)), "tent": tent}, stream, reference=model,
+                     baseline=Norm(model, conf()), fallback=["tent"], on_predictions=preds.append)
+    got = [r["fallback"] for r in res.records if r["method"] == "tent"]
+    assert got == expected
+    assert tent.fallbacks == sum(expected) and tent.updates == len(expected) - sum(expected)
+    # before any update, a fallen-back batch is predicted exactly as the source predicts it
+    assert expected[0] and preds[0]["method"] == "source" and preds[1]["method"] == "tent"
+    assert preds[0]["pred"] == preds[1]["pred"]
+    assert preds[0]["confidence"] == pytest.approx(preds[1]["confidence"], abs=1e-6)
+    sig = res.domain_signals(0)
+    assert sig["tent"]["a"]["source_fallback_batches"] + sig["tent"]["b"]["source_fallback_batches"] == sum(expected)

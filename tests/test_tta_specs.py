@@ -94,3 +94,9 @@ def test_adapted_checkpoint_is_written_by_the_classifier_family(tmp_path):
     assert torch.equal(loaded.model.bn1.weight, tent.model.net.bn1.weight.detach())
     assert torch.load(out, weights_only=True)["tta"]["norm_prior"] == 8.0
     assert math.isclose(loaded.model.bn1.eps, 1e-5)
+
+
+def test_null_on_the_command_line_is_null_in_a_nested_spec():
+    """jsonargparse hands ``--model.init_args.source.checkpoint=null`` to the spec as the string 'None'."""
+    assert SourceSpec(checkpoint="None", kind="null").checkpoint is None
+    assert SourceSpec(kind="None").kind is None and CafaSpec(stats="null").stats is None

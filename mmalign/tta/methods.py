@@ -59,6 +59,7 @@ class TTAMethod:
         self.updates = 0  # optimizer steps taken
         self.skipped = 0  # batches without an update (empty selection, non-finite loss)
         self.small_batches = 0  # batches below adapt.min_batch: predicted without an update
+        self.fallbacks = 0  # batches predicted with the source statistics (the guard's fallback)
         self.last: dict[str, float] = {}
         self._new_optimizer()
 
@@ -92,8 +93,14 @@ class TTAMethod:
         self._new_optimizer()
         return self
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, source_stats: bool = False) -> torch.Tensor:
+        """Predict ``images`` and learn from them; ``source_stats``: predict with the source (reference)
+        statistics and learn nothing (the guard's fallback for batches whose statistics would mislead)."""
         self.last = {}
+        if source_stats and self.norm is not None:
+            self.fallbacks += 1
+            with self.norm.source_stats(), torch.no_grad():
+                return self.model(images)
         if self.adapts and images.shape[0] < self.cfg.adapt.min_batch:
             return self._small(images)
         # Lightning's evaluation loops run under inference_mode; adaptation needs autograd back.

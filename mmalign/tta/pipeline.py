@@ -109,13 +109,15 @@ def adapt(model: TTAModel, datamodule, setting: str = "continual", rounds: int =
     built = {n: m.to(device) for n, m in model.build_methods(stats, fisher).items()}
     if methods is not None:
         methods.update(built)
-    guards = {n: Guard(model.guard_spec) for n, m in built.items() if m.trains}
-    # the guard's reference: the un-adapted model under the same normalisation (the norm method's)
-    baseline = build_method("norm", model.source, model.cfg).to(device) if guards and "norm" not in built else None
+    spec = model.guard_spec
+    guards = {n: Guard(spec) for n, m in built.items() if m.trains}
+    fallback = [n for n, m in built.items() if m.norm is not None] if spec.source_fallback else []
+    # the guard's reference: the un-adapted model under the same normalisation
+    baseline = build_method("norm", model.source, model.cfg).to(device) if guards or fallback else None
     a = model.cfg.adapt
     result = run_stream(built, datamodule, setting, rounds, max_batches, device, batch_size=batch_size, log=log,
                         on_predictions=on_predictions, reference=model.source.to(device), baseline=baseline,
-                        guards=guards,
+                        guards=guards, fallback=fallback,
                         small_batch=a.small_batch, min_batch=a.min_batch, result=result)
     return result, built
 
@@ -126,5 +128,6 @@ def method_summary(methods: dict) -> dict:
     return {"updates": {n: m.updates for n, m in methods.items()},
             "skipped_updates": {n: m.skipped for n, m in methods.items()},
             "unadapted_small_batches": {n: m.small_batches for n, m in methods.items()},
+            "source_fallback_batches": {n: m.fallbacks for n, m in methods.items()},
             "filter_kept_fraction": {n: m.kept_fraction for n, m in methods.items() if hasattr(m, "kept_fraction")},
             "sar_recoveries": {n: m.recoveries for n, m in methods.items() if hasattr(m, "recoveries")}}

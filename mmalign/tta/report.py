@@ -47,9 +47,11 @@ def signals_table(result: StreamResult) -> str:
     results.json): agreement with the source, mean entropy, its trend, the kept fraction, resets."""
     rnd = result.rounds - 1
     sig = result.domain_signals(rnd)
-    head = f"{'method':<12} {'agree %':>8} {'changed %':>9} {'entropy':>8} {'trend':>8} {'kept %':>7} {'resets':>7}"
+    head = (f"{'method':<12} {'agree %':>8} {'changed %':>9} {'entropy':>8} {'trend':>8} {'kept %':>7} {'resets':>7} "
+            f"{'src stats':>9}")
     lines = [f"label-free signals (round {rnd + 1}; agree = with the source model, changed = against the un-adapted "
-             "model under the same normalisation, trend = entropy of each domain's second half minus its first)",
+             "model under the same normalisation, trend = entropy of each domain's second half minus its first, "
+             "src stats = batches the guard sent to the source statistics)",
              head, "-" * len(head)]
 
     def mean(vals):
@@ -61,7 +63,7 @@ def signals_table(result: StreamResult) -> str:
         lines.append(f"{m:<12} {mean(r['agreement_pct'] for r in rows):>8.1f} "
                      f"{mean(r['changed_vs_unadapted_pct'] for r in rows):>9.1f} {mean(r['entropy'] for r in rows):>8.3f} "
                      f"{mean(r['entropy_trend'] for r in rows):>+8.3f} {mean(r['kept_pct'] for r in rows):>7.1f} "
-                     f"{sum(r['resets'] for r in rows):>7d}")
+                     f"{sum(r['resets'] for r in rows):>7d} {sum(r['source_fallback_batches'] for r in rows):>9d}")
     return "\n".join(lines)
 
 

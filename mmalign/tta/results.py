@@ -13,7 +13,8 @@ class StreamResult:
     (summed over the batch), ``agree`` (samples whose prediction equals the source model's; None
     without a reference), ``changed`` (samples whose prediction differs from the un-adapted model's
     under the same normalisation, the guard's reference; None without one), ``kept`` (samples a filter kept; None for methods without one), ``small``
-    (predicted without an update: below ``adapt.min_batch``) and ``reset`` (the guard reset the method
+    (predicted without an update: below ``adapt.min_batch``), ``fallback`` (predicted with the source
+    statistics, nothing learned: the guard's fallback) and ``reset`` (the guard reset the method
     after this batch).
     """
 
@@ -75,8 +76,8 @@ class StreamResult:
     def domain_signals(self, round_index: int) -> dict[str, dict[str, dict]]:
         """What the stream tells without labels, per method and domain of one round: agreement with the
         source (%), predictions changed against the un-adapted model (%), mean entropy, its trend (mean entropy of the domain's second half of batches minus
-        its first half, nats), the filter's kept fraction (%), the guard's resets and the batches
-        predicted without an update."""
+        its first half, nats), the filter's kept fraction (%), the guard's resets, the batches it sent
+        to the source statistics and the batches predicted without an update."""
         out: dict[str, dict[str, dict]] = {}
         agree = self._by_domain("agree", round_index, 100.0)
         changed = self._by_domain("changed", round_index, 100.0)
@@ -95,6 +96,7 @@ class StreamResult:
                 out[m][d] = {"agreement_pct": agree[m][d], "changed_vs_unadapted_pct": changed[m][d],
                              "entropy": ent[m][d], "entropy_trend": trend,
                              "kept_pct": kept[m][d], "resets": sum(r["reset"] for r in recs),
+                             "source_fallback_batches": sum(r.get("fallback", False) for r in recs),
                              "unadapted_batches": sum(r["small"] for r in recs)}
         return out
 
