@@ -12,36 +12,38 @@ Arms: ``source``; ``norm``, ``tent``, ``tent_filter``, ``cafa``, ``eata``, ``sar
 defaults (source-prior normalisation ``norm.prior``; the guard on every learning arm); and, as issue 26
 measured them, ``norm_n0``, ``tent_n0``, ``tent_filter_n0`` (pure test-batch statistics, no guard).
 
-Modes:
-  tune    TUNING_SEEDS on the validation shifts (``tta_shifts.VAL_MILD``/``VAL_STRONG``, class-sorted and
-          shuffled): error of norm and tent per prior strength N, and the guard's signals on healthy runs
-          and on a forced collapse (tent at 30x the learning rate).
-  report  REPORT_SEEDS: the mild shifts (``REPORT_MILD`` image folders read in folder order, i.e.
-          class-sorted, as a user's folder is; ``--mild-rounds`` continual rounds); severity 1..5 (the 15
-          corruptions in benchmark order, shuffled inside each domain, one round; severity 5 for
-          ``--rounds`` rounds: long-term); then the claims under Holm correction.
+Modes (``tune`` and ``sensitivity`` live in ``tta_tuning.py``):
+  tune         TUNING_SEEDS on the validation shifts (``tta_shifts.VAL_MILD``/``VAL_STRONG``, class-sorted and
+               shuffled): error of norm and tent per prior strength N with and without the guard's source
+               fallback, the guard's signals on healthy runs and on forced collapses (tent at 100x and
+               1000x the learning rate), with the guard watching and resetting.
+  report       REPORT_SEEDS: the mild shifts (``REPORT_MILD`` image folders read in folder order, i.e.
+               class-sorted, as a user's folder is; ``--mild-rounds`` continual rounds); severity 1..5 (the
+               15 corruptions in benchmark order, shuffled inside each domain, one round; severity 5 for
+               ``--rounds`` rounds: long-term); then the claims under Holm correction. Seeds may run in
+               separate processes and be joined with ``--merge``.
+  sensitivity  REPORT_SEEDS: what the chosen prior costs on the reported streams (shown, never used to
+               choose).
 
     python scripts/bench_tta.py tune --out outputs/bench/tta_tune.json
-    python scripts/bench_tta.py report --out outputs/bench/tta_report.json
+    python scripts/bench_tta.py report --seeds 0 1 --out outputs/bench/tta_report_a.json   # and 2, 3 4 ...
+    python scripts/bench_tta.py report --merge outputs/bench/tta_report_[abc].json --out outputs/bench/tta_report.json
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import subprocess
 import sys
 import time
 
 from benchstats import REPORT_SEEDS, TUNING_SEEDS, ClaimTable, cell, interval, save
-from tta_shifts import REPORT_MILD, VAL_MILD, VAL_STRONG, write_shift_folders
+from tta_shifts import REPORT_MILD, write_shift_folders
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ARMS = ("source", "norm", "tent", "tent_filter", "cafa", "eata", "sar")
 OLD_ARMS = ("norm_n0", "tent_n0", "tent_filter_n0")  # issue 26's measurement: pure batch statistics, no guard
-COLLAPSE_LR = (100, 1000)  # tent at these multiples of the learning rate: the guard's positive cases
-PRIORS = (0.0, 64.0, 256.0, 1024.0, 2048.0, math.inf)
 
 
 def log(msg: str) -> None:
@@ -112,7 +114,7 @@ def build_arms(model, arms, stats, fisher, guard_spec):
     return methods, guards
 
 
-def seed_model(seed: int, args):
+def seed_model(seed: int, args, sources_only: bool = False):
     """The seed's source model as a TTAModel, with CAFA's statistics and EATA's Fisher information."""
     from mmalign.tta import TTAModel
     from mmalign.tta.cafa_stats import compute_source_stats
@@ -120,6 +122,8 @@ def seed_model(seed: int, args):
     from mmalign.tta.pipeline import labelled_batches
 
     model = TTAModel(source={"checkpoint": source_checkpoint(seed, args), "kind": "classifier"}, methods=["source"])
+    if sources_only:
+        return model, None, None
     src = make_stream(model, seed, args, folders={"clean": os.path.join(args.data_root, "digits", "test")})
     stats = compute_source_stats(model.source, labelled_batches(src, 2000), model.num_classes, "auto", 0.1, 2000)
     e = model.cfg.eata
@@ -226,89 +230,6 @@ def summarise(runs, args) -> tuple[str, list]:
     return "\n".join(lines), claims
 
 
-# ------------------------------------------------------------------------------------------------ tune
-def tune_seed(seed: int, args) -> dict:
-    """Per prior strength N, on every validation stream: norm and tent with and without the guard's
-    source fallback; the guard's signals on healthy runs; forced collapses with the guard off and on."""
-    from mmalign.tta.guard import Guard
-    from mmalign.tta.methods import Norm, Tent, TTAMethod
-    from mmalign.tta.specs import GuardSpec
-    from mmalign.tta.stream import run_stream
-
-    model, stats, fisher = seed_model(seed, args)
-    folders = write_shift_folders(os.path.join(args.data_root, "digits", "test"),
-                                  os.path.join(args.root, "shifts", f"seed{seed}"), VAL_MILD + VAL_STRONG, seed)
-    out = {"seed": seed, "priors": {}, "guard": {}}
-    for family, shifts in (("mild", VAL_MILD), ("strong", VAL_STRONG)):
-        for order in ("sorted", "shuffled"):
-            key = f"{family}/{order}"
-            stream = make_stream(model, seed, args, folders={s: folders[s] for s in shifts}, shuffle=order == "shuffled")
-            out["priors"][key] = {}
-            for n in PRIORS:
-                cfg = variant(model.cfg, prior=n)
-                methods = {"source": TTAMethod(model.source, cfg), "norm": Norm(model.source, cfg),
-                           "tent": Tent(model.source, cfg), "norm+fb": Norm(model.source, cfg),
-                           "tent+fb": Tent(model.source, cfg)}
-                res = run_stream(methods, stream, "continual", 1, reference=model.source,
-                                 baseline=Norm(model.source, cfg), fallback=["norm+fb", "tent+fb"])
-                errs = {a: e[0] for a, e in res.round_errors().items()}
-                out["priors"][key]["source"] = errs.pop("source")
-                out["priors"][key].update({f"{a}@{n:g}": e for a, e in errs.items()})
-            log(f"tune seed {seed} {key}: " + "  ".join(f"{a} {e:.1f}" for a, e in out["priors"][key].items()))
-            if key in ("mild/sorted", "strong/shuffled"):  # the guard on healthy runs: how near each threshold
-                healthy = run_arms(model, stream, DEFAULT_ARMS, stats, fisher, 2, GuardSpec(reset=False))
-                out["guard"][key] = healthy["guard_extremes"]
-    # forced collapses: tent at 100x and 1000x the learning rate, pure batch statistics, 3 rounds (strong
-    # shifts), the guard watching only and the guard resetting
-    stream = make_stream(model, seed, args, folders={s: folders[s] for s in VAL_STRONG}, shuffle=True)
-    cfg0 = variant(model.cfg, prior=0.0)
-    methods, guards = {"norm": Norm(model.source, cfg0)}, {}
-    for k in COLLAPSE_LR:
-        for watch in (True, False):
-            name = f"tent_lr{k}" + ("" if watch else "+guard")
-            methods[name] = Tent(model.source, variant(model.cfg, prior=0.0, lr=k * model.cfg.adapt.lr))
-            guards[name] = Guard(GuardSpec(reset=not watch, source_fallback=False))
-    res = run_stream(methods, stream, "continual", 3, guards=guards, baseline=Norm(model.source, cfg0))
-    out["collapse"] = {"error_by_round": res.round_errors(), "resets": len(res.resets),
-                       "extremes": {a: g.extremes for a, g in guards.items() if "+guard" not in a}}
-    log(f"tune seed {seed} forced collapse: " + _brief(out["collapse"]) + f" ({len(res.resets)} resets)")
-    return out
-
-
-def summarise_tuning(runs) -> str:
-    keys = list(runs[0]["priors"])
-    lines = ["validation shifts (TUNING_SEEDS; never reported): error % per prior strength N, mean over seeds",
-             f"{'stream':<24}{'source':>8}" + "".join(f"{'N=' + format(n, 'g'):>9}" for n in PRIORS)]
-
-    def mean(k, arm):
-        return sum(r["priors"][k][arm] for r in runs) / len(runs)
-
-    for method in ("norm", "norm+fb", "tent", "tent+fb"):
-        for k in keys:
-            lines.append(f"{method + ' ' + k:<24}{mean(k, 'source'):>8.1f}" +
-                         "".join(f"{mean(k, f'{method}@{n:g}'):>9.1f}" for n in PRIORS))
-    lines.append("\nN: worst mild excess over source (points, mean over seeds, either order) | share of norm@N=0's "
-                 "strong gain kept (both orders)")
-    for fb in ("", "+fb"):
-        for n in PRIORS:
-            worst = max(mean(k, f"{m}{fb}@{n:g}") - mean(k, "source") for k in keys if k.startswith("mild")
-                        for m in ("norm", "tent"))
-            gain0 = sum(mean(k, "source") - mean(k, "norm@0") for k in keys if k.startswith("strong"))
-            gain = sum(mean(k, "source") - mean(k, f"norm{fb}@{n:g}") for k in keys if k.startswith("strong"))
-            lines.append(f"  norm/tent{fb or '   '} N={n:<6g}: {worst:+.2f} | {100 * gain / gain0:.0f}%")
-    for key in ("agreement", "class_gain", "entropy_ratio"):
-        pick = min if key != "class_gain" else max
-        healthy = [g[key] for r in runs for fam in r["guard"].values() for g in fam.values() if g]
-        collapsed = [round(e[key], 3) for r in runs for e in r["collapse"]["extremes"].values() if e]
-        lines.append(f"guard {key}: most extreme healthy average {pick(healthy):.3f}; tent at "
-                     f"{'x, '.join(map(str, COLLAPSE_LR))}x lr (per seed) {collapsed}")
-    for r in runs:
-        lines.append(f"forced collapse, seed {r['seed']}: " + "  ".join(
-            f"{a} {e[0]:.1f}->{e[-1]:.1f}" for a, e in r["collapse"]["error_by_round"].items())
-            + f" ({r['collapse']['resets']} resets)")
-    return "\n".join(lines)
-
-
 def _default_prior() -> float:
     from mmalign.tta.specs import NormSpec
 
@@ -325,7 +246,7 @@ def _default_guard() -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["tune", "report"])
+    p.add_argument("mode", choices=["tune", "report", "sensitivity"])
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: TUNING_SEEDS / REPORT_SEEDS")
     p.add_argument("--root", default="outputs/bench/tta", help="source models, corrupted and shifted data")
     p.add_argument("--data-root", default="data", help="holds digits/ (generated when missing)")
@@ -347,14 +268,22 @@ def main(argv=None):
     args.root = os.path.abspath(args.root)  # folders handed to the streams are not read under data_root
     os.makedirs(args.root, exist_ok=True)
     seeds = args.seeds or list(TUNING_SEEDS if args.mode == "tune" else REPORT_SEEDS)
-    if args.mode == "report" and set(seeds) & set(TUNING_SEEDS):
+    if args.mode != "tune" and set(seeds) & set(TUNING_SEEDS):
         p.error(f"seeds {sorted(set(seeds) & set(TUNING_SEEDS))} are tuning seeds: they are never reported.")
     t0 = time.time()
+    if args.mode in ("tune", "sensitivity"):
+        from tta_tuning import sensitivity_seed, summarise_sensitivity, summarise_tuning, tune_seed
     if args.mode == "tune":
         runs = [tune_seed(s, args) for s in seeds]
         text = summarise_tuning(runs)
         print(text)
         save(args.out or "outputs/bench/tta_tune.json", {"args": vars(args), "runs": runs, "table": text})
+        return
+    if args.mode == "sensitivity":
+        runs = [sensitivity_seed(s, args) for s in seeds]
+        text = summarise_sensitivity(runs)
+        print(text)
+        save(args.out or "outputs/bench/tta_sensitivity.json", {"args": vars(args), "runs": runs, "table": text})
         return
     recipe = {"rounds": args.rounds, "mild_rounds": args.mild_rounds, "severities": list(args.severities),
               "arms": list(args.arms), "batch_size": args.batch_size, "max_batches": args.max_batches,
@@ -366,7 +295,10 @@ def main(argv=None):
         if sorted(r["seed"] for r in runs) != sorted(set(r["seed"] for r in runs)):
             p.error("the merged files hold a seed twice.")
     else:
-        runs = [report_seed(s, args) for s in seeds]
+        runs = []
+        for s in seeds:  # each finished seed is saved at once: a stopped run keeps its finished seeds
+            runs.append(report_seed(s, args))
+            save((args.out or "outputs/bench/tta_report.json") + ".partial", {"config": recipe, "runs": runs})
     text, claims = summarise(runs, args)
     print(text)
     rows = claims.print("claims")

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from .losses import softmax_entropy
+from .losses import reliable_entropy
 from .methods import TTAMethod
 
 
@@ -63,9 +63,7 @@ class Eata(TTAMethod):
     def _step(self, images):
         e = self.cfg.eata
         logits = self.model(images)
-        e0 = e.margin * math.log(logits.shape[-1])
-        ent = softmax_entropy(logits)
-        reliable = ent < e0
+        ent, reliable, e0 = reliable_entropy(logits, e.margin)
         probs = logits.softmax(-1)
         keep = reliable.clone()
         if self.probs is not None and bool(reliable.any()):

@@ -118,15 +118,15 @@ class TTAModel(pl.LightningModule):
         that trained it), written by that method family's export function."""
         extra = {"tta": {"method": method.name, "updates": method.updates, "source_checkpoint": self.source_checkpoint,
                          "norm_prior": self.cfg.norm.prior}}
+        from .source import checkpoint_format
+
         sd = method.adapted_state_dict()
         kind = self.source_hparams["kind"]
         if kind == "open_clip":
-            from mmalign.contrastive.export import adapted_checkpoint
-
             clip = {k.removeprefix("backbone.clip."): v for k, v in sd.items() if k.startswith("backbone.clip.")}
-            return adapted_checkpoint(self.source_hparams["contrastive_hparams"], clip, extra)
-        from mmalign.classify.export import adapted_checkpoint
-
+            return checkpoint_format("open_clip").adapted_checkpoint(self.source_hparams["contrastive_hparams"], clip,
+                                                                     extra)
+        adapted_checkpoint = checkpoint_format("classifier").adapted_checkpoint
         net = {k.removeprefix("net."): v for k, v in sd.items()}
         if kind == "classifier":
             return adapted_checkpoint(self.source_hparams["classifier_hparams"], net, extra)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .losses import softmax_entropy
+from .losses import reliable_entropy, softmax_entropy
 from .methods import TTAMethod
 
 #: module-name parts the official collect_params skips (ResNet layer4, ViT-Base blocks 9-11, submodules of norm)
@@ -68,9 +68,7 @@ class Sar(TTAMethod):
     def _step(self, images):
         s = self.cfg.sar
         logits = self.model(images)
-        e0 = s.margin * math.log(logits.shape[-1])
-        ent = softmax_entropy(logits)
-        first = ent < e0
+        ent, first, e0 = reliable_entropy(logits, s.margin)
         self.last["kept"] = float(first.float().mean())
         if not bool(first.any()):
             self.skipped += 1

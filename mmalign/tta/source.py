@@ -122,17 +122,32 @@ def read_source_file(path: str) -> SourceFile:
     return SourceFile(path, raw, digest)
 
 
-def detect_kind(file: SourceFile | None) -> str:
-    """``classifier`` / ``open_clip`` from the checkpoint's own hyper-parameters, else ``timm``."""
-    from mmalign.classify.export import hparams_of as classifier_hparams
-    from mmalign.contrastive.export import hparams_of as contrastive_hparams
+#: the module that owns each checkpoint format (reads it, writes adapted weights back in it). Looked up by
+#: name when a checkpoint of that kind is used, as the CLI finds its subcommands: a method package never
+#: imports another one, and deleting one leaves the others working (only its kind becomes unavailable).
+FORMATS = {"open_clip": "mmalign.contrastive.export", "classifier": "mmalign.classify.export"}
 
+
+def checkpoint_format(kind: str):
+    """The export module of ``kind`` (``hparams_of``, the reader, ``adapted_checkpoint``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(FORMATS[kind])
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"source.kind {kind!r} needs {FORMATS[kind]}, which is not installed ({exc}).") from None
+
+
+def detect_kind(file: SourceFile | None) -> str:
+    """``open_clip`` / ``classifier`` when that format recognises the checkpoint's hyper-parameters, else ``timm``."""
     if file is None:
         return "timm"
-    if contrastive_hparams(file.raw) is not None:
-        return "open_clip"
-    if classifier_hparams(file.raw) is not None:
-        return "classifier"
+    for kind in FORMATS:
+        try:
+            if checkpoint_format(kind).hparams_of(file.raw) is not None:
+                return kind
+        except ValueError:
+            continue  # that method package is not installed: not its checkpoint
     return "timm"
 
 
@@ -144,11 +159,10 @@ def load_open_clip_zeroshot(file: SourceFile, classes: str | None) -> tuple[Spli
                          "({'classnames': [...], 'templates': [...]}) whose class order matches the labels.")
     import open_clip
 
-    from mmalign.contrastive.export import model_from_checkpoint
     from mmalign.evaluation import build_zeroshot_weights, load_class_spec
     from mmalign.models.open_clip_models import open_clip_transforms
 
-    clip, info = model_from_checkpoint(file.raw, f"source.checkpoint {file.path!r}")
+    clip, info = checkpoint_format("open_clip").model_from_checkpoint(file.raw, f"source.checkpoint {file.path!r}")
     spec = load_class_spec(classes)
     weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(info["model_name"]), spec.classnames,
                                      spec.templates)
@@ -180,11 +194,9 @@ def load_source(spec, log=print) -> tuple[FeatureClassifier, dict[str, Any], Sou
         model, hp = load_open_clip_zeroshot(file, spec.classes)
         return model, hp, file
     if kind == "classifier":
-        from mmalign.classify.export import network_from_checkpoint
-
         if file is None:
             raise ValueError("source.kind classifier needs source.checkpoint (an ImageClassifier checkpoint).")
-        net, info = network_from_checkpoint(file.raw, where)
+        net, info = checkpoint_format("classifier").network_from_checkpoint(file.raw, where)
         for key, given in (("model_name", spec.name), ("num_classes", spec.num_classes)):
             if given is not None and given != info[key]:
                 raise ValueError(f"source.{'name' if key == 'model_name' else key}={given!r} disagrees with the "
