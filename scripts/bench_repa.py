@@ -83,9 +83,10 @@ class Recorder(pl.Callback):
 def datamodule(args, model):
     from datamodules import ImageLabelDataModule
 
-    return ImageLabelDataModule(data_root=args.data_root, train_shards="shapes/train", val_shards="shapes/val",
-                                generate="shapes", label_key="cls", num_classes=36, batch_size=args.batch_size,
-                                num_workers=args.workers, image_size=32, preprocess=model.preprocess, seed=0)
+    return ImageLabelDataModule(shards={"data_root": args.data_root, "train": "shapes/train", "val": "shapes/val"},
+                                stream={"batch_size": args.batch_size, "num_workers": args.workers, "seed": 0},
+                                generate="shapes", label={"key": "cls", "num_classes": 36}, image={"size": 32},
+                                preprocess=model.preprocess)
 
 
 def train_teacher(args) -> str:
@@ -94,8 +95,8 @@ def train_teacher(args) -> str:
     out = os.path.join(args.work_dir, "teacher")
     c = cli.main(["fit", "-c", os.path.join(ROOT, TEACHERS[args.teacher][0]),
                   f"--trainer.max_epochs={args.teacher_epochs}", f"--trainer.default_root_dir={out}",
-                  "--trainer.enable_progress_bar=false", f"--data.init_args.num_workers={args.workers}",
-                  f"--data.init_args.data_root={args.data_root}"])
+                  "--trainer.enable_progress_bar=false", f"--data.init_args.stream.num_workers={args.workers}",
+                  f"--data.init_args.shards.data_root={args.data_root}"])
     acc = c.trainer.callback_metrics.get("val/acc")
     print(f"teacher trained: val/acc {float(acc) if acc is not None else float('nan'):.3f}", flush=True)
     return c.trainer.checkpoint_callback.last_model_path

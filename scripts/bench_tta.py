@@ -4,7 +4,7 @@ seeds that change the source model and the shift draw; and the tuning of the def
 shifts and ``TUNING_SEEDS`` (never reported).
 
 A seed changes (1) the source model's training seed (``fit -c configs/classify/digits.yaml
---seed_everything=S``, cached under ``--root``), (2) the corruption draw (``corruption_seed``) and
+--seed_everything=S``, cached under ``--root``), (2) the corruption draw (``benchmark.seed``) and
 the mild shifts' draw, and (3) the sample order inside each corruption domain. All arms of one seed
 share that source model and run in lockstep on the same batches: comparisons are paired.
 
@@ -58,8 +58,8 @@ def source_checkpoint(seed: int, args) -> str:
         t0 = time.time()
         cmd = [sys.executable, "-m", "mmalign", "fit", "-c", os.path.join(ROOT, "configs/classify/digits.yaml"),
                f"--seed_everything={seed}", f"--trainer.default_root_dir={run}", "--trainer.logger=false",
-               "--trainer.enable_progress_bar=false", f"--data.init_args.data_root={args.data_root}",
-               "--data.init_args.num_workers=0"]
+               "--trainer.enable_progress_bar=false", f"--data.init_args.shards.data_root={args.data_root}",
+               "--data.init_args.stream.num_workers=0"]
         with open(os.path.join(args.root, f"fit_seed{seed}.log"), "w") as fh:
             subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
         log(f"source seed {seed}: trained in {time.time() - t0:.0f}s -> {ckpt}")
@@ -72,14 +72,16 @@ def make_stream(model, seed: int, args, *, severity: int | None = None, folders:
     image folders as domains (``shuffle=False``: folder order, i.e. class-sorted)."""
     from mmalign.tta import CorruptionStream, TargetStream
 
-    common = dict(data_root=args.data_root, train_shards="digits/train", generate="digits", batch_size=args.batch_size,
-                  num_workers=0, cache_decoded=True, preprocess=model.preprocess, num_classes=model.num_classes,
-                  seed=seed)
+    common = dict(stream={"batch_size": args.batch_size, "num_workers": 0, "seed": seed}, generate="digits",
+                  label={"num_classes": model.num_classes}, preprocess=model.preprocess)
+    shards = {"data_root": args.data_root, "train": "digits/train"}
     if severity is not None:
-        stream = CorruptionStream(domains_dir=os.path.join(args.root, "corrupted", f"seed{seed}"), corruptions="all",
-                                  severities=severity, corruption_seed=seed, test_shards="digits/test", **common)
+        stream = CorruptionStream(shards={**shards, "test": "digits/test"}, adapt={"cache_decoded": True},
+                                  benchmark={"dir": os.path.join(args.root, "corrupted", f"seed{seed}"),
+                                             "corruptions": "all", "severities": severity, "seed": seed}, **common)
     else:
-        stream = TargetStream(domains=folders, shuffle=shuffle, labels=True, **common)
+        stream = TargetStream(shards=shards, adapt={"cache_decoded": True, "shuffle": shuffle},
+                              target={"domains": folders, "labelled": True}, **common)
     stream.prepare_data()
     stream.setup("test")
     return stream

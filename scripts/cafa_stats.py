@@ -18,8 +18,9 @@ def source_datamodule(model, args):
     """The one place this script builds a datamodule: the labelled source shards."""
     from datamodules import ImageLabelDataModule
 
-    return ImageLabelDataModule(train_shards=args.shards, label_key=args.label_key, num_classes=model.num_classes,
-                                preprocess=model.preprocess, num_workers=0, batch_size=args.batch_size)
+    return ImageLabelDataModule(shards={"train": args.shards}, stream={"num_workers": 0, "batch_size": args.batch_size},
+                                label={"key": args.label_key, "num_classes": model.num_classes},
+                                preprocess=model.preprocess)
 
 
 def main(argv: list[str] | None = None) -> str:

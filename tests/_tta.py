@@ -65,8 +65,9 @@ def tiny_checkpoint(path):
 
     from mmalign.classify import ImageClassifier
 
-    m = ImageClassifier("resnet18", num_classes=10, image_size=32,
-                        model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    torch.manual_seed(0)  # the same weights in every test (the guard's decisions depend on them)
+    m = ImageClassifier({"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}},
+                        num_classes=10, transform={"image_size": 32})
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
 

@@ -235,8 +235,8 @@ def _classifier_ckpt(path, mean=(0.5, 0.4, 0.3)):
 
     from mmalign.classify import ImageClassifier
 
-    clf = ImageClassifier("vit_tiny_patch16_224", num_classes=6, image_size=32, model_kwargs=VIT["model_kwargs"],
-                          mean=mean)
+    clf = ImageClassifier({"name": "vit_tiny_patch16_224", "kwargs": VIT["model_kwargs"]}, num_classes=6,
+                          transform={"image_size": 32, "mean": mean})
     torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams),
                 "pytorch-lightning_version": lightning.__version__}, str(path))
     return clf

@@ -33,9 +33,10 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp, monkeypatch):
     cli.main(["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"),
               f"--model.init_args.source.checkpoint={ckpt}", "--model.init_args.methods=[source,tent_filter,cafa,eata]",
               "--model.init_args.eata.fisher_samples=64", "--model.init_args.guard.source_fallback=false",
-              "--data.init_args.corruptions=[gaussian_noise,contrast]", "--data.init_args.domains_dir=digits-c-cli",
-              "--data.init_args.source_max_samples=50", "--data.init_args.num_workers=0",
-              "--data.init_args.batch_size=8", "--max_batches=2", "--setting=reset", "--save_adapted=true",
+              "--data.init_args.benchmark.corruptions=[gaussian_noise,contrast]",
+              "--data.init_args.benchmark.dir=digits-c-cli",
+              "--data.init_args.adapt.source_max_samples=50", "--data.init_args.stream.num_workers=0",
+              "--data.init_args.stream.batch_size=8", "--max_batches=2", "--setting=reset", "--save_adapted=true",
               "--out_dir=out", "--trainer.enable_progress_bar=false"])
     assert opened == ["rb"], f"the source checkpoint was opened {len(opened)} times: read it once, hash it once"
     monkeypatch.setattr(builtins, "open", real_open)
@@ -65,8 +66,9 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp, monkeypatch):
 def _target_args(ckpt, spec, *extra):
     return ["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"), "-c",
             os.path.join(ROOT, "configs/tta/target.yaml"), f"--model.init_args.source.checkpoint={ckpt}",
-            "--model.init_args.methods=[source,tent,tent_filter]", f"--data.init_args.test_shards={spec}",
-            "--data.init_args.num_workers=0", "--data.init_args.batch_size=4", "--trainer.enable_progress_bar=false",
+            "--model.init_args.methods=[source,tent,tent_filter]", f"--data.init_args.shards.test={spec}",
+            "--data.init_args.stream.num_workers=0", "--data.init_args.stream.batch_size=4",
+            "--trainer.enable_progress_bar=false",
             *extra]
 
 

@@ -21,7 +21,7 @@ def _env():
 
 def _adapt(cwd, *args, code=None, timeout=300):
     """``python -m mmalign adapt ...``, or that call after ``code`` (a fault injected into the process)."""
-    argv = ["adapt", *CONFIGS, *args, "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0"]
+    argv = ["adapt", *CONFIGS, *args, "--trainer.enable_progress_bar=false", "--data.init_args.stream.num_workers=0"]
     cmd = [sys.executable, "-m", "mmalign", *argv] if code is None else \
         [sys.executable, "-c", f"{code}\nfrom mmalign import cli\ncli.main({argv!r})"]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
@@ -47,8 +47,9 @@ def test_stream_of_201_at_batch_200_keeps_every_result(source_and_folder, in_tmp
     ckpt, folder = source_and_folder
     out = in_tmp / f"out_{policy}"
     r = _adapt(in_tmp, f"--model.init_args.source.checkpoint={ckpt}", "--model.init_args.methods=[source,norm,tent]",
-               f"--data.init_args.test_shards={folder}", "--data.init_args.batch_size=200",
-               f"--model.init_args.adapt.small_batch={policy}", "--model.init_args.norm.prior=0", f"--out_dir={out}")
+               f"--data.init_args.shards.test={folder}", "--data.init_args.stream.batch_size=200",
+               f"--model.init_args.adapt.small_batch={policy}", "--model.init_args.norm.prior=0", f"--out_dir={out}",
+               "--model.init_args.guard.source_fallback=false")  # a fallback batch takes no step (random source)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(out / "results.json"))
     assert res["complete"] is True and res["images_per_method"] == 201
@@ -73,10 +74,12 @@ def test_a_failure_mid_stream_still_writes_what_was_measured(source_and_folder, 
             f"    if len(calls) == 3:\n        raise {fault}\n    return _step(self, x)\n"
             "M.Tent._step = failing")
     out = in_tmp / "out_fail"
+    # the guard's fallback off: a batch it sends to the source statistics takes no TENT step, and the
+    # random source model may have it do so on any batch
     r = _adapt(in_tmp, f"--model.init_args.source.checkpoint={ckpt}", "--model.init_args.methods=[source,tent]",
-               f"--data.init_args.test_shards={folder}", "--data.init_args.batch_size=50", f"--out_dir={out}",
-               code=code)
-    assert r.returncode != 0
+               f"--data.init_args.shards.test={folder}", "--data.init_args.stream.batch_size=50", f"--out_dir={out}",
+               "--model.init_args.guard.source_fallback=false", code=code)
+    assert r.returncode != 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.load(open(out / "results.json"))
     assert res["complete"] is False and res["error"].startswith(fault.split("(")[0])
     assert _csv_n(out / "errors.csv") == {"source": 100, "tent": 100}  # two whole batches; the third never finished
@@ -87,7 +90,7 @@ def test_an_unwritable_output_folder_stops_before_any_work(source_and_folder, in
     ckpt, folder = source_and_folder
     (in_tmp / "taken").write_text("a file, not a folder")
     r = _adapt(in_tmp, f"--model.init_args.source.checkpoint={ckpt}", "--model.init_args.methods=[source,cafa]",
-               f"--data.init_args.test_shards={folder}", "--data.init_args.train_shards=digits/train",
+               f"--data.init_args.shards.test={folder}", "--data.init_args.shards.train=digits/train",
                f"--out_dir={in_tmp / 'taken' / 'sub'}")
     assert r.returncode != 0
     assert "adapt results location" in r.stderr and "--out_dir" in r.stderr
@@ -96,10 +99,10 @@ def test_an_unwritable_output_folder_stops_before_any_work(source_and_folder, in
 
 def test_old_flat_options_name_their_new_place(source_and_folder, in_tmp):
     ckpt, folder = source_and_folder
-    r = _adapt(in_tmp, f"--model.init_args.source_checkpoint={ckpt}", f"--data.init_args.test_shards={folder}")
+    r = _adapt(in_tmp, f"--model.init_args.source_checkpoint={ckpt}", f"--data.init_args.shards.test={folder}")
     assert r.returncode != 0 and "moved to 'source.checkpoint'" in r.stderr, r.stderr[-1500:]
     old = in_tmp / "old.yaml"
     old.write_text("model:\n  init_args:\n    filter_alpha: 0.3\n")
     r = _adapt(in_tmp, "-c", str(old), f"--model.init_args.source.checkpoint={ckpt}",
-               f"--data.init_args.test_shards={folder}")
+               f"--data.init_args.shards.test={folder}")
     assert r.returncode != 0 and "moved to 'filter.alpha'" in r.stderr, r.stderr[-1500:]

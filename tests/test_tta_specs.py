@@ -73,7 +73,7 @@ def test_source_kind_detected_once_with_a_notice_and_explicit_kind_checked(tmp_p
     plain = tmp_path / "plain.pth"
     torch.save({k.removeprefix("model."): v for k, v in raw["state_dict"].items()}, plain)
     timm_model = TTAModel(source={"checkpoint": str(plain), "kind": "timm", "name": "resnet18", "num_classes": 10,
-                                  "kwargs": raw["hyper_parameters"]["model_kwargs"]}, methods=["source"])
+                                  "kwargs": raw["hyper_parameters"]["network"]["kwargs"]}, methods=["source"])
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(timm_model(x), model(x))
     with pytest.raises(ValueError, match="source.kind timm needs source.name"):

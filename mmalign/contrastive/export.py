@@ -16,38 +16,35 @@ from torch import nn
 
 #: the module's open_clip model is its ``model`` attribute
 PREFIX = "model."
-LOSSES = ("clip", "siglip")
 
 
 def hparams_of(raw: Any) -> dict[str, Any] | None:
-    """The saved hyper-parameters of a loaded checkpoint when it is a CLIP/SigLIP module's, else None."""
-    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if not isinstance(hp, dict) or hp.get("loss") not in LOSSES:
-        return None
-    from mmalign.specs import migrate_flat
+    """The saved hyper-parameters of a loaded checkpoint when it is a CLIP/SigLIP module's (flat or
+    grouped), in the grouped layout; else None."""
+    from mmalign.checkpoint_layout import clip_hparams
 
-    from .module import ContrastiveModule
-
-    return migrate_flat(ContrastiveModule, {k: v for k, v in hp.items() if not k.startswith("_")})
+    hp = clip_hparams(raw.get("hyper_parameters") if isinstance(raw, dict) else None)
+    return None if hp is None else {k: v for k, v in hp.items() if not k.startswith("_")}
 
 
 def model_from_checkpoint(raw: dict, where: str = "checkpoint") -> tuple[nn.Module, dict[str, Any]]:
     """The open_clip model of a CLIP/SigLIP checkpoint (already loaded) with its weights, in eval mode,
-    and ``model_name``, ``model_cfg``, ``image_size`` from its hyper-parameters."""
+    and ``model_name``, ``model_cfg``, ``image_size`` from its hyper-parameters (``hparams``: all of them)."""
     from mmalign.models.open_clip_models import create_open_clip
 
     hp = hparams_of(raw)
     if hp is None:
         raise ValueError(f"{where} is not a CLIP/SigLIP checkpoint (its hyper-parameters name no loss clip/siglip).")
-    clip = create_open_clip(hp["model_name"], hp.get("model_cfg"))
+    m = hp["model"]
+    clip = create_open_clip(m["name"], m.get("cfg"))
     sd = {k[len(PREFIX):]: v for k, v in (raw.get("state_dict") or {}).items() if k.startswith(PREFIX)}
     missing, unexpected = sorted(set(clip.state_dict()) - set(sd)), sorted(set(sd) - set(clip.state_dict()))
     if missing or unexpected:
-        raise ValueError(f"{where} does not fit its own hyper-parameters ({hp['model_name']}): "
+        raise ValueError(f"{where} does not fit its own hyper-parameters ({m['name']}): "
                          f"{len(missing)} key(s) missing {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}.")
     clip.load_state_dict(sd)
-    return clip.eval(), {"model_name": hp["model_name"], "model_cfg": hp.get("model_cfg"),
-                         "image_size": hp.get("image_size"), "hparams": hp}
+    return clip.eval(), {"model_name": m["name"], "model_cfg": m.get("cfg"), "image_size": m.get("image_size"),
+                         "hparams": hp}
 
 
 def adapted_checkpoint(source_hparams: dict[str, Any], state_dict: dict[str, torch.Tensor],

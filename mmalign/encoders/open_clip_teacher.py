@@ -88,10 +88,11 @@ class OpenClipTeacher(TeacherEncoder):
 def _register_from_mmalign_checkpoint(name: str, path: str) -> None:
     """An mmalign CLIP/SigLIP checkpoint carries its (possibly inline) architecture in its
     hyper-parameters: register it so its image tower can teach."""
+    from mmalign.checkpoint_layout import clip_hparams
     from mmalign.models.weights import load_checkpoint_file
     from mmalign.models.open_clip_models import register_model_config, resolve_text_paths
 
     raw = load_checkpoint_file(path, mmap=True)  # weights_only: a crafted file cannot run code
-    hp = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}
-    if hp.get("model_name") == name and hp.get("model_cfg"):
-        register_model_config(name, resolve_text_paths(hp["model_cfg"]))
+    hp = clip_hparams(raw.get("hyper_parameters") if isinstance(raw, dict) else None) or {"model": {}}
+    if hp["model"].get("name") == name and hp["model"].get("cfg"):
+        register_model_config(name, resolve_text_paths(hp["model"]["cfg"]))

@@ -39,7 +39,7 @@ class Eata(TTAMethod):
         e = self.cfg.eata
         if e.fisher_beta > 0 and fisher is None:
             raise ValueError("eata needs the Fisher information of the source model (eata.fisher_information) "
-                             "from source images: set data.init_args.train_shards, or eata.fisher_beta: 0 to run "
+                             "from source images: set data.init_args.shards.train, or eata.fisher_beta: 0 to run "
                              "without the regulariser (ETA).")
         missing = [n for n in self.param_names if fisher is not None and n not in fisher]
         if missing:
@@ -111,7 +111,7 @@ def fisher_information(model, cfg, batches: Iterable[dict], device="cpu") -> dic
         if seen >= e.fisher_samples:
             break
     if not seen:
-        raise ValueError("no source image for EATA's Fisher information: check data.init_args.train_shards.")
+        raise ValueError("no source image for EATA's Fisher information: check data.init_args.shards.train.")
     pool = torch.cat(images).to(device)
     sums = [torch.zeros_like(p) for p in probe.params]
     steps = 0

@@ -217,7 +217,7 @@ class Cafa(TTAMethod):
     def __init__(self, model, cfg=None, stats=None):
         if stats is None:
             raise ValueError("cafa needs source statistics: compute them with `python scripts/cafa_stats.py` "
-                             "or set data.init_args.train_shards so adapt computes them.")
+                             "or set data.init_args.shards.train so adapt computes them.")
         super().__init__(model, cfg)
         self.stats = stats
 

@@ -131,6 +131,7 @@ class TTAModel(pl.LightningModule):
         if kind == "classifier":
             return adapted_checkpoint(self.source_hparams["classifier_hparams"], net, extra)
         hp = self.source_hparams  # plain timm weights: written as the ImageClassifier they amount to
-        return adapted_checkpoint({"model_name": hp["model_name"], "num_classes": hp["num_classes"],
-                                   "model_kwargs": hp["model_kwargs"], "image_size": self._transform[0],
-                                   "mean": self._transform[1], "std": self._transform[2]}, net, extra)
+        return adapted_checkpoint({"network": {"name": hp["model_name"], "kwargs": hp["model_kwargs"]},
+                                   "num_classes": hp["num_classes"],
+                                   "transform": {"image_size": self._transform[0], "mean": list(self._transform[1]),
+                                                 "std": list(self._transform[2])}}, net, extra)

@@ -20,14 +20,14 @@ from .stream import run_stream
 
 
 def labelled_batches(datamodule, max_samples: int | None, batch_size: int = 256) -> Iterable[dict]:
-    """Labelled source samples (``train_shards``, eval transform) of an image-label datamodule."""
+    """Labelled source samples (``shards.train``, eval transform) of an image-label datamodule."""
     from datamodules.shards import expand_shards
     from datamodules.eval_sets import EvalLoader, InMemoryDataset
 
     if datamodule.shards.get("fit") is None:
-        raise ValueError("CAFA statistics need labelled source data: set data.init_args.train_shards "
+        raise ValueError("CAFA statistics need labelled source data: set data.init_args.shards.train "
                          "(e.g. digits/train) or give a precomputed cafa_stats file.")
-    ds = InMemoryDataset(expand_shards(datamodule.shards["fit"], "train_shards"), datamodule._decode_eval,
+    ds = InMemoryDataset(expand_shards(datamodule.shards["fit"], "shards.train"), datamodule._decode_eval,
                          max_samples)
     return EvalLoader(ds, datamodule.collate, "source", datamodule.health, batch_size=batch_size,
                       num_workers=datamodule.num_workers)
@@ -70,8 +70,9 @@ def check_labels_fit(model: TTAModel, datamodule) -> None:
     if hasattr(datamodule, "num_classes"):
         given = datamodule.num_classes
         if given is not None and given != model.num_classes:
-            raise ValueError(f"data.init_args.num_classes={given} but the source model has {model.num_classes} "
-                             "classes; drop num_classes (it is taken from the model) or fix the source checkpoint.")
+            raise ValueError(f"data.init_args.label.num_classes={given} but the source model has {model.num_classes} "
+                             "classes; drop label.num_classes (it is taken from the model) or fix the source "
+                             "checkpoint.")
         datamodule.num_classes = model.num_classes
 
 
@@ -84,7 +85,7 @@ def source_fisher(model: TTAModel, datamodule, device, log: Callable[[str], None
     if e.fisher_beta == 0:
         return None
     if datamodule.shards.get("fit") is None:
-        raise ValueError("eata's Fisher regulariser needs source images: set data.init_args.train_shards (e.g. "
+        raise ValueError("eata's Fisher regulariser needs source images: set data.init_args.shards.train (e.g. "
                          "digits/train; labels are not used), or eata.fisher_beta: 0 to run without it (ETA).")
     fisher = fisher_information(model.source, model.cfg, labelled_batches(datamodule, e.fisher_samples, e.fisher_batch),
                                 device)

@@ -92,12 +92,12 @@ class SourceFile:
 
 def read_source_file(path: str) -> SourceFile:
     """Read the file's bytes once, hash them, and load them with ``weights_only=True`` (a crafted file
-    cannot run code); ``.safetensors`` files hold plain weights."""
+    cannot run code); empty, damaged and unsafe files get the shared loader's one-line refusals."""
     import hashlib
     import io
     import pickle
 
-    from mmalign.models.weights import UnsafeCheckpointError
+    from mmalign.models.weights import UnreadableCheckpointError, UnsafeCheckpointError, _refusal
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"source.checkpoint {path!r} does not exist. Train one with "
@@ -106,19 +106,19 @@ def read_source_file(path: str) -> SourceFile:
     with open(path, "rb") as fh:
         data = fh.read()
     digest = hashlib.sha256(data).hexdigest()
-    if path.endswith(".safetensors"):
+    if not data:
+        raise UnreadableCheckpointError(f"source.checkpoint {path!r} is empty (0 bytes): it was never completely "
+                                        "written or copied. Use another checkpoint or copy it again.")
+    if len(data) > 8 and data[8:9] == b"{" and not data.startswith(b"PK"):  # safetensors: 8-byte length + JSON
         from safetensors.torch import load as load_safetensors
 
         return SourceFile(path, load_safetensors(data), digest)
     try:
         raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(f"refusing to load {path!r}: it holds pickled Python objects beyond tensors and "
-                                    "plain containers, which could run code when loaded. Re-save its weights as a "
-                                    f"plain state dict. torch said: {str(exc).splitlines()[0] if str(exc) else exc}") from None
-    except RuntimeError as exc:
-        raise ValueError(f"{path!r} is not a torch checkpoint torch can read ({str(exc).splitlines()[0]}); give the "
-                         ".ckpt a run wrote, or timm weights (.pth/.pt/.safetensors) with source.kind: timm.") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        if isinstance(exc, UnsafeCheckpointError):
+            raise
+        raise _refusal(path, exc) from None
     return SourceFile(path, raw, digest)
 
 

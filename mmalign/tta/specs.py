@@ -180,7 +180,7 @@ class CafaSpec:
 
     Args:
         stats: Statistics file; default ``<checkpoint stem>.cafa_stats.pt`` next to the checkpoint,
-            computed from ``data.init_args.train_shards`` when missing.
+            computed from ``data.init_args.shards.train`` when missing.
         covariance: ``auto`` (class-wise unless C*d*d > 5e7), ``shared`` or ``classwise``.
         shrinkage: Shrinkage towards a scaled identity, in [0, 1].
         denominator: ``all`` (sum over every class) or ``others`` (c != y); unverified in the paper.
@@ -210,7 +210,7 @@ class EataSpec:
             (0.5 at 10 classes): at 0.05 with 10 classes almost every sample counts as redundant.
         average: Decay of that moving average (official 0.9).
         fisher_beta: Weight of ``sum F (theta - theta_source)^2`` (official 2000); 0 = no regulariser (ETA).
-        fisher_samples: Source samples (``train_shards``; pseudo-labelled, labels unused) the diagonal
+        fisher_samples: Source samples (``shards.train``; pseudo-labelled, labels unused) the diagonal
             Fisher is estimated from (official 2000 clean images).
         fisher_batch: Batch size of that estimate (official 64: the squared gradient of each batch's
             mean cross-entropy, averaged over the batches).
