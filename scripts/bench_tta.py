@@ -26,8 +26,12 @@ Modes (``tune`` and ``sensitivity`` live in ``tta_tuning.py``):
                choose).
 
     python scripts/bench_tta.py tune --out outputs/bench/tta_tune.json
-    python scripts/bench_tta.py report --seeds 0 1 --out outputs/bench/tta_report_a.json   # and 2, 3 4 ...
-    python scripts/bench_tta.py report --merge outputs/bench/tta_report_[abc].json --out outputs/bench/tta_report.json
+    python scripts/bench_tta.py report --out outputs/bench/tta_report.json               # the full recipe
+    # the reduced recipe of docs/tta.md, one process per seed, then joined:
+    python scripts/bench_tta.py report --seeds 0 --max-batches 1 \
+        --sweep-corruptions gaussian_noise defocus_blur snow contrast jpeg_compression --out .../tta_report_s0.json
+    python scripts/bench_tta.py report --merge .../tta_report_s*.json --max-batches 1 --sweep-corruptions ... \
+        --out outputs/bench/tta_report.json
 """
 
 from __future__ import annotations
