@@ -132,7 +132,7 @@ def test_adapt_runs_on_the_published_layouts_without_conversion(in_tmp, layout):
         _imagenet_c(bench, ["gaussian_noise/1", "gaussian_noise/5", "fog/1", "fog/5"], ["n01", "n02"], per_class=3)
         expected = 6
     cli.main(["adapt", "-c", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/tta/digits_c.yaml"),
-              *ADAPT_QUICK, "--model.init_args.num_classes=10", f"--data.init_args.benchmark.layout={layout}",
+              *ADAPT_QUICK, "--model.init_args.source.num_classes=10", f"--data.init_args.benchmark.layout={layout}",
               f"--data.init_args.benchmark.dir={bench}", "--data.init_args.benchmark.corruptions=[gaussian_noise,fog]",
               "--data.init_args.benchmark.severities=[1,5]", "--max_batches=null", "--rounds=1",
               "--trainer.enable_progress_bar=false"])

@@ -162,7 +162,7 @@ def f_crafted_weights(t, d):
 def f_crafted_tta_source(t, d):
     from mmalign.tta.module import TTAModel
 
-    return TTAModel(crafted(t / "src.ckpt", t / "RAN"), methods=["source"])
+    return TTAModel({"checkpoint": crafted(t / "src.ckpt", t / "RAN")}, methods=["source"])
 
 
 def f_crafted_cafa_stats(t, d):
@@ -213,7 +213,7 @@ def f_tta_labels_exceed_classes(t, d):
     from mmalign.tta.pipeline import adapt
     from mmalign.tta.stream import CorruptionStream
 
-    model = TTAModel(_tiny_classifier_ckpt(t / "src6.ckpt", num_classes=6), methods=["source", "tent"])
+    model = TTAModel({"checkpoint": _tiny_classifier_ckpt(t / "src6.ckpt", num_classes=6)}, methods=["source", "tent"])
     stream = CorruptionStream(shards={"data_root": d, "test": "digits/test"},
                               stream={"num_workers": 0, "batch_size": 32},
                               benchmark={"dir": str(t / "dc"), "corruptions": ["fog"]}, preprocess=model.preprocess)
@@ -227,14 +227,14 @@ def f_tta_num_classes_disagree(t, d):
     from mmalign.tta.pipeline import check_labels_fit
     from mmalign.tta.stream import CorruptionStream
 
-    model = TTAModel(_tiny_classifier_ckpt(t / "src.ckpt"), methods=["source"])
+    model = TTAModel({"checkpoint": _tiny_classifier_ckpt(t / "src.ckpt")}, methods=["source"])
     return check_labels_fit(model, CorruptionStream(label={"num_classes": 36}, benchmark={"dir": str(t)}))
 
 
 def f_tta_bad_method(t, d):
     from mmalign.tta.module import TTAModel
 
-    return TTAModel(None, "resnet18", 10, TINY_RESNET, methods=["source", "tnet"])
+    return TTAModel({"name": "resnet18", "num_classes": 10, "kwargs": TINY_RESNET}, methods=["source", "tnet"])
 
 
 def f_tta_bad_corruption(t, d):
@@ -251,7 +251,8 @@ def f_cafa_stats_other_checkpoint(t, d):
     stats = SourceStats(torch.zeros(10, 8), torch.eye(8), torch.ones(10), "shared", 0.1, {"num_samples": 10},
                         {"path": "/elsewhere/other.ckpt", "sha256": "0" * 64})
     stats.save(str(t / "given.cafa_stats.pt"))
-    model = TTAModel(_tiny_classifier_ckpt(t / "src.ckpt"), methods=["cafa"], cafa_stats=str(t / "given.cafa_stats.pt"))
+    model = TTAModel({"checkpoint": _tiny_classifier_ckpt(t / "src.ckpt")}, methods=["cafa"],
+                     cafa={"stats": str(t / "given.cafa_stats.pt")})
     return source_statistics(model, None, str(t), "cpu", log=lambda s: None)
 
 

@@ -121,7 +121,7 @@ def test_cafa_statistics_follow_the_source_checkpoint(tmp_path, data_root):
     logs = []
 
     def stats():
-        model = TTAModel(ckpt, methods=["cafa"])
+        model = TTAModel({"checkpoint": ckpt}, methods=["cafa"])
         dm = CorruptionStream(shards={"data_root": data_root, "train": "digits/train"}, stream={"num_workers": 0},
                               benchmark={"dir": str(tmp_path)}, preprocess=model.preprocess)
         return source_statistics(model, dm, str(tmp_path), "cpu", logs.append, max_samples=64)

@@ -422,7 +422,7 @@ def test_other_loaders_of_a_crafted_clip_checkpoint_refuse_it(tmp_path, monkeypa
         if entry == "adapt source":
             from mmalign.tta.module import TTAModel
 
-            TTAModel(ckpt, methods=["source"], zeroshot_classes=os.path.join(data_root, "shapes", "classes.json"))
+            TTAModel({"checkpoint": ckpt, "classes": os.path.join(data_root, "shapes", "classes.json")}, methods=["source"])
         else:
             from mmalign.encoders import build_teacher
 

@@ -1,4 +1,4 @@
-"""TTA methods: hand-computed TENT step, filter, CAFA, reset/episodic semantics, edge cases."""
+"""TTA methods: hand-computed TENT and filter steps, CAFA, reset/episodic semantics, edge cases."""
 
 import copy
 import math
@@ -8,30 +8,19 @@ import torch
 from torch import nn
 
 from mmalign.tta.cafa_stats import SourceStats, compute_source_stats, stats_path_for
-from mmalign.tta.losses import cafa_loss, crowd_filter_mask, filtered_entropy_loss, mahalanobis_sq
-from mmalign.tta.methods import Norm, TTAConfig, TTAMethod, Tent, TentFilter, build_method
+from mmalign.tta.losses import cafa_loss, crowd_filter_mask, filtered_entropy_loss, mahalanobis_sq, softmax_entropy
+from mmalign.tta.methods import Norm, TTAMethod, Tent, TentFilter, build_method
 from mmalign.tta.source import SplitClassifier, TimmClassifier
 from mmalign.tta.stream import run_stream
 
-
-def tiny_cnn(num_classes=3, dropout=0.0):
-    torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(dropout),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    bn = backbone[1]
-    with torch.no_grad():  # non-trivial source statistics and affine parameters
-        bn.running_mean.uniform_(-1, 1)
-        bn.running_var.uniform_(0.5, 2)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    return SplitClassifier(backbone, nn.Linear(4, num_classes)).eval()
+from _tta import bn_mlp, conf, entropy, hand_bn1d, tiny_cnn
 
 
 def test_tent_step_equals_hand_computation():
     model = tiny_cnn()
     x = torch.randn(6, 3, 5, 5)
     lr = 1e-2
-    tent = Tent(model, TTAConfig(lr=lr))
+    tent = Tent(model, conf(lr=lr))
     logits = tent(x)
 
     conv, bn = model.backbone[0], model.backbone[1]
@@ -50,7 +39,10 @@ def test_tent_step_equals_hand_computation():
         torch.testing.assert_close(got.detach(), p0.detach() - lr * g / (g.abs() + 1e-8), rtol=1e-5, atol=1e-6)
     # only norm affine parameters train; the source is untouched
     torch.testing.assert_close(tent.model.head.weight, model.head.weight)
-    assert model.backbone[1].running_mean is not None and tent.model.backbone[1].running_mean is None
+    # the source keeps its statistics; the adapted copy exports the source statistics it was given
+    sd = tent.adapted_state_dict()
+    torch.testing.assert_close(sd["backbone.1.running_mean"], bn.running_mean)
+    torch.testing.assert_close(sd["backbone.1.running_var"], bn.running_var)
     assert tent.updates == 1
 
 
@@ -92,18 +84,56 @@ def test_filter_whole_batch_diversity_reads_every_sample():
         filtered_entropy_loss(logits, keep, diversity="kep")
 
 
+def test_filter_step_with_the_real_frozen_original():
+    """Two TentFilter steps (SGD, no momentum) against a hand computation: the first step keeps every
+    sample (adapted = original); in the second the frozen source model, under the same batch
+    statistics, decides which samples the entropy is minimised on."""
+    model = bn_mlp()
+    lr, alpha = 0.5, 0.5
+    method = TentFilter(model, conf(lr=lr, optimizer="sgd", sgd_momentum=0.0))
+    bn, head = model.backbone[0], model.head
+    g0, b0 = bn.weight.detach().clone(), bn.bias.detach().clone()
+    torch.manual_seed(3)
+    x1, x2 = torch.randn(8, 4), torch.randn(8, 4) * 1.5 + 0.3
+
+    def hand_step(x, gamma, beta):
+        gamma, beta = gamma.clone().requires_grad_(True), beta.clone().requires_grad_(True)
+        logits = head(hand_bn1d(x, gamma, beta, bn.running_mean, bn.running_var, 0.0))
+        with torch.no_grad():
+            p_orig = torch.softmax(head(hand_bn1d(x, g0, b0, bn.running_mean, bn.running_var, 0.0)), -1)
+        c = p_orig.argmax(-1)
+        p = torch.softmax(logits, -1).detach()
+        keep = p[torch.arange(len(x)), c] >= p_orig[torch.arange(len(x)), c]
+        mean_p = torch.softmax(logits[keep], -1).mean(0)
+        loss = entropy(logits[keep]).mean() + alpha * (mean_p * torch.log(mean_p)).sum()
+        gg, gb = torch.autograd.grad(loss, [gamma, beta])
+        return logits.detach(), keep, (gamma - lr * gg).detach(), (beta - lr * gb).detach()
+
+    out1, keep1, g1, b1 = hand_step(x1, g0, b0)
+    torch.testing.assert_close(method(x1), out1)
+    assert keep1.all() and method.last["kept"] == 1.0
+    out2, keep2, g2, b2 = hand_step(x2, g1, b1)
+    assert 0 < int(keep2.sum()) < len(x2), "the test needs a batch the filter splits"
+    torch.testing.assert_close(method(x2), out2)
+    assert method.last["kept"] == keep2.float().mean().item()
+    torch.testing.assert_close(method.model.backbone[0].weight.detach(), g2)
+    torch.testing.assert_close(method.model.backbone[0].bias.detach(), b2)
+    assert (method.kept, method.seen) == (8 + int(keep2.sum()), 16)
+
+
 def test_empty_filter_selection_no_update_no_nan():
+    """An adapted model whose norm layer outputs zeros predicts uniformly: no sample keeps the
+    original's confidence in its class, so nothing is minimised, no step is taken and nothing is NaN."""
     assert filtered_entropy_loss(torch.randn(3, 4), torch.zeros(3, dtype=torch.bool)) is None
-    model = tiny_cnn()
-    method = TentFilter(model)
-
-    class Overconfident(nn.Module):  # the original is certain of class 0: no adapted sample can match it
-        def forward(self, x):
-            return torch.tensor([1e4, 0.0, 0.0]).expand(x.shape[0], 3)
-
-    method.original = Overconfident()
+    model = bn_mlp()
+    with torch.no_grad():
+        model.head.bias.zero_()
+    method = TentFilter(model, conf())
+    with torch.no_grad():
+        method.model.backbone[0].weight.zero_()
+        method.model.backbone[0].bias.zero_()
     before = [p.detach().clone() for p in method.params]
-    logits = method(torch.randn(4, 3, 5, 5))
+    logits = method(torch.randn(4, 4))
     assert torch.isfinite(logits).all()
     assert method.updates == 0 and method.skipped == 1 and method.last["kept"] == 0.0
     assert (method.kept, method.seen, method.kept_fraction) == (0, 4, 0.0)
@@ -130,7 +160,7 @@ def test_cafa_loss_lowers_intra_class_mahalanobis():
     stats = compute_source_stats(model, [{"image": source_x, "label": y}], 2, covariance="shared", shrinkage=0.0)
     # shift: within-class noise inflated along the irrelevant axis
     target_x = centers[y] + torch.randn(2 * n, d) * torch.tensor([0.5, 3.0])
-    cafa = build_method("cafa", model, TTAConfig(lr=0.05), stats)
+    cafa = build_method("cafa", model, conf(lr=0.05), stats)
 
     def intra():
         with torch.no_grad():
@@ -203,9 +233,12 @@ def _logged(method):
             Spy.resets += 1
             method.reset()
 
-        def __call__(self, x):
-            out.append(call(x))
+        def __call__(self, x, **kwargs):
+            out.append(call(x, **kwargs))
             return out[-1]
+
+        def __getattr__(self, name):  # counters and state of the method itself
+            return getattr(method, name)
 
     return Spy(), out
 
@@ -213,8 +246,8 @@ def _logged(method):
 @pytest.mark.parametrize("setting,resets", [("continual", 0), ("reset", 4), ("episodic", 12)])
 def test_reset_and_episodic_semantics(setting, resets):
     model, stream = tiny_cnn(), FakeStream()
-    norm_spy, norm_out = _logged(Norm(model))
-    tent_spy, tent_out = _logged(Tent(model, TTAConfig(lr=0.05)))
+    norm_spy, norm_out = _logged(Norm(model, conf()))
+    tent_spy, tent_out = _logged(Tent(model, conf(lr=0.05)))
     res = run_stream({"norm": norm_spy, "tent": tent_spy}, stream, setting, rounds=2)
     assert type(tent_spy).resets == resets
     same = [torch.allclose(a, b, atol=1e-6) for a, b in zip(norm_out, tent_out)]
@@ -230,24 +263,36 @@ def test_reset_and_episodic_semantics(setting, resets):
 
 def test_reset_restores_parameters_and_optimizer():
     model = tiny_cnn()
-    tent, x = Tent(model, TTAConfig(lr=0.1)), torch.randn(4, 3, 5, 5)
+    tent, x = Tent(model, conf(lr=0.1, prior=8.0, momentum=0.3)), torch.randn(4, 3, 5, 5)
     first = tent(x)
     tent(x)
     tent.reset()
     assert len(tent.optimizer.state) == 0  # fresh Adam moments
     for p, p0 in zip(tent.params, tent._initial):
         assert torch.equal(p, p0)
+    for (m, v), (m0, v0) in zip(tent.norm.ref.values(), tent.norm.source.values()):  # running stats back too
+        assert torch.equal(m, m0) and torch.equal(v, v0)
     torch.testing.assert_close(tent(x), first)
 
 
 def test_batch_size_one_batchnorm():
     model = tiny_cnn()
     x = torch.randn(1, 3, 5, 5)
-    with pytest.raises(ValueError, match="small_batch: source_stats"):
-        Tent(model)(x)
-    tent = Tent(model, TTAConfig(small_batch="source_stats"))
+    with pytest.raises(ValueError, match="adapt.min_batch"):
+        Tent(model, conf(small_batch="error"))(x)
+    tent = Tent(model, conf(small_batch="predict"))  # prior 0: the source statistics
     torch.testing.assert_close(tent(x), model(x))
-    assert tent.updates == 0 and tent.model.backbone[1].running_mean is None  # stats removed again
+    assert tent.updates == 0 and tent.small_batches == 1
+    mixed = Tent(model, conf(small_batch="predict", prior=16.0))  # prior-mixed statistics, one sample
+    bn, conv = model.backbone[1], model.backbone[0]
+    h = conv(x).detach()
+    w = 16 / 17
+    mu = w * bn.running_mean + (1 - w) * h.mean((0, 2, 3))
+    var = w * bn.running_var + (1 - w) * h.var((0, 2, 3), unbiased=False)
+    z = (h - mu[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + bn.eps)
+    z = z * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    torch.testing.assert_close(mixed(x), model.head(z.relu().mean((2, 3))).detach(), rtol=1e-5, atol=1e-6)
+    assert mixed.updates == 0 and mixed.small_batches == 1
     assert TTAMethod(model)(x).shape == (1, 3)  # the source needs no batch statistics
 
 
@@ -275,7 +320,7 @@ def test_timm_adapters_resnet_and_vit():
         logits, feats = model.forward_with_features(x)
         torch.testing.assert_close(logits, net(x))
         assert feats.shape == (4, net.num_features)
-        tent = Tent(model, TTAConfig(adapt_norms=norms, lr=0.1))
+        tent = Tent(model, conf(norms=norms, lr=0.1))
         before = copy.deepcopy(tent.model.state_dict())
         tent(x)
         changed = {k for k, v in tent.model.state_dict().items() if k in before and not torch.equal(v, before[k])}
@@ -283,7 +328,25 @@ def test_timm_adapters_resnet_and_vit():
                      if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for w in ("weight", "bias")}
         assert changed and changed <= norm_keys, changed - norm_keys
     with pytest.raises(ValueError, match="selects no affine norm layer"):
-        Tent(TimmClassifier(vit), TTAConfig(adapt_norms="batchnorm"))
-    sel = Tent(TimmClassifier(resnet), TTAConfig(adapt_norms=["layer4"]))
+        Tent(TimmClassifier(vit), conf(norms="batchnorm"))
+    sel = Tent(TimmClassifier(resnet), conf(norms=["layer4"]))
     assert len(sel.params) == 2 * sum(1 for n, m in resnet.named_modules()
                                       if n.startswith("layer4") and isinstance(m, nn.BatchNorm2d))
+
+
+def test_error_table_header_keeps_columns_apart():
+    """Issue 26: the header ran "satumean r1mean r3" together when domain names were short."""
+    from mmalign.tta.report import error_table
+    from mmalign.tta.results import StreamResult
+
+    res = StreamResult(["source", "tent"], ["saturate/5", "fog/5"], 3, "continual")
+    for rnd in range(3):
+        for m in ("source", "tent"):
+            for d in res.domains:
+                res.records.append({"method": m, "round": rnd, "domain": d, "batch": 0, "n": 10, "wrong": 1 + rnd,
+                                    "entropy": 2.0, "agree": 10, "kept": None, "small": False, "reset": False})
+    head = error_table(res).splitlines()[1]
+    assert head.split() == ["method", "satu5", "fog5", "mean", "r1", "mean", "r3"]
+    assert "  mean r1" in head and "  mean r3" in head
+    row = error_table(res).splitlines()[3].split()
+    assert row == ["source", "30.0", "30.0", "10.0", "30.0"]

@@ -21,8 +21,9 @@ def test_clip_checkpoint_adapts_as_zeroshot_classifier(tmp_path):
     spec = tmp_path / "classes.json"
     spec.write_text(json.dumps({"classnames": ["red circle", "blue square", "green star"],
                                 "templates": ["a photo of a {}.", "a {}."]}))
-    tta = TTAModel(source_checkpoint=str(ckpt), zeroshot_classes=str(spec), methods=["source", "tent"],
-                   adapt_norms="layernorm")
+    tta = TTAModel(source={"checkpoint": str(ckpt), "classes": str(spec)}, methods=["source", "tent"],
+                   adapt={"norms": "layernorm"})
+    assert tta.source_hparams["kind"] == "open_clip"  # detected from the checkpoint's hyper-parameters
     assert tta.num_classes == 3
     x = torch.randn(6, 3, 16, 16)
     # source logits are the hand-computed zero-shot logits

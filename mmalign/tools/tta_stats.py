@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> str:
     from mmalign.tta import TTAModel
     from mmalign.tta.pipeline import source_statistics
 
-    model = TTAModel(args.checkpoint, args.model_name, args.num_classes, methods=["source"], cafa_stats=args.out,
-                     cafa_covariance=args.covariance, cafa_shrinkage=args.shrinkage)
+    kind = "timm" if args.model_name else None
+    model = TTAModel({"checkpoint": args.checkpoint, "kind": kind, "name": args.model_name,
+                      "num_classes": args.num_classes}, methods=["source"],
+                     cafa={"stats": args.out, "covariance": args.covariance, "shrinkage": args.shrinkage})
     dm = ImageLabelDataModule(shards={"train": args.shards}, stream={"num_workers": 0, "batch_size": args.batch_size},
                               label={"key": args.label_key, "num_classes": model.num_classes},
                               preprocess=model.preprocess)

@@ -39,13 +39,12 @@ class SourceStats:
         return SourceStats(self.means.to(device), self.precision.to(device), self.counts, self.covariance,
                            self.shrinkage, self.meta, self.source)
 
-    def matches(self, checkpoint: str | None) -> bool:
-        """Whether these statistics were computed from ``checkpoint`` as it is now (same bytes)."""
-        if checkpoint is None or not self.source:
-            return checkpoint is None and not self.source
-        from mmalign.models.weights import file_digest
-
-        return self.source.get("sha256") == file_digest(checkpoint)
+    def matches(self, sha256: str | None) -> bool:
+        """Whether these statistics were computed from the checkpoint whose bytes hash to ``sha256``
+        (None: a model without checkpoint, random weights)."""
+        if sha256 is None or not self.source:
+            return sha256 is None and not self.source
+        return self.source.get("sha256") == sha256
 
     def save(self, path: str) -> None:
         tmp = path + ".tmp"

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample Shannon entropy (nats) of ``softmax(logits)``, shape (B,)."""
     return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+
+
+def reliable_entropy(logits: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-sample entropy, the reliable mask ``H < E0`` and ``E0 = margin * ln C`` (EATA's and SAR's
+    entropy filter; both papers use margin 0.4)."""
+    e0 = margin * math.log(logits.shape[-1])
+    ent = softmax_entropy(logits)
+    return ent, ent < e0, e0
 
 
 def crowd_filter_mask(p_adapt: torch.Tensor, p_orig: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,15 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .cafa_stats import SourceStats, compute_source_stats
+from .methods import build_method
 from .module import TTAModel
-from .stream import StreamResult, run_stream
+from .guard import Guard
+from .results import StreamResult
+from .stream import run_stream
 
 
 def labelled_batches(datamodule, max_samples: int | None, batch_size: int = 256) -> Iterable[dict]:
-    """Labelled source samples (``train_shards``, eval transform) of an image-label datamodule."""
+    """Labelled source samples (``shards.train``, eval transform) of an image-label datamodule."""
     from datamodules.shards import expand_shards
     from datamodules.eval_sets import EvalLoader, InMemoryDataset
 
@@ -39,24 +42,22 @@ def source_statistics(model: TTAModel, datamodule, out_dir: str, device, log: Ca
     the default one beside the checkpoint is recomputed.
     """
     path = model.stats_path(out_dir)
-    checkpoint = model.hparams.source_checkpoint
+    checkpoint = model.source_checkpoint
     if os.path.isfile(path):
         stats = SourceStats.load(path)
-        if stats.matches(checkpoint):
+        if stats.matches(model.source_digest):
             log(f"[adapt] CAFA statistics from {path}")
             return stats
         where = (stats.source or {}).get("path", "an unrecorded checkpoint")
-        if model.hparams.cafa_stats:
+        if model.cfg.cafa.stats:
             raise ValueError(f"cafa_stats '{path}' were computed from {where}, not from source_checkpoint "
                              f"'{checkpoint}' as it is now. Remove cafa_stats (adapt recomputes them) or point it at "
                              "this checkpoint's statistics.")
         log(f"[adapt] {path} describes {where}, not {checkpoint} as it is now: recomputing")
     stats = compute_source_stats(model.source, labelled_batches(datamodule, max_samples), model.num_classes,
-                                 model.hparams.cafa_covariance, model.hparams.cafa_shrinkage, max_samples, device)
+                                 model.cfg.cafa.covariance, model.cfg.cafa.shrinkage, max_samples, device)
     if checkpoint:
-        from mmalign.models.weights import file_digest
-
-        stats.source = {"path": os.path.abspath(checkpoint), "sha256": file_digest(checkpoint)}
+        stats.source = {"path": os.path.abspath(checkpoint), "sha256": model.source_digest}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     stats.save(path)
     log(f"[adapt] CAFA statistics ({stats.covariance}, {stats.meta['num_samples']} samples) -> {path}")
@@ -75,24 +76,59 @@ def check_labels_fit(model: TTAModel, datamodule) -> None:
         datamodule.num_classes = model.num_classes
 
 
+def source_fisher(model: TTAModel, datamodule, device, log: Callable[[str], None] = print) -> dict | None:
+    """EATA's Fisher information from the labelled source split's images (labels unused); None when
+    the regulariser is off (``eata.fisher_beta: 0``)."""
+    from .eata import fisher_information
+
+    e = model.cfg.eata
+    if e.fisher_beta == 0:
+        return None
+    if datamodule.shards.get("fit") is None:
+        raise ValueError("eata's Fisher regulariser needs source images: set data.init_args.shards.train (e.g. "
+                         "digits/train; labels are not used), or eata.fisher_beta: 0 to run without it (ETA).")
+    fisher = fisher_information(model.source, model.cfg, labelled_batches(datamodule, e.fisher_samples, e.fisher_batch),
+                                device)
+    log(f"[adapt] EATA Fisher information from up to {e.fisher_samples} source images (batch {e.fisher_batch})")
+    return fisher
+
+
 def adapt(model: TTAModel, datamodule, setting: str = "continual", rounds: int = 1, max_batches: int | None = None,
           out_dir: str = "runs/adapt", device: str | torch.device = "cpu", batch_size: int | None = None,
           log: Callable[[str], None] = print, stats: SourceStats | None = None,
-          on_predictions: Callable[[dict], None] | None = None) -> tuple[StreamResult, dict]:
+          on_predictions: Callable[[dict], None] | None = None, result: StreamResult | None = None,
+          methods: dict | None = None) -> tuple[StreamResult, dict]:
     """Run every method of ``model`` along ``datamodule``'s domains (a ``DomainStream``); returns the
-    result and the methods."""
+    result and the methods. ``result`` (filled in place) and ``methods`` (filled once built) let the
+    caller report what was measured when something fails midway."""
     if datamodule.labelled:
         check_labels_fit(model, datamodule)
-    if "cafa" in model.hparams.methods and stats is None:
+    names = model.hparams.methods
+    if "cafa" in names and stats is None:
         stats = source_statistics(model, datamodule, out_dir, device, log, datamodule.source_max_samples)
-    methods = {n: m.to(device) for n, m in model.build_methods(stats).items()}
-    result = run_stream(methods, datamodule, setting, rounds, max_batches, device, batch_size=batch_size, log=log,
-                        on_predictions=on_predictions)
-    return result, methods
+    fisher = source_fisher(model, datamodule, device, log) if "eata" in names else None
+    built = {n: m.to(device) for n, m in model.build_methods(stats, fisher).items()}
+    if methods is not None:
+        methods.update(built)
+    spec = model.guard_spec
+    guards = {n: Guard(spec) for n, m in built.items() if m.trains}
+    fallback = [n for n, m in built.items() if m.norm is not None] if spec.source_fallback else []
+    # the guard's reference: the un-adapted model under the same normalisation
+    baseline = build_method("norm", model.source, model.cfg).to(device) if guards or fallback else None
+    a = model.cfg.adapt
+    result = run_stream(built, datamodule, setting, rounds, max_batches, device, batch_size=batch_size, log=log,
+                        on_predictions=on_predictions, reference=model.source.to(device), baseline=baseline,
+                        guards=guards, fallback=fallback,
+                        small_batch=a.small_batch, min_batch=a.min_batch, result=result)
+    return result, built
 
 
 def method_summary(methods: dict) -> dict:
-    """What each method did beyond its errors: updates, skipped updates, the filter's kept fraction."""
+    """What each method did beyond its errors: updates, skipped updates, batches predicted without an
+    update (below adapt.min_batch), the filters' kept fraction, SAR's model recoveries."""
     return {"updates": {n: m.updates for n, m in methods.items()},
             "skipped_updates": {n: m.skipped for n, m in methods.items()},
-            "filter_kept_fraction": {n: m.kept_fraction for n, m in methods.items() if hasattr(m, "kept_fraction")}}
+            "unadapted_small_batches": {n: m.small_batches for n, m in methods.items()},
+            "source_fallback_batches": {n: m.fallbacks for n, m in methods.items()},
+            "filter_kept_fraction": {n: m.kept_fraction for n, m in methods.items() if hasattr(m, "kept_fraction")},
+            "sar_recoveries": {n: m.recoveries for n, m in methods.items() if hasattr(m, "recoveries")}}

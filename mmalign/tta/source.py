@@ -9,6 +9,7 @@ so an open_clip zero-shot classifier can later plug in with a linear head of cla
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,81 +80,162 @@ class ZeroShotHead(nn.Module):
         return self.scale * feats @ self.weights.T
 
 
-def load_open_clip_zeroshot(checkpoint: str, hp: dict[str, Any], classes: str | None) -> tuple[SplitClassifier, dict]:
+@dataclass
+class SourceFile:
+    """A source checkpoint read once: its loaded contents and the sha256 of its bytes (what CAFA's
+    statistics are tied to)."""
+
+    path: str
+    raw: Any
+    sha256: str
+
+
+def read_source_file(path: str) -> SourceFile:
+    """Read the file's bytes once, hash them, and load them with ``weights_only=True`` (a crafted file
+    cannot run code); empty, damaged and unsafe files get the shared loader's one-line refusals."""
+    import hashlib
+    import io
+    import pickle
+
+    from mmalign.models.weights import UnreadableCheckpointError, UnsafeCheckpointError, _refusal
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"source.checkpoint {path!r} does not exist. Train one with "
+                                "`python -m mmalign fit -c configs/classify/digits.yaml` and point "
+                                "source.checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        raise UnreadableCheckpointError(f"source.checkpoint {path!r} is empty (0 bytes): it was never completely "
+                                        "written or copied. Use another checkpoint or copy it again.")
+    if len(data) > 8 and data[8:9] == b"{" and not data.startswith(b"PK"):  # safetensors: 8-byte length + JSON
+        from safetensors.torch import load as load_safetensors
+
+        return SourceFile(path, load_safetensors(data), digest)
+    try:
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        if isinstance(exc, UnsafeCheckpointError):
+            raise
+        raise _refusal(path, exc) from None
+    return SourceFile(path, raw, digest)
+
+
+#: the module that owns each checkpoint format (reads it, writes adapted weights back in it). Looked up by
+#: name when a checkpoint of that kind is used, as the CLI finds its subcommands: a method package never
+#: imports another one, and deleting one leaves the others working (only its kind becomes unavailable).
+FORMATS = {"open_clip": "mmalign.contrastive.export", "classifier": "mmalign.classify.export"}
+
+
+def checkpoint_format(kind: str):
+    """The export module of ``kind`` (``hparams_of``, the reader, ``adapted_checkpoint``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(FORMATS[kind])
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"source.kind {kind!r} needs {FORMATS[kind]}, which is not installed ({exc}).") from None
+
+
+def detect_kind(file: SourceFile | None) -> str:
+    """``open_clip`` / ``classifier`` when that format recognises the checkpoint's hyper-parameters, else ``timm``."""
+    if file is None:
+        return "timm"
+    for kind in FORMATS:
+        try:
+            if checkpoint_format(kind).hparams_of(file.raw) is not None:
+                return kind
+        except ValueError:
+            continue  # that method package is not installed: not its checkpoint
+    return "timm"
+
+
+def load_open_clip_zeroshot(file: SourceFile, classes: str | None) -> tuple[SplitClassifier, dict]:
     """A CLIP/SigLIP checkpoint of mmalign as a zero-shot classifier over ``classes`` (a class-spec
     file): image tower -> normalised features -> text-derived class weights."""
     if classes is None:
-        raise ValueError("source_checkpoint is a CLIP/SigLIP checkpoint: set zeroshot_classes to a class-spec file "
+        raise ValueError("source.kind is open_clip (a CLIP/SigLIP checkpoint): set source.classes to a class-spec file "
                          "({'classnames': [...], 'templates': [...]}) whose class order matches the labels.")
     import open_clip
 
-    from mmalign.models.open_clip_models import create_open_clip, open_clip_transforms
     from mmalign.evaluation import build_zeroshot_weights, load_class_spec
-    from mmalign.models.weights import load_weights
+    from mmalign.models.open_clip_models import open_clip_transforms
 
-    m = hp["model"]  # hp: mmalign.checkpoint_layout.clip_hparams
-    clip = create_open_clip(m["name"], m.get("cfg"))
-    load_weights(clip, checkpoint, prefix="model.")
-    clip.eval()
+    clip, info = checkpoint_format("open_clip").model_from_checkpoint(file.raw, f"source.checkpoint {file.path!r}")
     spec = load_class_spec(classes)
-    weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(m["name"]), spec.classnames,
+    weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(info["model_name"]), spec.classnames,
                                      spec.templates)
-    _, eval_transform = open_clip_transforms(clip, m.get("image_size"))
-    info = {"kind": "open_clip_zeroshot", "model_name": m["name"], "model_cfg": m.get("cfg"),
-            "num_classes": spec.num_classes, "classes": classes, "eval_transform": eval_transform,
-            "contrastive_hparams": {k: v for k, v in hp.items() if not k.startswith("_")}}
-    return SplitClassifier(ImageTower(clip), ZeroShotHead(weights)), info
+    _, eval_transform = open_clip_transforms(clip, info["image_size"])
+    hp = {"kind": "open_clip", "num_classes": spec.num_classes, "classes": classes, "eval_transform": eval_transform,
+          "contrastive_hparams": info["hparams"]}
+    return SplitClassifier(ImageTower(clip), ZeroShotHead(weights)), hp
 
 
-def load_source(checkpoint: str | None, model_name: str | None = None, num_classes: int | None = None,
-                model_kwargs: dict[str, Any] | None = None,
-                zeroshot_classes: str | None = None) -> tuple[FeatureClassifier, dict[str, Any]]:
-    """Build the source classifier; returns ``(model, hparams)``.
+def load_source(spec, log=print) -> tuple[FeatureClassifier, dict[str, Any], SourceFile | None]:
+    """Build the source classifier of a ``SourceSpec``; returns ``(model, hparams, file)``.
 
-    ``checkpoint`` may be an ``ImageClassifier`` Lightning checkpoint (its hyper-parameters rebuild
-    the timm model; ``model_name`` etc. must then be unset or agree), an mmalign CLIP/SigLIP
-    checkpoint (adapted as a zero-shot classifier over ``zeroshot_classes``), or plain weights for
-    the timm model named by ``model_name``. ``checkpoint=None`` builds randomly initialised weights: only
-    useful for smoke tests, and said so on stderr.
+    The checkpoint is read once (``read_source_file``). ``kind`` null: detected from the file, with a
+    notice; ``classifier`` rebuilds the timm network from the checkpoint's own hyper-parameters
+    (``name``/``num_classes`` must then be unset or agree); ``open_clip`` adapts a CLIP/SigLIP
+    checkpoint as a zero-shot classifier over ``classes``; ``timm`` loads plain weights into the timm
+    model ``name``. No checkpoint: random weights, only useful for smoke tests, and said so on stderr.
     """
-    hparams: dict[str, Any] = {}
-    if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"source_checkpoint {checkpoint!r} does not exist. Train one with "
-                                    "`python -m mmalign fit -c configs/classify/digits.yaml` and point "
-                                    "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
-        from mmalign.models.weights import load_checkpoint_file
-
-        from mmalign.checkpoint_layout import classifier_hparams, clip_hparams
-
-        raw = load_checkpoint_file(checkpoint, mmap=True)  # weights_only: a crafted file cannot run code
-        saved = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-        if (hp := clip_hparams(saved)) is not None:
-            return load_open_clip_zeroshot(checkpoint, hp, zeroshot_classes)
-        if (hp := classifier_hparams(saved)) is not None:
-            for key, given, have in (("model_name", model_name, hp["network"]["name"]),
-                                     ("num_classes", num_classes, hp["num_classes"])):
-                if given is not None and given != have:
-                    raise ValueError(f"{key}={given!r} disagrees with the checkpoint's {have!r}; "
-                                     f"leave {key} unset when source_checkpoint is an ImageClassifier checkpoint.")
-            from mmalign.models.weights import load_weights
-            from mmalign.models.timm_models import create_timm_model
-
-            # rebuilt from the checkpoint's own hyper-parameters: the classifier's network is its
-            # ``model`` attribute, so its weights are the state-dict keys under "model."
-            net = create_timm_model(hp["network"]["name"], hp["num_classes"], False, None,
-                                    **(hp["network"].get("kwargs") or {}))
-            load_weights(net, checkpoint, prefix="model.")
-            return TimmClassifier(net), dict(hp)
-    if model_name is None or num_classes is None:
-        raise ValueError("set model_name and num_classes: the source checkpoint is not an ImageClassifier "
-                         "checkpoint (or none was given), so they cannot be read from it.")
+    file = read_source_file(spec.checkpoint) if spec.checkpoint is not None else None
+    kind = spec.kind
+    if kind is None:
+        kind = detect_kind(file)
+        if file is not None:
+            log(f"[adapt] source.kind not set: {file.path} is read as '{kind}' (set source.kind: {kind} to say so)")
+    where = f"source.checkpoint {spec.checkpoint!r}"
+    if kind == "open_clip":
+        if file is None:
+            raise ValueError("source.kind open_clip needs source.checkpoint (an mmalign CLIP/SigLIP checkpoint).")
+        model, hp = load_open_clip_zeroshot(file, spec.classes)
+        return model, hp, file
+    if kind == "classifier":
+        if file is None:
+            raise ValueError("source.kind classifier needs source.checkpoint (an ImageClassifier checkpoint).")
+        net, info = checkpoint_format("classifier").network_from_checkpoint(file.raw, where)
+        for key, given in (("model_name", spec.name), ("num_classes", spec.num_classes)):
+            if given is not None and given != info[key]:
+                raise ValueError(f"source.{'name' if key == 'model_name' else key}={given!r} disagrees with the "
+                                 f"checkpoint's {info[key]!r}; leave it unset for an ImageClassifier checkpoint.")
+        return TimmClassifier(net), {"kind": "classifier", **info, "classifier_hparams": file.raw["hyper_parameters"]}, file
+    if spec.name is None or spec.num_classes is None:
+        raise ValueError("source.kind timm needs source.name (a timm model) and source.num_classes: the checkpoint "
+                         "is not an ImageClassifier checkpoint (or none was given), so they cannot be read from it.")
     from mmalign.models.timm_models import create_timm_model
 
-    if checkpoint is None:
+    net = create_timm_model(spec.name, spec.num_classes, False, None, **dict(spec.kwargs))
+    if file is None:
         import sys
 
-        print("[tta] source_checkpoint is null: using RANDOM weights (smoke test only).", file=sys.stderr)
-    net = create_timm_model(model_name, num_classes, False, checkpoint, **(model_kwargs or {}))
-    hparams.update(network={"name": model_name, "kwargs": model_kwargs or {}}, num_classes=num_classes)
-    return TimmClassifier(net), hparams
+        print("[tta] source.checkpoint is null: using RANDOM weights (smoke test only).", file=sys.stderr)
+    else:
+        _load_plain_weights(net, file, where)
+    return TimmClassifier(net), {"kind": "timm", "model_name": spec.name, "num_classes": spec.num_classes,
+                                 "model_kwargs": dict(spec.kwargs)}, file
+
+
+def _load_plain_weights(net: nn.Module, file: SourceFile, where: str) -> None:
+    """timm/torchvision weights already read, unwrapped from the usual containers and prefixes the way
+    ``mmalign.models.weights.load_weights`` does for a path."""
+    from mmalign.models.weights import _WRAPPER_KEYS, _strip_prefixes
+
+    sd = file.raw
+    for key in _WRAPPER_KEYS:
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{where} holds no state dict of tensors.")
+    own = net.state_dict()
+    sd = _strip_prefixes(sd, set(own))
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if missing or unexpected or bad:
+        raise ValueError(f"{where} does not fit timm model {type(net).__name__}: {len(missing)} missing {missing[:4]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:4]}, {len(bad)} of another shape {bad[:4]}. "
+                         "Check source.name and source.kwargs match the weights.")
+    net.load_state_dict(sd)
