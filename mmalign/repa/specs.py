@@ -118,7 +118,9 @@ class NetworkSpec:
         kind: ``classifier`` (an ``ImageClassifier`` checkpoint: model name, kwargs, input size and
             normalisation are read from its saved hyper-parameters, so only ``checkpoint`` is
             given), ``timm`` (a timm model ``name`` plus a local weights file) or ``open_clip``
-            (an open_clip image tower), or any kind registered with ``register_teacher``.
+            (an open_clip image tower, or the image tower of an mmalign CLIP checkpoint: ``name`` is then
+            read from it, and ``kwargs.trunk_kwargs`` rebuild a timm tower's trunk, e.g.
+            ``{output_stride: 8}``), or any kind registered with ``register_teacher``.
         checkpoint: Local weights / checkpoint file (``timm`` / ``open_clip`` without it: random
             weights, smoke tests only).
         name: Model name for ``timm`` / ``open_clip``; for ``classifier``, if given, must match the checkpoint.
@@ -148,7 +150,7 @@ class NetworkSpec:
                   f"{where}.checkpoint is null. Train one (python -m mmalign fit -c configs/repa/teacher_resnet_shapes.yaml "
                   f"for a teacher, configs/classify/shapes.yaml for the FD network) and set {where}.checkpoint to its "
                   "runs/mmalign/version_N/checkpoints/last.ckpt, or use kind: timm with a model name.")
-        else:
+        elif not (self.kind == "open_clip" and self.checkpoint):  # an mmalign CLIP checkpoint records its name
             _need(self.name is not None, f"{where}: kind '{self.kind}' needs {where}.name (the model name).")
         return build_teacher(self.kind, self.name, self.checkpoint, grid=grid, **self.kwargs)
 
