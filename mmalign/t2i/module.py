@@ -225,7 +225,7 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
                    method, cfg_scale, interval)
         return x.clamp(-1, 1)
 
-    def _generate_in_batches(self, captions: list[str], steps: int, cfg_scale: float, seed: int, batch: int = 128):
+    def generate_in_batches(self, captions: list[str], steps: int, cfg_scale: float, seed: int, batch: int = 128):
         for start in range(0, len(captions), batch):
             yield start, self.generate(captions[start: start + batch], steps, "euler", cfg_scale, seed=seed + start)
 
@@ -260,7 +260,7 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
         if fd is not None and self._fd_captions:
             from mmalign.repa.fid import to_unit
 
-            for _, imgs in self._generate_in_batches(self._fd_captions, spec.sample_steps, spec.cfg_scale,
+            for _, imgs in self.generate_in_batches(self._fd_captions, spec.sample_steps, spec.cfg_scale,
                                                      10_000 * get_rank() + seed):
                 fd.update(to_unit(imgs), real=False)
             out["fd"] = fd.compute()
@@ -280,7 +280,7 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
         metric = alignment_metric(self.judge_net, prompts).to(self.device)
         classes = torch.arange(len(prompts.classnames)).repeat(j.images_per_prompt)[get_rank()::get_world_size()]
         texts = [prompts.prompts()[i] for i in classes.tolist()]
-        for start, imgs in self._generate_in_batches(texts, j.sample_steps, j.cfg_scale, 20_000 * get_rank() + seed):
+        for start, imgs in self.generate_in_batches(texts, j.sample_steps, j.cfg_scale, 20_000 * get_rank() + seed):
             score_images(self.judge_net, prompts, imgs, classes[start: start + len(imgs)], metric)
         return metric.compute()
 
