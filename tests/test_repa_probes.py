@@ -28,6 +28,12 @@ def test_cknna_sees_shared_neighbourhoods():
     half = a.clone()
     half[100:] = torch.randn(100, 32, generator=g)
     assert 0.2 < cknna(a, half) < 0.9
+    # the same 10 clusters with independent noise inside each: globally alike (linear CKA 0.92) but the
+    # nearest neighbours disagree, and CKNNA, which compares kernels on mutual neighbours only, sees it
+    c = torch.arange(200) % 10
+    centres = torch.randn(10, 16, generator=g)
+    x, y = (centres[c] + 0.3 * torch.randn(200, 16, generator=g) for _ in range(2))
+    assert cknna(x, y) < 0.6
     with pytest.raises(ValueError, match="same samples"):
         cknna(a, a[:100])
 
@@ -72,3 +78,14 @@ def test_probe_report_reads_the_image_not_the_label():
     rep = probe_report(net, net.hook_module("transformer_blocks.0"), 4, train, val, ts=(0.25,), teacher_val=teacher)
     row = rep["t=0.25"]
     assert row["probe_colour"] == 1.0 and row["probe_shuffled"] < 0.7 and row["cknna"] > 0.2
+    # the features are the block's output for x_t under the null class (4), with the seeded noise
+    from mmalign.repa.probes import hidden_features
+
+    seen = []
+    handle = net.hook_module("transformer_blocks.0").register_forward_hook(lambda m, i, o: seen.append(o.mean(1)))
+    x = images[:8]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net(0.5 * x + 0.5 * noise, torch.full((8,), 0.5), torch.full((8,), 4))
+    handle.remove()
+    torch.testing.assert_close(hidden_features(net, net.hook_module("transformer_blocks.0"), x, 0.5, 4), seen[0])

@@ -49,11 +49,11 @@ def tiny_clip(tmp_path_factory):
 
 def test_text_features_are_cached_and_independent_of_the_batch():
     enc = FrozenTextEncoder(max_tokens=12)
-    calls = []
-    enc.hf.register_forward_hook(lambda m, i, o: calls.append(1))
+    rows = []
+    enc.hf.register_forward_pre_hook(lambda m, a, kw: rows.append(len(kw["input_ids"])), with_kwargs=True)
     a = enc(["a red circle", "a small blue star in the top left on a black background"])
     b = enc(["a red circle", ""])
-    assert len(calls) == 2  # the second call ran the transformer for "" only
+    assert rows == [2, 1]  # the second call ran the transformer for "" only
     assert torch.equal(a.tokens[0], b.tokens[0]) and torch.equal(a.pooled[0], b.pooled[0])
     assert a.mask[0].sum() == 5 and a.mask[1].sum() == 12  # [CLS] a red circle [SEP]; the long one truncated
     assert b.mask[1].sum() == 2 and torch.all(b.tokens[1, 2:] == 0)  # the empty caption: [CLS] [SEP], zero padding
