@@ -40,7 +40,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchstats import REPORT_SEEDS, ClaimTable, against, cell, compare, interval, save  # noqa: E402
+from benchstats import REPORT_SEEDS, ClaimTable, against, interval, save  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -109,7 +109,7 @@ def datamodule(args, model=None, shuffle_buffer: int = 1000):
 def probe_data(args) -> tuple:
     """``(train, val)`` as ``(images, {"shape": ..., "colour": ...})``: the first ``--probe-train`` training
     images and the whole validation split, in [-1, 1] at 32 px; the class is ``shape * 6 + colour``."""
-    from mmalign.repa.module import diffusion_transform
+    from mmalign.diffusion.transforms import diffusion_transform
     from datamodules.base import Preprocess
 
     t = diffusion_transform(32)
@@ -155,6 +155,7 @@ def score_teachers(args) -> None:
     for name in args.score_teachers:
         ckpt = train_teacher(args, name) if TEACHERS[name][0] else None
         spec = TeacherSpec(**teacher_spec(name, args, ckpt))
+        torch.manual_seed(0)  # the random-init control is the same network every time
         teacher = spec.build(None if spec.interpolate_tokens else 8, "teacher")
         t0 = time.perf_counter()
         row = score_teacher(teacher, train, val, grid=None)
@@ -169,8 +170,11 @@ def score_teachers(args) -> None:
     print(f"{'teacher':<20}{'LDS':>8}{'CDS':>8}{'probe shape':>13}{'probe colour':>14}{'dim':>6}")
     for name, r in sorted(rows.items(), key=lambda kv: -kv[1]["lds"]):
         print(f"{name:<20}{r['lds']:>8.3f}{r['cds']:>8.3f}{r['probe_shape']:>13.3f}{r['probe_colour']:>14.3f}{r['dim']:>6}")
-    best = max(rows, key=lambda n: rows[n]["lds"])
-    print(f"most spatial structure (LDS): {best}")
+    # iREPA ranks pretrained encoders; a network that knows nothing (random init) can still have local tokens,
+    # so only teachers whose pooled tokens carry the attributes (probe floor) are eligible
+    eligible = [n for n, r in rows.items() if min(r["probe_shape"], r["probe_colour"]) >= args.min_probe]
+    best = max(eligible, key=lambda n: rows[n]["lds"]) if eligible else None
+    print(f"most spatial structure (LDS) among teachers with probe accuracy >= {args.min_probe}: {best}")
     save(args.out, {"args": vars(args), "teachers": rows, "best_by_lds": best})
 
 
@@ -184,7 +188,7 @@ def precompute(args, name: str, ckpt: str | None) -> str:
         return out
     spec = TeacherSpec(**teacher_spec(name, args, ckpt))
     teacher = spec.build(None if spec.interpolate_tokens else 8, "teacher")
-    from mmalign.repa.module import diffusion_transform
+    from mmalign.diffusion.transforms import diffusion_transform
     from datamodules.base import Preprocess
 
     dm = datamodule(args, shuffle_buffer=1)
@@ -463,6 +467,8 @@ def main() -> None:
                    help="ImageNet MobileNetV2 weights (python scripts/fetch_mobilenet_v2.py)")
     p.add_argument("--score-teachers", nargs="+", default=None, choices=list(TEACHERS), metavar="TEACHER",
                    help=f"print the spatial-structure score of these candidates ({', '.join(TEACHERS)}) and stop")
+    p.add_argument("--min-probe", type=float, default=0.8,
+                   help="--score-teachers: a teacher is eligible when its pooled tokens reach this probe accuracy")
     p.add_argument("--precompute", action="store_true", help="precompute the teacher's tokens for the training set")
     p.add_argument("--probe-train", type=int, default=1000, help="training images of the probes; 0 = no probes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the machine is shared)")

@@ -86,8 +86,8 @@ class Evaluator:
     """The judge and the FD metric (real statistics added once), shared by every model of the bench."""
 
     def __init__(self, args) -> None:
-        from mmalign.repa.fid import add_real, build_fd_metric
-        from mmalign.repa.specs import NetworkSpec
+        from mmalign.diffusion.fid import add_real, build_fd_metric
+        from mmalign.diffusion.specs import NetworkSpec
         from mmalign.t2i.judge import ClipJudge, load_prompt_set
 
         self.args = args
@@ -95,7 +95,7 @@ class Evaluator:
         self.prompts = load_prompt_set(os.path.join(args.data_root, "shapes"))
         self.fd, self.fd_network = build_fd_metric(NetworkSpec(kind="open_clip", checkpoint=args.judge_ckpt))
         dm = datamodule(args, None, 100, 0, {"val_shards": "shapes/val", "extra_val_shards": {"heldout": "shapes/heldout"}})
-        from mmalign.repa.module import diffusion_transform
+        from mmalign.diffusion.transforms import diffusion_transform
         from datamodules.base import Preprocess
 
         dm.preprocess = Preprocess(eval_transform=diffusion_transform(32))
@@ -129,7 +129,7 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model, seed: int) -> dict:
-        from mmalign.repa.fid import to_unit
+        from mmalign.diffusion.fid import to_unit
 
         model.eval()
         model.judge_net = self.judge

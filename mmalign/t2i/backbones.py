@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .text import TextBatch
@@ -93,22 +92,3 @@ class TextDiffusionBackbone(nn.Module):
                             timestep=timestep, return_dict=False)[0]
         return self.net(sample=x, timestep=timestep, encoder_hidden_states=text.tokens, class_labels=text.pooled,
                         encoder_attention_mask=text.mask.long(), return_dict=False)[0]
-
-
-@torch.no_grad()
-def block_output_shape(backbone: TextDiffusionBackbone, module: nn.Module, text: TextBatch) -> tuple[int, ...]:
-    """Shape of ``module``'s (image-stream) output for one dummy input."""
-    seen: list[tuple[int, ...]] = []
-
-    def hook(m, i, o):
-        out = o[-1] if isinstance(o, tuple) else o  # a joint block returns (text, image)
-        seen.append(tuple(out.shape))
-
-    handle = module.register_forward_hook(hook)
-    try:
-        p = next(backbone.parameters())
-        x = torch.zeros(1, backbone.in_channels, backbone.image_size, backbone.image_size, device=p.device)
-        backbone(x, torch.full((1,), 0.5, device=p.device), text.index(torch.tensor([0])).to(p.device))
-    finally:
-        handle.remove()
-    return seen[0]

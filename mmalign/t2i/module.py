@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from datamodules.base import Preprocess
 from mmalign.distributed import get_rank, get_world_size
-from mmalign.repa.ema import EMA
-from mmalign.repa.frozen import FrozenChildren
-from mmalign.repa.module import diffusion_transform
-from mmalign.repa.sampling import sample
+from mmalign.diffusion.ema import EMA
+from mmalign.diffusion.frozen import FrozenChildren
+from mmalign.diffusion.transforms import diffusion_transform
+from mmalign.diffusion.sampling import sample
 from mmalign.specs import store_specs
 
 from .backbones import TextDiffusionBackbone
@@ -92,7 +92,7 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
             self.ema = EMA(self.backbone, d.ema_decay)
         self.fd_metric = self.fd_network = None
         if cfg.fd.num_samples:
-            from mmalign.repa.fid import build_fd_metric
+            from mmalign.diffusion.fid import build_fd_metric
 
             self.fd_metric, self.fd_network = build_fd_metric(cfg.fd.network)
         self.judge_net = None
@@ -100,6 +100,9 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
             from .judge import ClipJudge
 
             self.judge_net = ClipJudge(cfg.judge.checkpoint, cfg.judge.name)
+        else:
+            log.warning("judge.checkpoint is null: text-image alignment (prompt accuracy, CLIP score) is not evaluated; "
+                        "set it to the quick start's CLIP checkpoint.")
         self._prompts = None  # read at the first evaluation: the data may not exist yet
         self._fd_captions: list[str] = []
 
@@ -240,7 +243,7 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
         self.log("val/loss_velocity", F.mse_loss(pred.float(), (noise - images).float()), batch_size=len(images),
                  sync_dist=True)
         if self.fd_metric is not None and not self.trainer.sanity_checking:
-            from mmalign.repa.fid import add_real
+            from mmalign.diffusion.fid import add_real
 
             before = int(self.fd_metric.real_features_num_samples)
             add_real(self.fd_metric, images, self.cfg.fd.num_samples)
@@ -258,7 +261,7 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
         out: dict[str, torch.Tensor] = {}
         fd, spec = self.fd_metric, self.cfg.fd
         if fd is not None and self._fd_captions:
-            from mmalign.repa.fid import to_unit
+            from mmalign.diffusion.fid import to_unit
 
             for _, imgs in self.generate_in_batches(self._fd_captions, spec.sample_steps, spec.cfg_scale,
                                                      10_000 * get_rank() + seed):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mmalign.repa.specs import FDSpec, NetworkSpec, SamplingSpec
+from mmalign.diffusion.specs import FDSpec, NetworkSpec, SamplingSpec
 from mmalign.specs import OptimSpec, coerce, need, one_of, positive, unit_interval
 
 T2I_BACKBONES = ("mmdit", "unet")

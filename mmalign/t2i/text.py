@@ -97,7 +97,9 @@ class FrozenTextEncoder(nn.Module):
             self.token_dim, self.pooled_dim = int(tokens.shape[-1]), int(pooled.shape[-1])
         else:
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.disable_progress_bar()  # a bar per model load buries the training log
             path = resolve_model_path(model)
             self.hf, self.tower = AutoModel.from_pretrained(path), None
             self._hf_tok = AutoTokenizer.from_pretrained(path)
