@@ -11,40 +11,13 @@ from PIL import Image
 from mmalign.t2i import TextToImageDiffusion
 from mmalign.t2i.text import FrozenTextEncoder
 
-MMDIT = {"num_layers": 2, "patch_size": 4, "num_attention_heads": 2, "attention_head_dim": 16}
-UNET = {"block_out_channels": [8, 16, 16], "norm_num_groups": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread makes small convolutions 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make(backbone="mmdit", **kw):
-    torch.manual_seed(0)
-    m = TextToImageDiffusion(diffusion={"backbone": backbone, "backbone_kwargs": MMDIT if backbone == "mmdit" else UNET,
-                                        **kw.pop("diffusion", {})}, **kw)
-    m.log = m.log_dict = lambda *a, **k: None
-    return m
+from tests._t2i import MMDIT, make, one_thread, tiny_clip_checkpoint  # noqa: F401 (one_thread: autouse fixture)
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """An mmalign CLIP checkpoint with a tiny ViT and text transformer (judge, FD network, text tower)."""
-    from mmalign.contrastive import CLIP
-
-    cfg = {"embed_dim": 16, "custom_text": True,
-           "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    clip = CLIP(model_name="mmalign-t2i-tiny", model_cfg=cfg)
-    path = tmp_path_factory.mktemp("clip") / "clip.ckpt"
-    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, path)
-    return str(path), clip
+    return tiny_clip_checkpoint(tmp_path_factory.mktemp("clip") / "clip.ckpt", "mmalign-t2i-tiny")
 
 
 def test_text_features_are_cached_and_independent_of_the_batch():

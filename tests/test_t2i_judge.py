@@ -91,15 +91,9 @@ def test_score_images_splits_seen_and_heldout(judged):
 def test_clip_judge_reads_an_mmalign_checkpoint(tmp_path, data_root):
     """ClipJudge builds the CLIP of an mmalign checkpoint from its recorded architecture; its CLIP score is
     100 x the cosine of the model's own normalised embeddings."""
-    from mmalign.contrastive import CLIP
+    from tests._t2i import tiny_clip_checkpoint
 
-    cfg = {"embed_dim": 16, "custom_text": True,
-           "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
-           "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    clip = CLIP(model_name="mmalign-judge-tiny", model_cfg=cfg)
-    path = tmp_path / "clip.ckpt"
-    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, path)
+    path, clip = tiny_clip_checkpoint(tmp_path / "clip.ckpt", "mmalign-judge-tiny")
     judge = ClipJudge(str(path))
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     texts = ["a red circle", "a blue star", "a green cross"]

@@ -3,29 +3,15 @@
 import pytest
 import torch
 
-from mmalign.t2i import TextToImageDiffusion
 from mmalign.t2i.softrepa import SoftTokens, error_matrix, offset_index, softrepa_loss
 
-MMDIT = {"num_layers": 3, "patch_size": 4, "num_attention_heads": 2, "attention_head_dim": 16}
-UNET = {"block_out_channels": [8, 16, 16], "norm_num_groups": 8}
+from tests._t2i import make, one_thread  # noqa: F401 (one_thread: autouse fixture)
+
 CAPTIONS = ["a red circle", "a small blue star in the top left on a black background", "a green cross", "a yellow square"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second thread makes small convolutions 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def base(backbone="mmdit", **kw):
-    torch.manual_seed(0)
-    m = TextToImageDiffusion(diffusion={"backbone": backbone, "backbone_kwargs": MMDIT if backbone == "mmdit" else UNET},
-                             **kw)
-    m.log = m.log_dict = lambda *a, **k: None
-    return m
+    return make(backbone, {"num_layers": 3, "patch_size": 4, "num_attention_heads": 2, "attention_head_dim": 16}, **kw)
 
 
 @pytest.fixture(scope="module", params=["mmdit", "unet"])
