@@ -95,7 +95,7 @@ class Recorder(pl.Callback):
             self.fd.append((trainer.global_step, float(fd)))
 
 
-def datamodule(args, model=None, shuffle_buffer: int = 1000):
+def datamodule(args, model=None, shuffle_buffer: int = 1000, drop_last: bool = True):
     """The one place the bench builds its data (flat keys today; the grouped data specs migrate here)."""
     from datamodules import ImageLabelDataModule
 
@@ -103,7 +103,7 @@ def datamodule(args, model=None, shuffle_buffer: int = 1000):
                                 generate="shapes", label_key="cls", num_classes=36, batch_size=args.batch_size,
                                 num_workers=args.workers, image_size=32,
                                 preprocess=model.preprocess if model is not None else None, seed=0,
-                                shuffle_buffer=shuffle_buffer)
+                                shuffle_buffer=shuffle_buffer, drop_last=drop_last)
 
 
 def probe_data(args) -> tuple:
@@ -191,7 +191,7 @@ def precompute(args, name: str, ckpt: str | None) -> str:
     from mmalign.diffusion.transforms import diffusion_transform
     from datamodules.base import Preprocess
 
-    dm = datamodule(args, shuffle_buffer=1)
+    dm = datamodule(args, shuffle_buffer=1, drop_last=False)  # every key: the last partial batch too
     dm.preprocess = Preprocess(train_transform=diffusion_transform(32), eval_transform=diffusion_transform(32))
     dm.setup("fit")
     loader = dm.train_dataloader()

@@ -347,3 +347,15 @@ def test_validation_logs_fd_from_ema_samples(tmp_path):
     out = trainer.validate(m, _loader(8))
     assert int(m.fd_metric.real_features_num_samples) == 6  # capped at num_samples, kept for the next validation
     assert out[0]["val/fd"] > 0 and int(m.fd_metric.fake_features_num_samples) == 0  # fakes reset after compute
+
+
+def test_precompute_teacher_covers_every_training_key(tmp_path, data_root):
+    """400 training images in batches of 64: the last 16 are written too (training shuffles, so any key is drawn)."""
+    from datamodules import ImageLabelDataModule
+    from mmalign.repa.precompute_command import precompute_teacher
+
+    m = make(diffusion={"num_classes": 36})
+    dm = ImageLabelDataModule(data_root=data_root, train_shards="shapes/train", label_key="cls", num_classes=36,
+                              batch_size=64, num_workers=0, preprocess=m.preprocess)
+    meta = precompute_teacher(None, m, dm, out_dir=str(tmp_path / "feats"))
+    assert meta["num_samples"] == 400

@@ -12,6 +12,8 @@ def precompute_teacher(trainer, model, datamodule, out_dir: str = "teacher_featu
     if teacher is None:
         raise ValueError("precompute_teacher needs a model with align.mode != none and a teacher network "
                          "(teacher.checkpoint or teacher.name, not teacher.features).")
+    # every key, the last partial batch too: training shuffles, so any sample may be drawn
+    datamodule.drop_last = False
     datamodule.setup("fit")
     # the module flips images itself, so the train transform is deterministic: one epoch covers every key
     loader = datamodule.train_dataloader()
