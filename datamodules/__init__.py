@@ -4,8 +4,8 @@ from .audio_text import AudioTextDataModule
 from .base import Preprocess, StreamingDataModule
 from .image_label import ImageLabelDataModule
 from .image_text import ImageTextDataModule
-from .shards import ShardError, expand_shards
-from .stream import DataConfigError
+from .errors import DataConfigError, ShardError
+from .shards import expand_shards
 
 __all__ = ["AudioTextDataModule", "DataConfigError", "ImageLabelDataModule", "ImageTextDataModule", "Preprocess",
            "ShardError", "StreamingDataModule", "expand_shards"]

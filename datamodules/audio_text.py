@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import StreamingDataModule
+from mmalign.specs import coerce
+
+from .base import Preprocess, StreamingDataModule
+from .specs import BASE_MOVED, AudioSpec, EvalSpec, GenerateSpec, ShardsSpec, StreamSpec
 from .audio import AUDIO_EXTS, check_clip, decode_audio_bytes
-from .image_text import read_json
+from .samples import read_json
 
 class AudioTextDataModule(StreamingDataModule):
     """Batches: ``audio`` (B,T) zero-padded, ``audio_lengths`` (B,), ``text`` list, ``tokens`` when a
@@ -16,18 +19,19 @@ class AudioTextDataModule(StreamingDataModule):
     and counted like any corrupt sample.
 
     Args:
-        sample_rate: Rate every clip is resampled to.
-        max_seconds: Longest clip accepted.
-        silence_threshold: Peak amplitude under which a clip counts as silent.
-        **kwargs: See ``StreamingDataModule``.
+        shards, stream, eval, generate, preprocess: See ``StreamingDataModule``.
+        audio: Sample rate, longest clip, silence threshold (``AudioSpec``).
     """
 
     required = (AUDIO_EXTS, ("txt",))
+    moved_options = {**BASE_MOVED, **{k: f"audio.{k}" for k in ("sample_rate", "max_seconds", "silence_threshold")}}
 
-    def __init__(self, *args, sample_rate: int = 16000, max_seconds: float = 10.0,
-                 silence_threshold: float = 1e-4, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sample_rate, self.max_seconds, self.silence_threshold = sample_rate, max_seconds, silence_threshold
+    def __init__(self, shards: ShardsSpec = ShardsSpec(), stream: StreamSpec = StreamSpec(),
+                 eval: EvalSpec = EvalSpec(), generate: GenerateSpec | str | None = None,
+                 preprocess: Preprocess | None = None, audio: AudioSpec = AudioSpec()) -> None:
+        super().__init__(shards, stream, eval, generate, preprocess)
+        self.cfg.audio = a = coerce(audio, AudioSpec, "audio")
+        self.sample_rate, self.max_seconds, self.silence_threshold = a.sample_rate, a.max_seconds, a.silence_threshold
 
     def decode(self, sample: dict, train: bool) -> dict:
         data = next((sample[e] for e in AUDIO_EXTS if e in sample), None)

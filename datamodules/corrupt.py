@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -29,9 +30,9 @@ import numpy as np
 from PIL import Image
 
 from .corruptions import CORRUPTIONS, check_name_severity, corrupt
-from .shards import ShardError, expand_shards, iter_tar_samples, write_shard, write_sizes_file
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from .errors import ShardError
+from .samples import IMAGE_EXTS
+from .shards import expand_shards, iter_tar_samples, write_shard, write_sizes_file
 
 
 def _pick_image_key(sample: dict, image_key: str, where: str) -> str:
@@ -99,6 +100,13 @@ def corrupt_shards(
     names = [os.path.basename(p) for p in shards]
     if len(set(names)) != len(names):  # output shards reuse the input file names inside one folder
         raise ValueError("input shards must have distinct file names (outputs reuse them)")
+    try:  # before any work: a read-only output fails here, in one line
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write the corrupted domains into '{out_dir}' ({exc.strerror or exc}). Point "
+                              "benchmark.dir (or shards.data_root) at a writable folder.") from None
     domains = [(c, s) for c in corruptions for s in severities]
     sizes: dict[tuple, dict[str, int]] = {d: {} for d in domains}
     start, total = time.time(), 0

@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+from .errors import ShardError
+from .samples import IMAGE_EXTS
+
 FOLDER_SCHEME = "folder://"
 FILES_PER_SHARD = 1000
 
@@ -33,6 +35,24 @@ class FolderListing:
     classes: tuple[str, ...]  # empty for an unlabelled folder
     files: tuple[tuple[str, int], ...]  # (path relative to root, class index or -1)
 
+    def key(self, i: int) -> str:
+        """Sample key of file ``i``: its path without the extension, unless another file shares that
+        (``img0.png`` + ``img0.jpg``): then the extension stays, as ``img0_png``, so keys stay unique."""
+        rel = self.files[i][0]
+        stem = rel.rpartition(".")[0]
+        return stem if stem not in self._shared_stems else f"{stem}_{_ext(rel)}"
+
+    @property
+    def _shared_stems(self) -> frozenset:
+        cached = self.__dict__.get("_stems")
+        if cached is None:
+            from collections import Counter
+
+            counts = Counter(rel.rpartition(".")[0] for rel, _ in self.files)
+            cached = frozenset(k for k, n in counts.items() if n > 1)
+            object.__setattr__(self, "_stems", cached)
+        return cached
+
 
 def _ext(name: str) -> str:
     return name.rpartition(".")[2].lower()
@@ -42,39 +62,50 @@ def is_image_folder(path: str) -> bool:
     """A directory holding images (directly or in sub-folders) and no tar shards."""
     if not os.path.isdir(path):
         return False
-    for _, _, files in os.walk(path):
+    for _, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         if any(f.endswith(".tar") for f in files):
             return False
-        if any(_ext(f) in IMAGE_EXTS for f in files):
+        if any(_is_image(f) for f in files):
             return True
     return False
 
 
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and _ext(name) in IMAGE_EXTS  # ._x.jpg: macOS metadata, not an image
+
+
+def _images(top: str, root: str) -> list[str]:
+    """Image files below ``top`` (relative to ``root``), sorted, skipping hidden files and folders
+    (``.ipynb_checkpoints``, ``.git``) and following symlinked folders once (no loops)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.relpath(os.path.join(dirpath, f), root) for f in sorted(filenames) if _is_image(f)]
+    return found
+
+
 @lru_cache(maxsize=32)
 def scan(root: str) -> FolderListing:
-    """List the images of ``root`` (cached per process: a 1M-image scan is done once)."""
+    """List the images of ``root`` (cached per process: a 1M-image scan is done once).
+
+    Every visible sub-folder of a labelled root is a class, also an empty one (so a split that lacks a
+    class's images keeps the other classes' indices)."""
     root = os.path.abspath(root)
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     subdirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
-    loose = [e.name for e in entries if e.is_file() and _ext(e.name) in IMAGE_EXTS]
+    loose = [e.name for e in entries if e.is_file() and _is_image(e.name)]
     if subdirs and not loose:  # ImageFolder: one folder per class
-        files = []
-        for idx, name in enumerate(subdirs):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
-                dirnames.sort()
-                files += [(os.path.relpath(os.path.join(dirpath, f), root), idx)
-                          for f in sorted(filenames) if _ext(f) in IMAGE_EXTS]
+        files = [(rel, idx) for idx, name in enumerate(subdirs) for rel in _images(os.path.join(root, name), root)]
         listing = FolderListing(root, tuple(subdirs), tuple(files))
     else:
-        files = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            files += [(os.path.relpath(os.path.join(dirpath, f), root), -1)
-                      for f in sorted(filenames) if _ext(f) in IMAGE_EXTS]
-        listing = FolderListing(root, (), tuple(files))
+        listing = FolderListing(root, (), tuple((rel, -1) for rel in _images(root, root)))
     if not listing.files:
-        from .shards import ShardError
-
         raise ShardError(f"image folder '{root}' holds no images ({'/'.join(IMAGE_EXTS)}).")
     return listing
 
@@ -113,7 +144,7 @@ def iter_folder_samples(url: str, errors: list[str], start: int = 0) -> Iterator
         except OSError as exc:
             errors.append(f"{url}: cannot read {rel} ({exc})")
             continue
-        sample = {"__key__": rel.rpartition(".")[0], "__url__": url, _ext(rel): data,
+        sample = {"__key__": listing.key(i), "__url__": url, _ext(rel): data,
                   "json": json.dumps({"path": rel, **({"class": listing.classes[cls]} if cls >= 0 else {})}).encode()}
         if cls >= 0:
             sample["cls"] = str(cls).encode()

@@ -2,46 +2,36 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from .base import StreamingDataModule
-from .shards import decode_image_bytes
+from mmalign.specs import coerce
+
+from .base import Preprocess, StreamingDataModule
+from .specs import BASE_MOVED, CaptionSpec, EvalSpec, GenerateSpec, ImageSpec, ShardsSpec, StreamSpec
+from .samples import IMAGE_EXTS, decode_image_bytes, find_image, read_json
 from .transforms import default_image_transform
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def find_image(sample: dict) -> bytes:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"no image member ({'/'.join(IMAGE_EXTS)}); members: {sorted(k for k in sample if not k.startswith('__'))}")
-
-
-def read_json(sample: dict) -> dict:
-    return json.loads(sample["json"].decode("utf-8")) if "json" in sample else {}
-
 
 class ImageTextDataModule(StreamingDataModule):
     """Image-caption pairs. Batches: ``image`` (B,3,H,W), ``text`` (list[str]), ``tokens`` (B,L) when
     a tokenizer is linked, ``key``, ``meta`` (parsed json or {}).
 
     Args:
-        image_size: Side of the default transform's output when the model supplies none.
-        caption_key: Member holding the caption (``txt``) or ``json:<field>`` to take it from the json.
-        **kwargs: See ``StreamingDataModule``.
+        shards, stream, eval, generate, preprocess: See ``StreamingDataModule``.
+        caption: Where the caption is: ``txt`` or ``json:<field>`` (``CaptionSpec``).
+        image: Default transform size when the model supplies none (``ImageSpec``).
     """
 
     required = (IMAGE_EXTS, ("txt",))
+    moved_options = {**BASE_MOVED, "caption_key": "caption.key", "image_size": "image.size"}
 
-    def __init__(self, *args, image_size: int = 64, caption_key: str = "txt", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.image_size, self.caption_key = image_size, caption_key
-        if caption_key != "txt":
-            if not caption_key.startswith("json:"):
-                raise ValueError(f"caption_key must be 'txt' or 'json:<field>', got {caption_key!r}.")
+    def __init__(self, shards: ShardsSpec = ShardsSpec(), stream: StreamSpec = StreamSpec(),
+                 eval: EvalSpec = EvalSpec(), generate: GenerateSpec | str | None = None,
+                 preprocess: Preprocess | None = None,
+                 caption: CaptionSpec = CaptionSpec(), image: ImageSpec = ImageSpec()) -> None:
+        super().__init__(shards, stream, eval, generate, preprocess)
+        self.cfg.caption, self.cfg.image = coerce(caption, CaptionSpec, "caption"), coerce(image, ImageSpec, "image")
+        self.caption_key, self.image_size = self.cfg.caption.key, self.cfg.image.size
+        if self.caption_key != "txt":
             self.required = (IMAGE_EXTS, ("json",))
 
     def _transform(self, train: bool):
@@ -54,11 +44,18 @@ class ImageTextDataModule(StreamingDataModule):
         image = self._transform(train)(decode_image_bytes(find_image(sample)))
         meta = read_json(sample)
         if self.caption_key == "txt":
-            text = sample["txt"].decode("utf-8").strip()
+            try:
+                text = sample["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError as exc:  # skipped and counted: guessing an encoding would garble it
+                raise ValueError(f"caption is not UTF-8 ({exc.reason} at byte {exc.start})") from None
         else:
-            text = str(meta[self.caption_key[5:]]).strip()
+            value = meta[self.caption_key[5:]]
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(f"json caption field '{self.caption_key[5:]}' holds {value!r}, not text")
+            text = str(value).strip()
         if not text:
-            raise ValueError("empty caption")
+            raise ValueError("empty caption")  # empty or whitespace only: skipped and counted
+        # a caption longer than the text tower's context is cut by the tokenizer (open_clip and HF truncate)
         return {"image": image, "text": text, "key": sample["__key__"], "meta": meta}
 
     def collate(self, samples: list[dict]) -> dict:

@@ -11,7 +11,6 @@ stream hand every rank the same number of batches and lets bad configs fail befo
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import tarfile
@@ -21,18 +20,17 @@ from dataclasses import dataclass, field
 
 import braceexpand
 
+from .benchmarks import NPY_SCHEME, iter_npy_samples, npy_size
+from .errors import ShardError
+from .folders import (FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder,
+                      iter_folder_samples, parse_url, scan)
 from .tarfast import TarFormatError, iter_members
-from .folders import FOLDER_SCHEME, folder_index_members, folder_shards, folder_size, is_image_folder, iter_folder_samples
 
 SIZES_FILE = "sizes.json"  # webdataset/img2dataset-style {shard basename: sample count}
 
 
-class ShardError(ValueError):
-    """A shard spec or shard content that cannot be used; the message says what to change."""
-
-
 def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or ("://" in url and not url.startswith(FOLDER_SCHEME))
+    return url.startswith("pipe:") or ("://" in url and not url.startswith((FOLDER_SCHEME, NPY_SCHEME)))
 
 
 def expand_shards(spec: str | Sequence[str] | None, what: str = "shards") -> list[str]:
@@ -48,7 +46,7 @@ def expand_shards(spec: str | Sequence[str] | None, what: str = "shards") -> lis
             if _is_remote(part):
                 urls.append(part)
                 continue
-            if part.startswith(FOLDER_SCHEME):
+            if part.startswith((FOLDER_SCHEME, NPY_SCHEME)):
                 urls.append(part)
                 continue
             for path in braceexpand.braceexpand(os.path.expanduser(part)):
@@ -103,6 +101,11 @@ def index_shard(url: str, read_exts: Sequence[str] = (), required: Sequence[Sequ
     the index counts the samples that have them all."""
     if url.startswith(FOLDER_SCHEME):
         return _index_folder(url, read_exts, required)
+    if url.startswith(NPY_SCHEME):  # every row is complete: an image and its label
+        n = npy_size(url)
+        texts = {s["__key__"]: {"cls": s["cls"].decode()} for s in iter_npy_samples(url, [])} \
+            if "cls" in read_exts else {}
+        return ShardIndex(url, n, Counter({"ppm": n, "cls": n}), texts, n, [])
     keys: dict[str, set[str]] = {}
     texts: dict[str, dict[str, str]] = {}
     try:
@@ -126,17 +129,18 @@ def _index_folder(url: str, read_exts: Sequence[str], required: Sequence[Sequenc
     n, counts, labelled = folder_index_members(url)
     texts = {}
     if labelled and "cls" in read_exts:  # labels come from the folder names: read them without the images
-        texts = {s["__key__"]: {"cls": s["cls"].decode()} for s in _folder_labels(url)}
+        texts = {s["__key__"]: {"cls": s["cls"].decode(), "json": s["json"].decode()} for s in _folder_labels(url)}
     complete = n if all(any(counts.get(e) for e in group) for group in required) else 0
     return ShardIndex(url, n, Counter(counts), texts, complete, [])
 
 
 def _folder_labels(url: str) -> Iterator[dict]:
-    from .folders import parse_url, scan
-
     root, lo, hi = parse_url(url)
-    for rel, cls in scan(root).files[lo:hi]:
-        yield {"__key__": rel.rpartition(".")[0], "cls": str(cls).encode()}
+    listing = scan(root)
+    for i in range(lo, hi):
+        cls = listing.files[i][1]
+        yield {"__key__": listing.key(i), "cls": str(cls).encode(),
+               "json": json.dumps({"class": listing.classes[cls]}).encode()}
 
 
 def write_sizes_file(directory: str, sizes: dict[str, int]) -> str:
@@ -176,25 +180,56 @@ def write_shards(out_dir: str, samples: Iterable[dict], shard_size: int, prefix:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}.")
     os.makedirs(out_dir, exist_ok=True)
     sizes: dict[str, int] = {}
+    keys: dict[str, set[str]] = {}
     with ShardWriter(os.path.join(out_dir, f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0) as w:
         for sample in samples:
+            check_key(sample["__key__"])
             w.write(sample)
             name = os.path.basename(w.fname)
+            mine = keys.setdefault(name, set())
+            if sample["__key__"] in mine:  # a reader would join the two into one sample
+                raise ValueError(f"two samples share the key {sample['__key__']!r} in shard {name}: they would be "
+                                 "read as one. Give every sample its own key.")
+            mine.add(sample["__key__"])
             sizes[name] = sizes.get(name, 0) + 1
     write_sizes_file(out_dir, sizes)
     return sizes
 
 
+def check_key(key: str) -> None:
+    """A webdataset key ends at the first dot of a member's file name: a key with a dot in its last part
+    (``a.b``) would be read back as key ``a`` with members ``b.png``..."""
+    if not key or "." in os.path.basename(key) or key.startswith("__"):
+        raise ValueError(f"sample key {key!r} cannot be written: a key must be non-empty, must not start with '__' "
+                         "and must have no '.' in its last part (readers cut the key at the first dot).")
+
+
 def read_sizes_file(urls: Sequence[str]) -> dict[str, int]:
     """Sample counts from ``sizes.json`` files next to the shards, when present."""
     sizes: dict[str, int] = {u: folder_size(u) for u in urls if u.startswith(FOLDER_SCHEME)}
-    for directory in {os.path.dirname(u) for u in urls if not _is_remote(u) and not u.startswith(FOLDER_SCHEME)}:
+    sizes.update({u: npy_size(u) for u in urls if u.startswith(NPY_SCHEME)})
+    for directory in {os.path.dirname(u) for u in urls if not _is_remote(u) and not u.startswith((FOLDER_SCHEME,
+                                                                                                     NPY_SCHEME))}:
         path = os.path.join(directory, SIZES_FILE)
         if os.path.isfile(path):
-            with open(path) as f:
-                for name, n in json.load(f).items():
-                    sizes[os.path.join(directory, name)] = int(n)
+            sizes.update({os.path.join(directory, name): n for name, n in _read_sizes(path).items()})
     return sizes
+
+
+def _read_sizes(path: str) -> dict[str, int]:
+    fix = ("it maps shard file names to sample counts, e.g. {\"shard-000000.tar\": 1000}. Fix it, or delete it (local "
+           "shards are then counted by the index)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ShardError(f"'{path}' is not a readable sizes file ({exc}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise ShardError(f"'{path}' holds a {type(data).__name__}, not a mapping; {fix}.")
+    bad = [(k, v) for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise ShardError(f"'{path}': the count of {bad[0][0]!r} is {bad[0][1]!r}, not a whole number >= 0; {fix}.")
+    return data
 
 
 def iter_tar_samples(url: str, errors: list[str], start: int = 0) -> Iterator[dict]:
@@ -210,6 +245,9 @@ def iter_tar_samples(url: str, errors: list[str], start: int = 0) -> Iterator[di
     """
     if url.startswith(FOLDER_SCHEME):
         yield from iter_folder_samples(url, errors, start)
+        return
+    if url.startswith(NPY_SCHEME):
+        yield from iter_npy_samples(url, errors, start)
         return
     yield from _read_tar(url, errors, skip=start)
     if start > 0:
@@ -235,7 +273,7 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
     stream = None
     try:
         local = not _is_remote(url) and url.endswith(".tar")
-        stream = open(url, "rb") if local else gopen(url, "rb")
+        stream = open(url, "rb") if local else _Pipe(url) if url.startswith("pipe:") else gopen(url, "rb")
         size = os.fstat(stream.fileno()).st_size if local else None
         members = iter_members(stream, want, size) if local or not url.endswith(("gz", "tgz")) else \
             _tarfile_members(stream)
@@ -253,7 +291,13 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
                 current = {"__key__": key, "__url__": url}
             if index >= skip and data is not None:
                 current[ext] = data
+        if isinstance(stream, _Pipe):
+            stream.finish()
+    except PipeCommandError:
+        raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        if isinstance(stream, _Pipe):
+            stream.finish()  # a command that failed is named as such, not as a truncated tar
         errors.append(f"{url}: unreadable after key {current['__key__'] if current else '-'} ({exc})")
         current = None  # a sample cut by the truncation is incomplete; drop it
     finally:
@@ -261,6 +305,41 @@ def _read_tar(url: str, errors: list[str], skip: int = 0, stop: int | None = Non
             stream.close()
     if current is not None and index >= skip:
         yield current
+
+
+class PipeCommandError(ShardError):
+    """A ``pipe:`` shard command that failed: never skipped, since it would fail the same way every pass."""
+
+
+class _Pipe:
+    """The standard output of a ``pipe:`` spec's shell command, read like a file. A command that exits
+    with an error raises ``PipeCommandError`` naming the command and its exit status (its own error
+    output goes to this process's stderr, just above)."""
+
+    def __init__(self, url: str) -> None:
+        import subprocess
+
+        self.url, self.command = url, url[len("pipe:"):]
+        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 16)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def finish(self) -> None:
+        """The reader is done: drain the rest (tar padding) and check how the command ended."""
+        while self.proc.stdout.read(1 << 16):
+            pass
+        status = self.proc.wait()
+        if status != 0:
+            raise PipeCommandError(f"shard '{self.url}': the shell command {self.command!r} exited with status "
+                                   f"{status} (its error output, if any, is above). Fix the command, or remove "
+                                   "the shard from the spec.")
+
+    def close(self) -> None:
+        self.proc.stdout.close()
+        if self.proc.poll() is None:  # stopped early (rotation, or the consumer stopped): no error to report
+            self.proc.kill()
+        self.proc.wait()
 
 
 def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes]]:
@@ -271,10 +350,32 @@ def _tarfile_members(stream) -> Iterator[tuple[str, int, bytes]]:
                 yield member.name, member.size, tf.extractfile(member).read()
 
 
-def decode_image_bytes(data: bytes):
-    """PIL image in RGB, fully decoded now so a corrupt payload fails here and not in a transform."""
-    from PIL import Image
+#: shard lists up to this long keep their entries in a checkpoint (to name what changed); longer ones a digest
+FINGERPRINT_ENTRIES = 4096
 
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")
+
+def shard_fingerprint(urls: Sequence[str], sizes: dict[str, int]) -> dict:
+    """Names, byte sizes, modification times and sample counts of a shard list, and their digest: what a
+    checkpoint compares to notice a shard added, removed, renamed or rewritten (cheaply: no shard is read).
+    Names are relative to the shards' common folder, so a dataset moved as a whole (with its times, e.g.
+    ``cp -p``/``rsync -a``) still matches; a virtual folder shard's "size" is a checksum of its file list."""
+    import hashlib
+    import zlib
+
+    local = [u for u in urls if not _is_remote(u) and not u.startswith((FOLDER_SCHEME, NPY_SCHEME))]
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u in local]) if local else ""
+    entries = []
+    for url in urls:
+        count = int(sizes.get(url, -1))
+        if url.startswith(FOLDER_SCHEME):
+            root, lo, hi = parse_url(url)
+            listing = json.dumps(scan(root).files[lo:hi]).encode()
+            entries.append([f"{os.path.basename(root)}#{lo}-{hi}", zlib.crc32(listing), 0, count])
+        elif _is_remote(url) or url.startswith(NPY_SCHEME):
+            entries.append([url, -1, -1, count])
+        else:
+            st = os.stat(url)
+            entries.append([os.path.relpath(os.path.abspath(url), common), st.st_size, st.st_mtime_ns, count])
+    digest = hashlib.sha1(json.dumps(entries).encode()).hexdigest()
+    kept = entries if len(entries) <= FINGERPRINT_ENTRIES else None
+    return {"count": len(entries), "digest": digest, "entries": kept}

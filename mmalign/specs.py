@@ -57,12 +57,13 @@ def _spec_type(hint: Any) -> type | None:
     return None
 
 
-def coerce(value: Any, cls: type, where: str) -> Any:
+def coerce(value: Any, cls: type, where: str, base: Any = None) -> Any:
     """A ``cls`` spec from a spec, a mapping (a checkpoint's saved hyper-parameters, Python callers, a
     jsonargparse Namespace) or None (the default). Nested spec fields are coerced too; unknown keys are
-    named with the allowed ones."""
+    named with the allowed ones. ``base``: the default instance of the signature (a module's own
+    ``OptimSpec``); the fields a mapping leaves out come from it, as they do in a YAML config."""
     if value is None or isinstance(value, cls):
-        return cls() if value is None else value
+        return (cls() if base is None else base) if value is None else value
     if is_dataclass(value):
         value = asdict(value)
     if hasattr(value, "as_dict"):  # jsonargparse Namespace
@@ -74,6 +75,8 @@ def coerce(value: Any, cls: type, where: str) -> Any:
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; allowed: {sorted(allowed)}.")
     hints = typing.get_type_hints(cls)
+    if base is not None:
+        value = {**{f.name: getattr(base, f.name) for f in fields(cls)}, **value}
     out = dict(value)
     for key, item in value.items():
         sub = _spec_type(hints.get(key))
@@ -97,11 +100,11 @@ def store_specs(module: Any, specs: dict[str, Any]) -> None:
             store[key] = as_hparams(spec)
 
 
-def migrate_flat(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+def migrate_flat(cls: type | dict[str, str], hparams: dict[str, Any]) -> dict[str, Any]:
     """Move the flat options an older checkpoint recorded (``lr``) into their groups (``optim.lr``), by
-    ``cls.moved_options``; keys already grouped are kept. Used wherever saved hyper-parameters are read
-    back into a constructor."""
-    moved: dict[str, str] = getattr(cls, "moved_options", {}) or {}
+    ``cls.moved_options`` (or ``cls``, the table itself); keys already grouped are kept. Used wherever
+    saved hyper-parameters are read back into a constructor."""
+    moved: dict[str, str] = (cls if isinstance(cls, dict) else getattr(cls, "moved_options", {})) or {}
     if not moved or not any(k in moved for k in hparams):
         return dict(hparams)
     out: dict[str, Any] = {k: v for k, v in hparams.items() if k not in moved}
@@ -121,10 +124,19 @@ def migrate_flat(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
 
 def moved_option_hint(cls: type, name: str) -> str | None:
     """``"'lr' moved to 'optim.lr'"`` for an option an older config used, else None."""
-    for klass in getattr(cls, "__mro__", ()):
-        target = (klass.__dict__.get("moved_options") or {}).get(name)
-        if target:
-            return f"option '{name}' moved to '{target}' (--model.init_args.{target}=... or the nested mapping in YAML)"
+    import difflib
+
+    moved: dict[str, str] = {}
+    for klass in reversed(getattr(cls, "__mro__", ())):
+        moved.update(klass.__dict__.get("moved_options") or {})
+    group = getattr(cls, "config_group", "model")  # datamodules are configured under ``data``
+    if name in moved:
+        return f"option '{name}' moved to '{moved[name]}' (--{group}.init_args.{moved[name]}=... or the nested " \
+               "mapping in YAML)"
+    close = difflib.get_close_matches(name, list(moved), n=1)  # a typo of an old flat option
+    if close:
+        return f"option '{name}' looks like '{close[0]}', which moved to '{moved[close[0]]}' " \
+               f"(--{group}.init_args.{moved[close[0]]}=...)"
     return None
 
 

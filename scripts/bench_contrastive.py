@@ -46,9 +46,10 @@ RN_VISION = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 32, "head_width"
 _TEXT_CACHE: dict = {}  # locked MiniLM features per caption, shared by every run of this process
 
 
-def make_module(loss: str, seed: int = 0, text: str = "scratch", tower: str = "vit", **kw):
+def make_module(loss: str, seed: int = 0, text: str = "scratch", tower: str = "vit", **groups):
     """A CLIP or SigLIP module on the tiny ViT (``vit``) or the quick start's ResNet (``rn``) image
-    tower, with a text tower from scratch or the locked, cached all-MiniLM-L6-v2 (``minilm``)."""
+    tower, with a text tower from scratch or the locked, cached all-MiniLM-L6-v2 (``minilm``);
+    ``groups``: further option groups (``optim``, ``objective``, ``eval``)."""
     from mmalign.contrastive import CLIP, SigLIP
 
     torch.manual_seed(seed)
@@ -56,8 +57,8 @@ def make_module(loss: str, seed: int = 0, text: str = "scratch", tower: str = "v
            "text_cfg": MODEL_CFG["text_cfg"] if text == "scratch" else MINILM_TEXT}
     name = NAME if (tower, text) == ("vit", "scratch") else f"mmalign-bench-{tower}-{text}"
     if text == "minilm":
-        kw = {"lock_text": True, "text_cache_size": 100_000, **kw}
-    module = (CLIP if loss == "clip" else SigLIP)(model_name=name, model_cfg=cfg, **kw)
+        groups = {"lock": {"text": True, "text_cache_size": 100_000}, **groups}
+    module = (CLIP if loss == "clip" else SigLIP)(model={"name": name, "cfg": cfg}, **groups)
     if text == "minilm":  # the locked tower is a fixed function of the tokens: compute each caption once
         module.model.text._cache = _TEXT_CACHE
     return module
@@ -66,9 +67,10 @@ def make_module(loss: str, seed: int = 0, text: str = "scratch", tower: str = "v
 def datamodule(root: str, batch: int, module, split_val: bool = True):
     from datamodules import ImageTextDataModule
 
-    return ImageTextDataModule(data_root=root, train_shards="shapes/train", val_shards="shapes/val",
-                               extra_val_shards={"heldout": "shapes/heldout"} if split_val else None,
-                               generate="shapes", batch_size=batch, num_workers=1, preprocess=module.preprocess)
+    return ImageTextDataModule(shards={"data_root": root, "train": "shapes/train", "val": "shapes/val",
+                                       "extra_val": {"heldout": "shapes/heldout"} if split_val else None},
+                               stream={"batch_size": batch, "num_workers": 1}, generate="shapes",
+                               preprocess=module.preprocess)
 
 
 # ---- (a) throughput -------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def throughput(root: str, batch: int, steps: int, warmup: int, seed: int = 0) ->
 
     from mmalign.training.callbacks import DataHealthMonitor, NaNGuard
 
-    module = make_module("clip", seed=seed, lr=5e-4, weight_decay=0.1)
+    module = make_module("clip", seed=seed, optim={"lr": 5e-4, "weight_decay": 0.1})
     dm = datamodule(root, batch, module, split_val=False)
     dm.setup("fit")
     batches = []
@@ -212,10 +214,10 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str =
     combinations: the tuning split) and heldout (unseen combinations: the reported split)."""
     import lightning.pytorch as pl
 
-    extra = {"init_logit_bias": bias} if loss == "siglip" and bias is not None else {}
-    module = make_module(loss, seed=seed, text=text, tower=tower, lr=lr, weight_decay=0.1,
-                         warmup_steps=min(50, steps // 5), zeroshot_classes=os.path.join(root, "shapes", "classes.json"),
-                         **extra)
+    objective = {"init_logit_bias": bias} if loss == "siglip" and bias is not None else {}
+    module = make_module(loss, seed=seed, text=text, tower=tower, objective=objective,
+                         optim={"lr": lr, "weight_decay": 0.1, "warmup_steps": min(50, steps // 5)},
+                         eval={"zeroshot_classes": os.path.join(root, "shapes", "classes.json")})
     dm = datamodule(root, batch, module)
     dm.resampled, dm.samples_per_epoch = True, steps * batch  # exactly `steps` steps, whatever the batch
     pl.seed_everything(seed)

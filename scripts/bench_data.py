@@ -24,7 +24,7 @@ from benchstats import cell, compare, interval, save
 
 
 def plain_loop(urls: list[str], transform, limit: int) -> tuple[int, float]:
-    from datamodules.shards import decode_image_bytes
+    from datamodules.samples import decode_image_bytes
 
     n, t0 = 0, time.perf_counter()
     for url in urls:
@@ -41,8 +41,9 @@ def plain_loop(urls: list[str], transform, limit: int) -> tuple[int, float]:
 def datamodule_epoch(root: str, workers: int, batch: int, limit: int) -> tuple[int, float]:
     from datamodules import ImageTextDataModule
 
-    dm = ImageTextDataModule(train_shards=os.path.join(root, "train"), batch_size=batch, num_workers=workers,
-                             image_size=64, samples_per_epoch=limit, shuffle_buffer=256)
+    dm = ImageTextDataModule(shards={"train": os.path.join(root, "train"), "samples_per_epoch": limit},
+                             stream={"batch_size": batch, "num_workers": workers, "shuffle_buffer": 256},
+                             image={"size": 64})
     dm.setup("fit")
     loader = dm.train_dataloader()
     n, t0 = 0, time.perf_counter()

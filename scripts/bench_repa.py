@@ -96,14 +96,14 @@ class Recorder(pl.Callback):
 
 
 def datamodule(args, model=None, shuffle_buffer: int = 1000, drop_last: bool = True):
-    """The one place the bench builds its data (flat keys today; the grouped data specs migrate here)."""
+    """The one place the bench builds its data."""
     from datamodules import ImageLabelDataModule
 
-    return ImageLabelDataModule(data_root=args.data_root, train_shards="shapes/train", val_shards="shapes/val",
-                                generate="shapes", label_key="cls", num_classes=36, batch_size=args.batch_size,
-                                num_workers=args.workers, image_size=32,
-                                preprocess=model.preprocess if model is not None else None, seed=0,
-                                shuffle_buffer=shuffle_buffer, drop_last=drop_last)
+    return ImageLabelDataModule(shards={"data_root": args.data_root, "train": "shapes/train", "val": "shapes/val"},
+                                stream={"batch_size": args.batch_size, "num_workers": args.workers, "seed": 0,
+                                        "shuffle_buffer": shuffle_buffer, "drop_last": drop_last},
+                                generate="shapes", label={"key": "cls", "num_classes": 36}, image={"size": 32},
+                                preprocess=model.preprocess if model is not None else None)
 
 
 def probe_data(args) -> tuple:
@@ -209,8 +209,8 @@ def train_teacher(args, name: str) -> str:
         return done[-1]
     c = cli.main(["fit", "-c", os.path.join(ROOT, TEACHERS[name][0]),
                   f"--trainer.max_epochs={args.teacher_epochs}", f"--trainer.default_root_dir={out}",
-                  "--trainer.enable_progress_bar=false", f"--data.init_args.num_workers={args.workers}",
-                  f"--data.init_args.data_root={args.data_root}"])
+                  "--trainer.enable_progress_bar=false", f"--data.init_args.stream.num_workers={args.workers}",
+                  f"--data.init_args.shards.data_root={args.data_root}"])
     acc = c.trainer.callback_metrics.get("val/acc")
     print(f"teacher trained: val/acc {float(acc) if acc is not None else float('nan'):.3f}", flush=True)
     return c.trainer.checkpoint_callback.last_model_path

@@ -59,13 +59,14 @@ def run_arm(name: str, args, root: str) -> dict:
     from mmalign.speech.module import SpeechTextAligner
 
     pl.seed_everything(args.seed, verbose=False)
-    model = SpeechTextAligner(d_model=args.d_model, embed_dim=args.d_model, speech_layers=args.speech_layers,
-                              text_layers=args.text_layers, shared_layers=args.shared_layers, heads=4,
-                              speech_block=args.block, lr=args.lr, warmup_steps=min(50, args.steps // 10), **ARMS[name])
+    towers = dict(d_model=args.d_model, embed_dim=args.d_model, speech_layers=args.speech_layers,
+                  text_layers=args.text_layers, shared_layers=args.shared_layers, heads=4, speech_block=args.block)
+    model = SpeechTextAligner(towers=towers, losses=ARMS[name],
+                              optim={"lr": args.lr, "warmup_steps": min(50, args.steps // 10)})
     has_val = os.path.isdir(os.path.join(root, "val"))
-    dm = AudioTextDataModule(train_shards=os.path.join(root, "train"), val_shards=os.path.join(root, "test"),
-                             extra_val_shards={"select": os.path.join(root, "val")} if has_val else None,
-                             batch_size=args.batch_size, num_workers=0, seed=args.seed,
+    dm = AudioTextDataModule(shards={"train": os.path.join(root, "train"), "val": os.path.join(root, "test"),
+                                     "extra_val": {"select": os.path.join(root, "val")} if has_val else None},
+                             stream={"batch_size": args.batch_size, "num_workers": 0, "seed": args.seed},
                              preprocess=model.preprocess)
     trainer = pl.Trainer(max_steps=args.steps, max_epochs=-1, limit_val_batches=0, num_sanity_val_steps=0,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -46,12 +46,12 @@ METRICS = ("seen/acc", "heldout/acc", "seen/acc_colour", "seen/acc_shape", "held
 
 
 def datamodule(args, model, batch_size: int, seed: int, splits: dict):
-    """The one place this bench builds its data (flat keys today; the grouped data specs migrate here)."""
+    """The one place this bench builds its data; ``splits``: the ``shards`` entries (train / val / extra_val)."""
     from datamodules import ImageTextDataModule
 
-    return ImageTextDataModule(data_root=args.data_root, generate="shapes", batch_size=batch_size,
-                               num_workers=args.workers, image_size=32,
-                               preprocess=model.preprocess if model is not None else None, seed=seed, **splits)
+    return ImageTextDataModule(shards={"data_root": args.data_root, **splits}, generate="shapes",
+                               stream={"batch_size": batch_size, "num_workers": args.workers, "seed": seed},
+                               image={"size": 32}, preprocess=model.preprocess if model is not None else None)
 
 
 def base_options(path: str) -> dict:
@@ -94,7 +94,7 @@ class Evaluator:
         self.judge = ClipJudge(args.judge_ckpt)
         self.prompts = load_prompt_set(os.path.join(args.data_root, "shapes"))
         self.fd, self.fd_network = build_fd_metric(NetworkSpec(kind="open_clip", checkpoint=args.judge_ckpt))
-        dm = datamodule(args, None, 100, 0, {"val_shards": "shapes/val", "extra_val_shards": {"heldout": "shapes/heldout"}})
+        dm = datamodule(args, None, 100, 0, {"val": "shapes/val", "extra_val": {"heldout": "shapes/heldout"}})
         from mmalign.diffusion.transforms import diffusion_transform
         from datamodules.base import Preprocess
 
@@ -151,7 +151,7 @@ def run(arm: str, seed: int, args, base: dict, evaluate: Evaluator) -> dict:
         trainer = pl.Trainer(max_steps=args.steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator=args.accelerator,
                              devices=1)
-        trainer.fit(model, datamodule=datamodule(args, model, batch, seed, {"train_shards": "shapes/train"}))
+        trainer.fit(model, datamodule=datamodule(args, model, batch, seed, {"train": "shapes/train"}))
     train_s = time.time() - t0
     metrics = evaluate(model, seed)
     res = {"arm": arm, "seed": seed, **metrics, "train_s": train_s, "eval_s": time.time() - t0 - train_s,

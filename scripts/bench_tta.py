@@ -75,10 +75,12 @@ def run_dataset(name, ckpt, args, log):
 
     test, train, label_key = DATASETS[name]
     model = TTAModel(ckpt, methods=["source"], lr=args.lr)
-    stream = CorruptionStream(data_root=args.data_root, domains_dir=f"{name}-c", corruptions=args.corruptions,
-                              severities=args.severity, test_shards=test, train_shards=train, label_key=label_key,
-                              generate=name, batch_size=args.batch_size, num_workers=0, cache_decoded=True,
-                              preprocess=model.preprocess, num_classes=model.num_classes)
+    stream = CorruptionStream(shards={"data_root": args.data_root, "test": test, "train": train},
+                              stream={"batch_size": args.batch_size, "num_workers": 0}, generate=name,
+                              label={"key": label_key, "num_classes": model.num_classes}, adapt={"cache_decoded": True},
+                              benchmark={"dir": f"{name}-c", "corruptions": args.corruptions,
+                                         "severities": args.severity},
+                              preprocess=model.preprocess)
     stream.prepare_data()
     stream.setup("test")
     runs = []

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> str:
 
     model = TTAModel(args.checkpoint, args.model_name, args.num_classes, methods=["source"], cafa_stats=args.out,
                      cafa_covariance=args.covariance, cafa_shrinkage=args.shrinkage)
-    dm = ImageLabelDataModule(train_shards=args.shards, label_key=args.label_key, num_classes=model.num_classes,
-                              preprocess=model.preprocess, num_workers=0, batch_size=args.batch_size)
+    dm = ImageLabelDataModule(shards={"train": args.shards}, stream={"num_workers": 0, "batch_size": args.batch_size},
+                              label={"key": args.label_key, "num_classes": model.num_classes},
+                              preprocess=model.preprocess)
     out = model.stats_path(".")
     if os.path.isfile(out):
         os.remove(out)  # this script always recomputes

@@ -11,6 +11,7 @@ import json
 import logging
 
 from datamodules.generate import GENERATORS, generate_dataset
+from datamodules.specs import GenerateSpec
 
 
 def main() -> None:
@@ -27,6 +28,10 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     kwargs = {k: v for k, v in vars(a).items() if k not in ("dataset", "root") and v is not None}
+    try:  # the datamodules' own check: an option the generator lacks, or a zero/negative size, in one line
+        GenerateSpec(a.dataset, kwargs)
+    except ValueError as exc:
+        p.error(str(exc))
     info = generate_dataset(a.dataset, a.root, **kwargs)
     print(json.dumps(info, indent=1))
 

@@ -57,9 +57,9 @@ def throughput(dry_run: bool, steps: int, batch: int) -> dict:
         cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "layers": 2,
                                                "head_width": 32}, "text_cfg": {"context_length": 16, "vocab_size": 49408,
                                                                                "width": 64, "heads": 2, "layers": 2}}
-        model, size, ctx = CLIP(model_name="gpu-check-tiny", model_cfg=cfg), 32, 16
+        model, size, ctx = CLIP(model={"name": "gpu-check-tiny", "cfg": cfg}), 32, 16
     else:
-        model, size, ctx = CLIP(model_name="ViT-B-16"), 224, 77
+        model, size, ctx = CLIP(model={"name": "ViT-B-16"}), 224, 77
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, size, size, device=device)

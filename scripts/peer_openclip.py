@@ -48,8 +48,8 @@ def _run(cmd: list[str], env: dict, cwd: str, log: str) -> float:
 def _zeroshot(weights_arg: list[str], model_args: list[str], data_root: str, split: str, cwd: str, env: dict) -> float:
     out = os.path.join(cwd, f"zs-{split}-{os.getpid()}-{time.time_ns()}")
     cmd = [sys.executable, "-m", "mmalign", "zeroshot", "-c", os.path.join(ROOT, "configs/clip/zeroshot_shapes.yaml"),
-           *model_args, *weights_arg, f"--data.init_args.data_root={data_root}",
-           f"--data.init_args.test_shards=shapes/{split}", "--data.init_args.num_workers=0",
+           *model_args, *weights_arg, f"--data.init_args.shards.data_root={data_root}",
+           f"--data.init_args.shards.test=shapes/{split}", "--data.init_args.stream.num_workers=0",
            "--trainer.enable_progress_bar=false", f"--out={out}", "--label_field=cls",
            f"--classes={data_root}/shapes/classes.json"]
     _run(cmd, env, cwd, out + ".log")
@@ -61,21 +61,22 @@ def peer_run(config: str, data_root: str, deps: str, seed: int, workers: int, th
     """One seed: mmalign fit and open_clip_train on the same settings; wall times and zero-shot."""
     cfg = _config(config)
     m = cfg["model"]["init_args"]
+    net, opt = m["model"], m.get("optim") or {}
     d = cfg["data"]["init_args"]
     epochs, batch = int(epochs or cfg["trainer"]["max_epochs"]), int(d["batch_size"])
-    name, model_cfg = m["model_name"], m.get("model_cfg")
+    name, model_cfg = net["name"], net.get("cfg")
     sizes = json.load(open(os.path.join(data_root, "shapes", "train", "sizes.json")))
     n_train, shards = sum(sizes.values()), sorted(sizes)
     steps = epochs * (n_train // batch)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "MMALIGN_DATA": data_root}
     os.makedirs(workdir, exist_ok=True)
-    model_args = [f"--model.init_args.model_name={name}"] + (
-        [f"--model.init_args.model_cfg={json.dumps(model_cfg)}"] if model_cfg else [])
+    model_args = [f"--model.init_args.model.name={name}"] + (
+        [f"--model.init_args.model.cfg={json.dumps(model_cfg)}"] if model_cfg else [])
 
     # --- mmalign: the config as shipped, validation off (open_clip's trainer validates nothing here)
     mm_dir = os.path.join(workdir, f"mmalign-{seed}")
     mm_cmd = [sys.executable, "-m", "mmalign", "fit", "-c", config, f"--seed_everything={seed}",
-              f"--data.init_args.seed={seed}", f"--data.init_args.num_workers={workers}",
+              f"--data.init_args.stream.seed={seed}", f"--data.init_args.stream.num_workers={workers}",
               "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", f"--trainer.max_epochs={epochs}",
               f"--trainer.default_root_dir={mm_dir}", "--checkpoint.every_n_train_steps=0"]
 
@@ -89,11 +90,11 @@ def peer_run(config: str, data_root: str, deps: str, seed: int, workers: int, th
         cfg_path = os.path.join(tmp, f"{name}.json")
         if model_cfg:
             json.dump(model_cfg, open(cfg_path, "w"))
-        aug = m.get("augment") or {}
+        aug = net.get("augment") or {}
         argv = ["--train-data", os.path.join(data_root, "shapes", "train", "{" + ",".join(shards) + "}"),
                 "--train-num-samples", str(n_train), "--dataset-type", "webdataset", "--batch-size", str(batch),
-                "--epochs", str(epochs), "--lr", str(m.get("lr", 5e-4)), "--wd", str(m.get("weight_decay", 0.2)),
-                "--warmup", str(m.get("warmup_steps", 0)), "--model", name, "--seed", str(seed),
+                "--epochs", str(epochs), "--lr", str(opt.get("lr", 5e-4)), "--wd", str(opt.get("weight_decay", 0.2)),
+                "--warmup", str(opt.get("warmup_steps", 0)), "--model", name, "--seed", str(seed),
                 "--workers", str(workers), "--device", "cpu", "--precision", "fp32", "--logs", oc_dir,
                 "--name", "run", "--save-frequency", str(epochs), "--zeroshot-frequency", "0",
                 "--log-every-n-steps", "10", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6"]
@@ -116,7 +117,7 @@ def peer_run(config: str, data_root: str, deps: str, seed: int, workers: int, th
     [oc_ckpt] = glob.glob(os.path.join(oc_dir, "run", "checkpoints", f"epoch_{epochs}.pt"))
 
     scores = {}
-    for who, weights in (("mmalign", ["--ckpt_path", mm_ckpt]), ("open_clip", [f"--model.init_args.pretrained={oc_ckpt}"])):
+    for who, weights in (("mmalign", ["--ckpt_path", mm_ckpt]), ("open_clip", [f"--model.init_args.model.pretrained={oc_ckpt}"])):
         scores[who] = {split: _zeroshot(weights, model_args, data_root, split, workdir, env)
                        for split in ("heldout", "val")}
     samples = steps * batch

@@ -37,6 +37,6 @@ def tiny_clip_checkpoint(path, name: str):
            "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     torch.manual_seed(0)
-    clip = CLIP(model_name=name, model_cfg=cfg)
+    clip = CLIP(model={"name": name, "cfg": cfg})
     torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, path)
     return str(path), clip

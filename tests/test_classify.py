@@ -10,7 +10,7 @@ TINY = {"layers": [1, 1, 1, 1], "channels": [8, 16, 16, 16], "stem_width": 8}
 
 def test_unknown_timm_name_lists_close_matches():
     with pytest.raises(UnknownModelError, match="resnet18"):
-        ImageClassifier(model_name="resnet_18")
+        ImageClassifier({"name": "resnet_18"})
 
 
 def test_local_checkpoint_loads_and_head_resets(tmp_path):
@@ -24,7 +24,7 @@ def test_local_checkpoint_loads_and_head_resets(tmp_path):
     other = create_timm_model("resnet18", 4, checkpoint_path=str(path), **TINY)
     assert torch.equal(other.conv1.weight, src.conv1.weight) and other.fc.out_features == 4
     # a Lightning checkpoint of the classifier loads too (prefix "model." stripped)
-    clf = ImageClassifier(model_name="resnet18", num_classes=10, model_kwargs=TINY)
+    clf = ImageClassifier({"name": "resnet18", "kwargs": TINY}, num_classes=10)
     torch.save({"state_dict": clf.state_dict()}, tmp_path / "l.ckpt")
     again = create_timm_model("resnet18", 10, checkpoint_path=str(tmp_path / "l.ckpt"), **TINY)
     assert torch.equal(again.conv1.weight, clf.model.conv1.weight)
@@ -40,6 +40,6 @@ def test_mismatched_checkpoint_names_keys(tmp_path):
 
 
 def test_label_outside_classes_is_explained():
-    clf = ImageClassifier(model_name="resnet18", num_classes=3, model_kwargs=TINY)
+    clf = ImageClassifier({"name": "resnet18", "kwargs": TINY}, num_classes=3)
     with pytest.raises(ValueError, match=r"outside \[0, 3\)"):
         clf.training_step({"image": torch.randn(2, 3, 16, 16), "label": torch.tensor([0, 5])}, 0)

@@ -13,7 +13,8 @@ from mmalign.classify import ImageClassifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs/classify/digits.yaml")
-QUICK = ["--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0", "--data.init_args.num_workers=0",
+QUICK = ["--trainer.enable_progress_bar=false", "--trainer.num_sanity_val_steps=0",
+         "--data.init_args.stream.num_workers=0",
          "--trainer.enable_model_summary=false"]
 
 
@@ -120,9 +121,10 @@ def test_ddp_two_cpu_processes_with_uneven_shards(in_tmp, data_root):
     res = subprocess.run([sys.executable, "-m", "mmalign", "fit", "-c", DIGITS, "--trainer.strategy=ddp",
                           "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=1",
                           "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false",
-                          "--data.init_args.num_workers=2", "--trainer.log_every_n_steps=1"],
+                          "--data.init_args.stream.num_workers=2", "--trainer.log_every_n_steps=1"],
                          capture_output=True, text=True, timeout=400, cwd=in_tmp,
                          env={**os.environ, "MMALIGN_DATA": data_root, "PYTHONPATH": ROOT})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert len(glob.glob(str(in_tmp / "runs/mmalign/version_*"))) == 1  # rank 1 uses rank 0's claimed folder
     [last] = glob.glob(str(in_tmp / "runs/mmalign/version_*/checkpoints/last.ckpt"))
     assert torch.load(last, weights_only=False)["global_step"] == 1259 // (2 * 64)

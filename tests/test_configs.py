@@ -21,19 +21,20 @@ from mmalign import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIT_QUICK = ("--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-             "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0",
+             "--trainer.enable_progress_bar=false", "--data.init_args.stream.num_workers=0",
              "--trainer.enable_model_summary=false")
 RESNET = '{"layers":[1,1,1,1],"channels":[16,32,64,128],"stem_width":16}'
 ADAPT_QUICK = ("--model.init_args.source_checkpoint=null", "--model.init_args.model_name=resnet18",
-               f"--model.init_args.model_kwargs={RESNET}", "--data.init_args.corruptions=[gaussian_noise,fog]",
-               "--data.init_args.source_max_samples=64", "--data.init_args.num_workers=0",
-               "--data.init_args.batch_size=16", "--max_batches=2", "--rounds=2", "--save_adapted=true",
+               f"--model.init_args.model_kwargs={RESNET}",
+               "--data.init_args.benchmark.corruptions=[gaussian_noise,fog]",
+               "--data.init_args.adapt.source_max_samples=64", "--data.init_args.stream.num_workers=0",
+               "--data.init_args.stream.batch_size=16", "--max_batches=2", "--rounds=2", "--save_adapted=true",
                "--out_dir=adapt_out")
 FD_QUICK = ("--model.init_args.fd.num_samples=8", "--model.init_args.fd.sample_steps=2",
             "--model.init_args.fd.network.checkpoint={fd_ckpt}")
 TEACHER_QUICK = FD_QUICK + ("--model.init_args.teacher.checkpoint={teacher_ckpt}",)
 # the quick start's ImageNet MobileNetV2 file (scripts/fetch_mobilenet_v2.py) stands in as random weights
-MOBILENET_QUICK = ("--model.init_args.image_tower_checkpoint={mobilenet_ckpt}",)
+MOBILENET_QUICK = ("--model.init_args.model.image_tower_checkpoint={mobilenet_ckpt}",)
 
 
 @dataclass(frozen=True)
@@ -53,23 +54,24 @@ CASES = {
     "clip-scratch": Case(("clip/shapes_clip_scratch.yaml",)),
     "clip-lit": Case(("clip/shapes_clip_scratch.yaml", "clip/lit.yaml")),
     "clip-zeroshot": Case(("clip/zeroshot_shapes.yaml",), "zeroshot",
-                          ("--trainer.limit_test_batches=1", "--data.init_args.num_workers=0",
-                           "--trainer.enable_progress_bar=false")),
+                          ("--trainer.limit_test_batches=1", "--data.init_args.stream.num_workers=0",
+                           "--trainer.enable_progress_bar=false", "--allow_random_weights=true")),
     "clip-vitb32-ddp": Case(("clip/vitb32_laion_ddp.yaml",), runs_here=False),
     "clip-vitb32-fsdp": Case(("clip/vitb32_laion_ddp.yaml", "clip/fsdp.yaml"), runs_here=False),
     "speech-ctc": Case(("speech/spoken_ctc.yaml",), smoke=True),
     "speech-ctc-dtw": Case(("speech/spoken_ctc.yaml", "speech/ctc_dtw.yaml")),
     "speech-joint-softdtw": Case(("speech/spoken_ctc.yaml", "speech/joint_softdtw.yaml")),
     "tta-digits-c": Case(("tta/digits_c.yaml",), "adapt", ADAPT_QUICK + ("--model.init_args.num_classes=10",
-                                                                       "--data.init_args.domains_dir=digits-c-test"),
+                                                                       "--data.init_args.benchmark.dir=digits-c-test"),
                          smoke=True),
     "tta-shapes-c": Case(("tta/digits_c.yaml", "tta/shapes_c.yaml"), "adapt",
-                         ADAPT_QUICK + ("--model.init_args.num_classes=6", "--data.init_args.domains_dir=shapes-c-test")),
+                         ADAPT_QUICK + ("--model.init_args.num_classes=6",
+                                        "--data.init_args.benchmark.dir=shapes-c-test")),
     "tta-target": Case(("tta/digits_c.yaml", "tta/target.yaml"), "adapt",
                        ("--model.init_args.source_checkpoint=null", "--model.init_args.model_name=resnet18",
                         f"--model.init_args.model_kwargs={RESNET}", "--model.init_args.num_classes=10",
-                        "--data.init_args.test_shards=digits/test", "--data.init_args.num_workers=0",
-                        "--data.init_args.batch_size=16", "--max_batches=2", "--out_dir=adapt_out")),
+                        "--data.init_args.shards.test=digits/test", "--data.init_args.stream.num_workers=0",
+                        "--data.init_args.stream.batch_size=16", "--max_batches=2", "--out_dir=adapt_out")),
     "repa-dit": Case(("repa/dit_base.yaml",), quick=FD_QUICK, smoke=True),
     "repa-dit-repa": Case(("repa/dit_base.yaml", "repa/repa.yaml"), quick=TEACHER_QUICK),
     "repa-unet": Case(("repa/unet_base.yaml",), quick=FD_QUICK),
@@ -96,7 +98,7 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     tiny = {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 16], "stem_width": 8}
     out = {}
     for key, kwargs in (("{teacher_ckpt}", {**tiny, "output_stride": 8}), ("{fd_ckpt}", tiny)):
-        m = ImageClassifier("resnet18", num_classes=36, image_size=32, model_kwargs=kwargs)
+        m = ImageClassifier({"name": "resnet18", "kwargs": kwargs}, num_classes=36, transform={"image_size": 32})
         path = str(root / f"{key.strip('{}')}.ckpt")
         torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                     "pytorch-lightning_version": lightning.__version__}, path)

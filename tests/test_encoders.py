@@ -45,7 +45,7 @@ def _classifier_ckpt(path, **kw):
 
     from mmalign.classify import ImageClassifier
 
-    clf = ImageClassifier("resnet18", num_classes=5, image_size=32, model_kwargs=RESNET, **kw)
+    clf = ImageClassifier({"name": "resnet18", "kwargs": RESNET}, num_classes=5, transform={"image_size": 32, **kw})
     torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams),
                 "pytorch-lightning_version": lightning.__version__}, str(path))
     return str(path)
@@ -123,7 +123,7 @@ def test_mmalign_clip_checkpoint_teaches(tmp_path):
            "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "head_width": 16},
            "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     torch.manual_seed(0)
-    clip = CLIP(model_name="mmalign-teacher-tiny", model_cfg=cfg)
+    clip = CLIP(model={"name": "mmalign-teacher-tiny", "cfg": cfg})
     path = tmp_path / "clip.ckpt"
     torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, path)
     t = build_teacher("open_clip", "mmalign-teacher-tiny", str(path))
@@ -166,7 +166,7 @@ def test_clip_timm_image_tower_teaches(tmp_path):
                           "timm_proj": "linear", "image_size": 64},
            "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     torch.manual_seed(0)
-    clip = CLIP(model_name="mmalign-timm-tower-tiny", model_cfg=cfg)
+    clip = CLIP(model={"name": "mmalign-timm-tower-tiny", "cfg": cfg})
     with torch.no_grad():  # non-trivial BN statistics, so a buffer left at its default would show
         for m in clip.model.visual.trunk.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

@@ -25,7 +25,7 @@ from tests.test_faults import DIGITS, QUICK, ROOT, _tiny_classifier_ckpt, run_cl
 
 def test_failed_setup_leaves_no_run_folder(in_tmp):
     with pytest.raises(ShardError, match="do not exist"):
-        run_cli("fit", "-c", DIGITS, "--data.init_args.generate=null", "--data.init_args.train_shards=nowhere/train",
+        run_cli("fit", "-c", DIGITS, "--data.init_args.generate=null", "--data.init_args.shards.train=nowhere/train",
                 *QUICK)
     assert not glob.glob("runs/mmalign/version_*")
 
@@ -33,7 +33,7 @@ def test_failed_setup_leaves_no_run_folder(in_tmp):
 def test_nan_guard_advice_is_followable(in_tmp):
     from mmalign.training.callbacks import NonFiniteLossError
 
-    with pytest.raises(NonFiniteLossError, match=r"--ckpt_path last --model.init_args.lr=0.0015"):
+    with pytest.raises(NonFiniteLossError, match=r"--ckpt_path last --model.init_args.optim.lr=0.0015"):
         run_cli("fit", "-c", DIGITS, "--model.class_path=tests.test_cli.NaNAfterTwo", "--trainer.max_steps=4",
                 "--checkpoint.every_n_train_steps=1", *QUICK)
 
@@ -52,7 +52,7 @@ def test_resume_applies_overrides_and_finds_last(in_tmp, capsys):
     c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=3", "--checkpoint.every_n_train_steps=1", *QUICK)
     ckdir = os.path.join(c1.trainer.log_dir, "checkpoints")
     open(os.path.join(ckdir, "last.ckpt.tmp-999999"), "wb").write(b"half a checkpoint")  # a killed write
-    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", "--model.init_args.lr=1.5e-3",
+    c2 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=5", "--ckpt_path=last", "--model.init_args.optim.lr=1.5e-3",
                  *QUICK)
     err = capsys.readouterr()
     assert c2.trainer.global_step == 5 and c2.trainer.log_dir == c1.trainer.log_dir
@@ -103,7 +103,8 @@ def test_predict_writes_classifier_predictions(in_tmp):
 
 
 def test_predict_writes_repa_sample_grids(in_tmp):
-    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--model.init_args.fd.num_samples=0",
+    p = run_cli("predict", "-c", os.path.join(ROOT, "configs/repa/dit_base.yaml"), "--allow_random_weights=true",
+                "--model.init_args.fd.num_samples=0",
                 "--model.init_args.sampling.num_samples=4", "--model.init_args.sampling.steps=2",
                 "--model.init_args.sampling.out_dir=grids", "--model.init_args.diffusion.backbone_kwargs.num_layers=1",
                 *QUICK)
@@ -121,8 +122,8 @@ def test_cafa_statistics_follow_the_source_checkpoint(tmp_path, data_root):
 
     def stats():
         model = TTAModel(ckpt, methods=["cafa"])
-        dm = CorruptionStream(data_root=data_root, domains_dir=str(tmp_path), train_shards="digits/train",
-                              num_workers=0, preprocess=model.preprocess)
+        dm = CorruptionStream(shards={"data_root": data_root, "train": "digits/train"}, stream={"num_workers": 0},
+                              benchmark={"dir": str(tmp_path)}, preprocess=model.preprocess)
         return source_statistics(model, dm, str(tmp_path), "cpu", logs.append, max_samples=64)
 
     first = stats()
@@ -140,16 +141,18 @@ def test_zeroshot_unknown_label_field_and_strict_json(in_tmp, data_root):
     from tests.test_contrastive_module import TINY
 
     cfg = {"model": {"class_path": "mmalign.contrastive.CLIP",
-                     "init_args": {"model_name": "mmalign-test-tiny", "model_cfg": TINY}},
+                     "init_args": {"model": {"name": "mmalign-test-tiny", "cfg": TINY}}},
            "data": {"class_path": "datamodules.ImageLabelDataModule",
-                    "init_args": {"data_root": data_root, "test_shards": "shapes/heldout", "num_workers": 0,
-                                  "batch_size": 32}},
+                    "init_args": {"shards": {"data_root": data_root, "test": "shapes/heldout"},
+                                  "stream": {"num_workers": 0, "batch_size": 32}}},
            "trainer": {"enable_progress_bar": False, "logger": False, "limit_test_batches": 1}}
     (in_tmp / "zs.yaml").write_text(yaml.safe_dump(cfg))
     classes = os.path.join(data_root, "shapes", "classes.json")
     with pytest.raises(ValueError, match="no test sample carries label field 'colour_id'.*json fields seen: .*color_id"):
-        run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=colour_id", "--out=zs")
-    run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=cls", "--out=zs")
+        run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=colour_id", "--out=zs",
+                "--allow_random_weights=true")
+    run_cli("zeroshot", "-c", "zs.yaml", f"--classes={classes}", "--label_field=cls", "--out=zs",
+            "--allow_random_weights=true")
     text = (in_tmp / "zs" / "zeroshot.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert "NaN" not in text and _strict({"x": float("nan")}) == {"x": None}
@@ -161,7 +164,7 @@ def _fit(record, extra, cwd, env):
     return subprocess.Popen([sys.executable, "-m", "mmalign", "fit", "-c", DIGITS,
                              "--model.class_path=tests._modules.RecordingClassifier",
                              f"--model.init_args.record={record}", "--trainer.max_steps=20",
-                             "--checkpoint.every_n_train_steps=4", "--data.init_args.num_workers=2",
+                             "--checkpoint.every_n_train_steps=4", "--data.init_args.stream.num_workers=2",
                              "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
                              "--trainer.enable_model_summary=false", *extra],
                             cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -211,8 +214,8 @@ def test_evaluating_a_checkpoint_builds_its_architecture(in_tmp, capsys):
     the config describes another (here: wider channels); ``fit`` keeps the config's."""
     c1 = run_cli("fit", "-c", DIGITS, "--trainer.max_steps=2", *QUICK)
     last = os.path.join(c1.trainer.log_dir, "checkpoints", "last.ckpt")
-    other = '--model.init_args.model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}'
+    other = '--model.init_args.network.kwargs={"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "stem_width": 8}'
     c2 = run_cli("test", "-c", DIGITS, other, f"--ckpt_path={last}", "--trainer.limit_test_batches=1", *QUICK)
-    assert "architecture taken from the checkpoint (model_kwargs" in capsys.readouterr().err
+    assert "architecture taken from the checkpoint (network.kwargs" in capsys.readouterr().err
     trained = torch.load(last, weights_only=True)["state_dict"]
     assert all(torch.equal(v, trained[k]) for k, v in c2.model.state_dict().items())

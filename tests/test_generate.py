@@ -70,8 +70,24 @@ def test_an_earlier_dataset_with_other_settings_is_named_and_a_missing_split_ref
         generate_dataset("shapes", root, **{**small, "num_train": 40})
     assert "num_train=20 (asked: 40)" in caplog.text and "Delete the folder" in caplog.text
     os.rename(os.path.join(root, "heldout"), str(tmp_path / "moved"))  # as if made by an older generator
-    dm = ImageTextDataModule(data_root=str(tmp_path), train_shards="shapes/train", val_shards="shapes/val",
-                             extra_val_shards={"heldout": "shapes/heldout"}, generate="shapes", generate_kwargs=small,
-                             num_workers=0)
+    dm = ImageTextDataModule(shards={"data_root": str(tmp_path), "train": "shapes/train", "val": "shapes/val",
+                                     "extra_val": {"heldout": "shapes/heldout"}},
+                             stream={"num_workers": 0}, generate={"name": "shapes", "kwargs": small})
     with pytest.raises(ShardError, match=r"without the split\(s\) \['heldout'\].*Delete"):
         dm.prepare_data()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["digits", "--num-train", "5"], "'num_train' is not an option of the 'digits' generator"),
+    (["shapes", "--shard-size", "0"], "generate.kwargs.shard_size must be > 0, got 0"),
+])
+def test_generate_script_refuses_options_in_one_line_before_work(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "generate_data.py"), *args, "--root",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root})
+    assert res.returncode == 2 and message in res.stderr.strip().splitlines()[-1], res.stderr[-1000:]
+    assert not (tmp_path / "out").exists()

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs/classify/digits.yaml")
 CLIP_CFG = os.path.join(ROOT, "configs/clip/shapes_clip_scratch.yaml")
 QUICK = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-         "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0", "--trainer.enable_model_summary=false"]
+         "--trainer.enable_progress_bar=false", "--data.init_args.stream.num_workers=0",
+         "--trainer.enable_model_summary=false"]
 TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}
 
 
@@ -51,7 +52,7 @@ def _classifier(compile_opt):
     from mmalign.classify import ImageClassifier
 
     torch.manual_seed(0)
-    return ImageClassifier("resnet18", 10, image_size=16, model_kwargs=TINY_RESNET, compile=compile_opt)
+    return ImageClassifier({"name": "resnet18", "kwargs": TINY_RESNET}, 10, {"image_size": 16}, compile=compile_opt)
 
 
 @pytest.mark.parametrize("which", ["classifier", "clip"])
@@ -83,8 +84,9 @@ def test_inductor_compiled_fit(in_tmp):
     from mmalign import cli
 
     # timm's smallest ResNet, no validation (an eval-mode graph would compile a second time)
-    c = cli.main(["fit", "-c", DIGITS, "--model.init_args.compile=true", *QUICK, "--model.init_args.model_name=test_resnet",
-                  "--model.init_args.model_kwargs={}", "--trainer.limit_val_batches=0"])
+    c = cli.main(["fit", "-c", DIGITS, "--model.init_args.compile=true", *QUICK,
+                  "--model.init_args.network.name=test_resnet", "--model.init_args.network.kwargs={}",
+                  "--trainer.limit_val_batches=0"])
     assert c.trainer.global_step == 2 and torch.isfinite(c.trainer.callback_metrics["train/loss"])
 
 

@@ -1,6 +1,7 @@
-"""The architecture as a test: data -> core -> methods -> CLI, each importing only what is below it.
+"""The architecture as a test: base -> data -> core -> methods -> CLI, each importing only what is below it.
 
-- ``datamodules`` (data) imports nothing from ``mmalign``;
+- the base (``mmalign.specs``, ``mmalign.optim``, ``mmalign.distributed``: plain torch) imports only the base;
+- ``datamodules`` (data) imports nothing from ``mmalign`` but the base;
 - the core (``mmalign`` minus the method packages and the CLI) imports data and core only;
 - a method package (``mmalign.classify``, ``contrastive``, ``repa``, ``tta``, ``speech``) imports data,
   core and itself, never another method and never the CLI;
@@ -8,7 +9,9 @@
 
 Every import statement is read with ``ast``, including those inside functions (lazy imports are
 still dependencies). A second test deletes each method folder from a copy of the tree and checks
-that everything else still imports and that the CLI still starts.
+that everything else still imports and that the CLI still starts. A third imports the pure-torch core
+(losses, evaluation, distributed, encoders, models, specs) in a process where ``lightning`` and
+``datamodules`` cannot be imported at all.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("classify", "contrastive", "repa", "t2i", "tta", "speech")
 CLI = ("mmalign.cli", "mmalign.__main__")
-DATA, CORE, METHOD, TOP = 0, 1, 2, 3
+BASE_MODULES = ("mmalign", "mmalign.specs", "mmalign.optim", "mmalign.distributed")
+BASE, DATA, CORE, METHOD, TOP = 0, 1, 2, 3, 4
 
 
 def _module_name(path: str) -> str:
@@ -35,6 +39,8 @@ def _module_name(path: str) -> str:
 def _layer(module: str) -> tuple[int, str | None]:
     """(layer, method package or None) of a project module."""
     parts = module.split(".")
+    if module in BASE_MODULES:
+        return BASE, None
     if parts[0] == "datamodules":
         return DATA, None
     if module in CLI:
@@ -96,12 +102,108 @@ def test_no_upward_or_sideways_imports():
     assert not bad, "layering violations:\n" + "\n".join(bad)
 
 
+def _cycles(top: str) -> list[list[str]]:
+    """Import cycles among the modules of ``top`` (lazy imports included); a package and its own
+    submodules importing each other (``generate/__init__`` <-> ``generate/shapes``) do not count."""
+    graph: dict[str, set[str]] = {}
+    for path in _project_sources():
+        me = _module_name(path)
+        if me.split(".")[0] != top:
+            continue
+        for _, target in _imports(path):
+            if not _is_module(target) or target == me or target.split(".")[0] != top:
+                continue
+            if me.startswith(target + ".") or target.startswith(me + "."):
+                continue
+            graph.setdefault(me, set()).add(target)
+    found, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_data_layer_has_no_import_cycle_and_no_sibling_helpers():
+    assert not _cycles("datamodules"), _cycles("datamodules")
+    # a datamodule takes shared helpers from a helper module, never from a sibling datamodule
+    datamodules = {"datamodules.image_text", "datamodules.image_label", "datamodules.audio_text"}
+    for name in datamodules:
+        path = os.path.join(ROOT, *name.split(".")) + ".py"
+        siblings = {t for _, t in _imports(path)} & (datamodules - {name})
+        assert not siblings, f"{name} imports {siblings}"
+
+
 def test_the_layer_test_sees_violations(tmp_path):
     """The checker itself works: a data module importing mmalign, and tta importing classify, are flagged."""
     assert _layer("datamodules.stream") == (DATA, None) and _layer("mmalign.tta.pipeline") == (METHOD, "tta")
+    assert _layer("mmalign.distributed") == (BASE, None) and _layer("mmalign.evaluation") == (CORE, None)
     assert _layer("mmalign.training.callbacks") == (CORE, None) and _layer("mmalign.cli") == (TOP, None)
     imports = dict((t, n) for n, t in _imports(os.path.join(ROOT, "mmalign", "tta", "pipeline.py")))
     assert "mmalign.tta.cafa_stats" in imports  # relative imports resolve to absolute modules
+
+
+CORE_PACKAGES = ("mmalign.losses", "mmalign.evaluation", "mmalign.distributed", "mmalign.encoders", "mmalign.models",
+                 "mmalign.specs", "mmalign.optim")
+
+# Every submodule of the given packages, imported in a process whose import system refuses Lightning
+# and the data layer outright (a finder placed first on sys.meta_path raises for them), so a lazy
+# import inside a function body is not caught, but any import at module level, direct or through
+# another module, is.
+BLOCKED = r"""
+import importlib, importlib.abc, pkgutil, sys
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric", "datamodules"):
+            raise ImportError(f"blocked import of {name}")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+failed = []
+for name in sys.argv[1:]:
+    try:
+        mod = importlib.import_module(name)
+        subs = [i.name for i in pkgutil.walk_packages(getattr(mod, "__path__", []), name + ".")]
+        for sub in subs:
+            importlib.import_module(sub)
+    except Exception as exc:
+        failed.append(f"{name}: {type(exc).__name__}: {exc}")
+print("FAILED" if failed else "OK", *failed, sep="\n")
+"""
+
+
+def _import_blocked(modules, extra_path: str | None = None) -> str:
+    path = os.pathsep.join(p for p in (extra_path, ROOT) if p)
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", BLOCKED, *modules], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    return res.stdout + res.stderr[-2000:]
+
+
+def test_core_imports_without_lightning_or_the_data_layer():
+    out = _import_blocked(CORE_PACKAGES)
+    assert out.startswith("OK"), out
+
+
+def test_the_blocked_import_check_sees_a_lightning_import(tmp_path):
+    """The check itself works: a module that imports Lightning (or the data layer through another module)
+    is reported, with the module it tried to import."""
+    (tmp_path / "uses_lightning.py").write_text("import lightning.pytorch as pl\n")
+    (tmp_path / "uses_data.py").write_text("from mmalign.specs import need\nimport datamodules.shards\n")
+    out = _import_blocked(["uses_lightning", "uses_data"], str(tmp_path))
+    assert out.startswith("FAILED"), out
+    assert "uses_lightning: ImportError: blocked import of lightning" in out
+    assert "uses_data: ImportError: blocked import of datamodules" in out
 
 
 CHECK = r"""

@@ -205,9 +205,9 @@ def test_contrastive_module_builds_the_tiled_loss():
 
     from mmalign.contrastive import CLIP, SigLIP
 
-    assert tiny(CLIP, loss_tile_size=8).loss_fn.tile_size == 8
-    assert tiny(SigLIP, loss_tile_size=8).loss_fn.tile_size == 8
+    assert tiny(CLIP, objective={"tile_size": 8}).loss_fn.tile_size == 8
+    assert tiny(SigLIP, objective={"tile_size": 8}).loss_fn.tile_size == 8
     assert tiny(CLIP).loss_fn.tile_size is None
     for bad in (0, 2.0, True):
-        with pytest.raises(ValueError, match="loss_tile_size must be a positive int"):
-            tiny(CLIP, loss_tile_size=bad)
+        with pytest.raises(ValueError, match="objective.tile_size must be a positive int"):
+            tiny(CLIP, objective={"tile_size": bad})

@@ -132,6 +132,22 @@ def test_predict_writes_png_grids(tmp_path):
     assert Image.open(files[0]).size[0] >= 6 * 32
 
 
+def test_predict_refuses_an_unwritable_sample_folder_before_sampling(tmp_path):
+    import lightning.pytorch as pl
+
+    from mmalign.training.outputs import OutputLocationError
+
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    m = FlowMatchingDiffusion(diffusion=DiffusionSpec(num_classes=6, backbone="dit", backbone_kwargs=DIT),
+                              sampling=SamplingSpec(num_samples=6, out_dir=str(tmp_path / "taken"), steps=2))
+    sampled = []
+    m.generate = lambda *a, **k: sampled.append(1)  # would record any sampling before the check
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(OutputLocationError, match="sampling.out_dir"):
+        trainer.predict(m)
+    assert sampled == []
+
+
 def test_vae_latent_path(tmp_path):
     from diffusers import AutoencoderKL
 
@@ -235,8 +251,8 @@ def _classifier_ckpt(path, mean=(0.5, 0.4, 0.3)):
 
     from mmalign.classify import ImageClassifier
 
-    clf = ImageClassifier("vit_tiny_patch16_224", num_classes=6, image_size=32, model_kwargs=VIT["model_kwargs"],
-                          mean=mean)
+    clf = ImageClassifier({"name": "vit_tiny_patch16_224", "kwargs": VIT["model_kwargs"]}, num_classes=6,
+                          transform={"image_size": 32, "mean": mean})
     torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams),
                 "pytorch-lightning_version": lightning.__version__}, str(path))
     return clf
@@ -355,7 +371,8 @@ def test_precompute_teacher_covers_every_training_key(tmp_path, data_root):
     from mmalign.repa.precompute_command import precompute_teacher
 
     m = make(diffusion={"num_classes": 36})
-    dm = ImageLabelDataModule(data_root=data_root, train_shards="shapes/train", label_key="cls", num_classes=36,
-                              batch_size=64, num_workers=0, preprocess=m.preprocess)
+    dm = ImageLabelDataModule(shards={"data_root": data_root, "train": "shapes/train"},
+                              label={"key": "cls", "num_classes": 36}, stream={"batch_size": 64, "num_workers": 0},
+                              preprocess=m.preprocess)
     meta = precompute_teacher(None, m, dm, out_dir=str(tmp_path / "feats"))
     assert meta["num_samples"] == 400

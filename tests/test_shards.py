@@ -35,40 +35,42 @@ def test_index_counts_and_labels(tmp_path):
 
 def test_shard_without_images_fails_at_setup(tmp_path):
     write_shards(str(tmp_path), [3, 3], with_image=False)
-    dm = ImageTextDataModule(train_shards=str(tmp_path), num_workers=0, batch_size=2)
-    with pytest.raises(ShardError, match="no sample with a .jpg/.jpeg/.png/.webp member"):
+    dm = ImageTextDataModule(shards={"train": str(tmp_path)}, stream={"num_workers": 0, "batch_size": 2})
+    with pytest.raises(ShardError, match="no sample with a .jpg/.jpeg/.png/.webp/.bmp/.ppm member"):
         dm.setup("fit")
 
 
 def test_empty_shard_fails_at_setup(tmp_path):
     write_shards(str(tmp_path), [3, 0])
-    dm = ImageTextDataModule(train_shards=str(tmp_path), num_workers=0, batch_size=2)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path)}, stream={"num_workers": 0, "batch_size": 2})
     with pytest.raises(ShardError, match="holds no samples"):
         dm.setup("fit")
 
 
 def test_label_out_of_range_fails_at_setup(tmp_path):
     write_shards(str(tmp_path), [4, 4], label_of=lambda n: 7 if n == 5 else 1)
-    dm = ImageLabelDataModule(train_shards=str(tmp_path), num_workers=0, batch_size=2, num_classes=5)
+    dm = ImageLabelDataModule(shards={"train": str(tmp_path)}, stream={"num_workers": 0, "batch_size": 2},
+                              label={"num_classes": 5})
     with pytest.raises(ValueError, match=r"label 7 is outside \[0, 5\).*num_classes"):
         dm.setup("fit")
 
 
 def test_too_few_shards_for_readers(tmp_path):
     write_shards(str(tmp_path), [8, 8])
-    dm = ImageTextDataModule(train_shards=str(tmp_path), num_workers=3, batch_size=2)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path)}, stream={"num_workers": 3, "batch_size": 2})
     with pytest.raises(ShardError, match="every reader needs its own shard"):
         dm.setup("fit")
-    dm = ImageTextDataModule(train_shards=str(tmp_path), num_workers=3, batch_size=2, resampled=True,
-                             samples_per_epoch=12)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path), "samples_per_epoch": 12},
+                             stream={"num_workers": 3, "batch_size": 2, "resampled": True})
     dm.setup("fit")
     assert len(dm.train_dataloader()) == 6
 
 
 def test_generation_on_first_use(tmp_path, caplog):
-    dm = ImageLabelDataModule(data_root=str(tmp_path), train_shards="digits/train", val_shards="digits/val",
-                              generate="digits", num_workers=0, batch_size=16, num_classes=10,
-                              generate_kwargs={"image_size": 16}, image_size=16)
+    dm = ImageLabelDataModule(shards={"data_root": str(tmp_path), "train": "digits/train", "val": "digits/val"},
+                              stream={"num_workers": 0, "batch_size": 16},
+                              generate={"name": "digits", "kwargs": {"image_size": 16}}, label={"num_classes": 10},
+                              image={"size": 16})
     with caplog.at_level("WARNING"):
         dm.prepare_data()
     assert "generating built-in dataset 'digits'" in caplog.text
@@ -97,8 +99,8 @@ def test_image_folder_reads_like_shards(tmp_path):
     root = _folder(tmp_path / "pets", ["cat", "dog", "emu"], 30)  # 90 images -> 64+ virtual shards
     urls = expand_shards(root)
     assert urls == folder_shards(root) and len(urls) == 45 and urls[0].startswith("folder://")
-    dm = ImageLabelDataModule(train_shards=root, val_shards=root, num_workers=2, batch_size=10, num_classes=3,
-                              image_size=8)
+    dm = ImageLabelDataModule(shards={"train": root, "val": root}, stream={"num_workers": 2, "batch_size": 10},
+                              label={"num_classes": 3}, image={"size": 8})
     dm.setup("fit")
     keys, labels = [], []
     for b in dm.train_dataloader():
@@ -109,17 +111,18 @@ def test_image_folder_reads_like_shards(tmp_path):
     assert {k.split("/")[0]: l for k, l in zip(keys, labels)} == {"cat": 0, "dog": 1, "emu": 2}
     assert sum(len(b["key"]) for b in dm.val_dataloader()) == 90
     with pytest.raises(ValueError, match=r"label 2 is outside \[0, 2\)"):
-        ImageLabelDataModule(train_shards=root, num_workers=0, batch_size=10, num_classes=2).setup("fit")
+        ImageLabelDataModule(shards={"train": root}, stream={"num_workers": 0, "batch_size": 10},
+                             label={"num_classes": 2}).setup("fit")
 
 
 def test_unlabelled_image_folder_has_no_labels(tmp_path):
     root = _folder(tmp_path / "raw", [""], 5)
-    dm = ImageTextDataModule(val_shards=root, num_workers=0)
+    dm = ImageTextDataModule(shards={"val": root}, stream={"num_workers": 0})
     with pytest.raises(ShardError, match="no sample with a .txt member"):
         dm.setup("validate")  # images but no captions: the wrong datamodule, said at set-up
     from mmalign.tta import TargetStream
 
-    stream = TargetStream(test_shards=root, num_workers=0, batch_size=4, image_size=8)
+    stream = TargetStream(shards={"test": root}, stream={"num_workers": 0, "batch_size": 4}, image={"size": 8})
     assert not stream.labelled and stream.domain_names == ["target"]
     batches = list(stream.domain_batches("target"))
     assert [len(b["key"]) for b in batches] == [4, 1] and set(batches[0]["label"].tolist()) == {-1}

@@ -17,7 +17,11 @@ from mmalign.speech.model import SpeechTextModel
 from mmalign.speech.module import SpeechTextAligner
 from mmalign.speech.tokenizer import CharTokenizer
 
-TINY = dict(d_model=32, embed_dim=32, speech_layers=1, text_layers=1, heads=2, n_mels=40, dropout=0.0)
+TOWERS = dict(d_model=32, embed_dim=32, speech_layers=1, text_layers=1, heads=2, dropout=0.0)
+
+
+def tiny(**losses) -> SpeechTextAligner:
+    return SpeechTextAligner(towers=TOWERS, features={"n_mels": 40}, losses=losses)
 
 
 @pytest.fixture(scope="session")
@@ -63,20 +67,20 @@ def test_encoders_shapes_and_padding_invariance():
 
 def test_module_validates_weights():
     with pytest.raises(ValueError, match="admits collapse"):
-        SpeechTextAligner(contrastive_weight=0.0, ctc_weight=0.0, consistency_weight=1.0)
+        SpeechTextAligner(losses={"contrastive_weight": 0.0, "ctc_weight": 0.0, "consistency_weight": 1.0})
     with pytest.raises(ValueError, match="ctc_weight must be >= 0"):
-        SpeechTextAligner(ctc_weight=-1.0)
+        SpeechTextAligner(losses={"ctc_weight": -1.0})
 
 
 def _datamodule(model, root, **kw):
-    return AudioTextDataModule(train_shards=os.path.join(root, "train"), val_shards=os.path.join(root, "test"),
-                               batch_size=8, num_workers=0, preprocess=model.preprocess, **kw)
+    return AudioTextDataModule(shards={"train": os.path.join(root, "train"), "val": os.path.join(root, "test")},
+                               stream={"batch_size": 8, "num_workers": 0}, preprocess=model.preprocess, **kw)
 
 
 @pytest.mark.parametrize("mode", ["dtw", "soft_dtw"])
 def test_all_losses_backpropagate(spoken_root, mode):
     torch.manual_seed(0)
-    model = SpeechTextAligner(**TINY, ctc_weight=1.0, consistency_weight=0.5, consistency_mode=mode)
+    model = tiny(ctc_weight=1.0, consistency_weight=0.5, consistency_mode=mode)
     dm = _datamodule(model, spoken_root["root"])
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -99,7 +103,7 @@ def test_fit_and_evaluate_reports_all_metrics(spoken_root):
     import lightning.pytorch as pl
 
     pl.seed_everything(0)
-    model = SpeechTextAligner(**TINY, ctc_weight=1.0, consistency_weight=1.0, consistency_mode="dtw")
+    model = tiny(ctc_weight=1.0, consistency_weight=1.0, consistency_mode="dtw")
     dm = _datamodule(model, spoken_root["root"])
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
@@ -114,7 +118,7 @@ def test_fit_and_evaluate_reports_all_metrics(spoken_root):
     assert res["val/speech2text_r10"] == 1.0  # fewer than 10 distinct transcripts: every one is "retrieved"
     assert res["val/onset_baseline_ms"] > 0 and np.isfinite(res["val/onset_error_ms"])
     # without a CTC head there is nothing to decode or align
-    model2 = SpeechTextAligner(**TINY)
+    model2 = tiny()
     pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
                accelerator="cpu").validate(model2, _datamodule(model2, spoken_root["root"]), verbose=False)
     assert "val/wer" not in model2.eval_results["val"] and "val/speech2text_r1" in model2.eval_results["val"]
@@ -150,15 +154,15 @@ def bad_shard(tmp_path_factory):
 
 
 def _eval_batches(model, shard_dir):
-    dm = AudioTextDataModule(val_shards=shard_dir, batch_size=8, num_workers=0, max_seconds=2.0,
-                             preprocess=model.preprocess)
+    dm = AudioTextDataModule(shards={"val": shard_dir}, stream={"batch_size": 8, "num_workers": 0},
+                             audio={"max_seconds": 2.0}, preprocess=model.preprocess)
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     return batches, dm.health.take("val")
 
 
 def test_bad_audio_clips_are_skipped_and_counted(bad_shard):
-    batches, report = _eval_batches(SpeechTextAligner(**TINY), os.path.join(bad_shard, "audio"))
+    batches, report = _eval_batches(tiny(), os.path.join(bad_shard, "audio"))
     skipped = report.skipped
     reasons = " | ".join(report.reasons)
     kept = [k for b in batches for k in b.get("key", [])]
@@ -170,7 +174,7 @@ def test_bad_audio_clips_are_skipped_and_counted(bad_shard):
 def test_out_of_vocabulary_transcript_is_skipped_and_counted(bad_shard):
     # Needs AudioTextDataModule.decode to call the linked tokenizer's ``validate`` (per-sample check):
     # otherwise tokenisation in collate fails the whole batch.
-    batches, report = _eval_batches(SpeechTextAligner(**TINY), os.path.join(bad_shard, "text"))
+    batches, report = _eval_batches(tiny(), os.path.join(bad_shard, "text"))
     kept = [k for b in batches for k in b.get("key", [])]
     reasons = " | ".join(report.reasons)
     assert kept == ["good"]

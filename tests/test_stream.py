@@ -17,8 +17,8 @@ UNEVEN_1050 = [400, 250, 150, 100, 60, 40, 30, 20]
 
 
 def _read_epoch(directory, rank, world, workers, epoch=0):
-    dm = ImageTextDataModule(train_shards=directory, batch_size=4, num_workers=workers, shuffle_buffer=8,
-                             image_size=8)
+    dm = ImageTextDataModule(shards={"train": directory},
+                             stream={"batch_size": 4, "num_workers": workers, "shuffle_buffer": 8}, image={"size": 8})
     dm.setup("fit")
     ds = dm._train
     assert (ds.rank, ds.world_size) == (rank, world)
@@ -95,7 +95,7 @@ def test_uneven_shards_every_sample_seen_across_epochs(tmp_path, workers):
 
 
 def test_balanced_assignment_spreads_samples():
-    from datamodules.slots import StreamSlot, assign_shards
+    from mmalign.distributed import StreamSlot, assign_shards
 
     loads, dealt = [], []
     for reader in range(4):
@@ -115,8 +115,9 @@ def test_short_reader_repeats_its_own_shards(tmp_path):
 
 
 def _image_dm(directory, workers, **kw):
-    dm = ImageTextDataModule(train_shards=directory, batch_size=4, num_workers=workers, shuffle_buffer=6,
-                             image_size=8, **kw)
+    dm = ImageTextDataModule(shards={"train": directory},
+                             stream={"batch_size": 4, "num_workers": workers, "shuffle_buffer": 6}, image={"size": 8},
+                             **kw)
     dm.setup("fit")
     return dm
 
@@ -149,8 +150,8 @@ def test_corrupt_sample_skipped_and_counted(tmp_path):
     write_shards(str(tmp_path), [6, 6], corrupt={"k00003", "k00008"})
     # 12 indexed samples -> 3 batches of 4 = 12 good samples wanted of the 10 there are: the reader
     # passes over its data more than once, so it pulls (and counts) both corrupt samples
-    dm = ImageTextDataModule(train_shards=str(tmp_path), batch_size=4, num_workers=0, image_size=8,
-                             val_shards=str(tmp_path))
+    dm = ImageTextDataModule(shards={"train": str(tmp_path), "val": str(tmp_path)},
+                             stream={"batch_size": 4, "num_workers": 0}, image={"size": 8})
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     keys = [k for b in batches for k in b["key"]]
@@ -164,8 +165,8 @@ def test_corrupt_sample_skipped_and_counted(tmp_path):
 
 def test_all_corrupt_eval_batch_is_never_yielded(tmp_path):
     write_shards(str(tmp_path), [2, 2], corrupt={"k00000", "k00001"})
-    dm = ImageTextDataModule(val_shards=str(tmp_path), batch_size=2, num_workers=0, image_size=8,
-                             max_skip_fraction=1.0)
+    dm = ImageTextDataModule(shards={"val": str(tmp_path), "max_skip_fraction": 1.0},
+                             stream={"batch_size": 2, "num_workers": 0}, image={"size": 8})
     dm.setup("validate")
     batches = list(dm.val_dataloader())
     assert [b["key"] for b in batches] == [["k00002", "k00003"]] and dm.health.take("val").skipped == 2
@@ -187,7 +188,8 @@ def test_truncated_shard_counts_lost_samples(tmp_path):
 
 def test_mostly_corrupt_stream_fails_early(tmp_path):
     write_shards(str(tmp_path), [40, 40], corrupt={f"k{i:05d}" for i in range(80) if i % 10})
-    dm = ImageTextDataModule(train_shards=str(tmp_path), batch_size=4, num_workers=0, image_size=8)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path)}, stream={"batch_size": 4, "num_workers": 0},
+                             image={"size": 8})
     dm.setup("fit")
     with pytest.raises(DataHealthError, match=r"of the \d+ samples it read were unusable.*max_skip_fraction=0.5"):
         list(dm.train_dataloader())
@@ -204,15 +206,16 @@ def test_shard_mostly_without_captions_fails_at_setup(tmp_path):
             if i < 2:
                 sample["txt"] = f"caption {i}"
             w.write(sample)
-    dm = ImageTextDataModule(train_shards=str(tmp_path), batch_size=4, num_workers=0, image_size=8)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path)}, stream={"batch_size": 4, "num_workers": 0},
+                             image={"size": 8})
     with pytest.raises(ShardError, match=r"18 of the 20 samples .* lack a required member"):
         dm.setup("fit")
 
 
 def test_resampled_gives_requested_epoch_length(tmp_path):
     write_shards(str(tmp_path), [5, 5])
-    dm = ImageTextDataModule(train_shards=str(tmp_path), batch_size=4, num_workers=0, resampled=True,
-                             samples_per_epoch=40, image_size=8)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path), "samples_per_epoch": 40},
+                             stream={"batch_size": 4, "num_workers": 0, "resampled": True}, image={"size": 8})
     dm.setup("fit")
     assert sum(1 for _ in dm.train_dataloader()) == 10
 
@@ -223,7 +226,8 @@ def test_tokenizer_and_transform_come_from_preprocess(tmp_path):
     write_shards(str(tmp_path), [4])
     pre = Preprocess(train_transform=lambda img: torch.zeros(3, 5, 5),
                      tokenizer=lambda texts: torch.tensor([[len(t)] for t in texts]))
-    dm = ImageTextDataModule(train_shards=str(tmp_path), batch_size=2, num_workers=0, preprocess=pre)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path)}, stream={"batch_size": 2, "num_workers": 0},
+                             preprocess=pre)
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
     assert b["image"].shape == (2, 3, 5, 5) and b["tokens"].tolist() == [[len(t)] for t in b["text"]]
@@ -243,9 +247,10 @@ def test_trainer_epochs_differ_and_skips_reported_once_per_epoch(tmp_path, recwa
             return super().training_step(batch, batch_idx)
 
     write_shards(str(tmp_path), [6, 6], corrupt={"k00000", "k00006"})
-    dm = ImageLabelDataModule(train_shards=str(tmp_path), batch_size=5, num_workers=0, num_classes=3)
-    model = Recording(model_name="resnet18", num_classes=3, image_size=8,
-                      model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    dm = ImageLabelDataModule(shards={"train": str(tmp_path)}, stream={"batch_size": 5, "num_workers": 0},
+                              label={"num_classes": 3})
+    model = Recording({"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}},
+                      num_classes=3, transform={"image_size": 8})
     model.seen = {}
     dm.preprocess = model.preprocess
     health = DataHealthMonitor()
@@ -258,3 +263,29 @@ def test_trainer_epochs_differ_and_skips_reported_once_per_epoch(tmp_path, recwa
     assert 3 <= health.totals["train"] <= 4
     msgs = [str(w.message) for w in recwarn if "skipped" in str(w.message)]
     assert len(msgs) == 2 and "k00000" in msgs[0]
+
+
+def test_persistent_workers_follow_the_epoch_and_the_resume_position(tmp_path):
+    """Persistent workers keep the dataset copy they started with: the epoch seed and a resume position
+    must still reach them (through shared memory), or every epoch would repeat the first one."""
+    write_shards(str(tmp_path), [6, 6, 6, 6])
+    epoch = [0]
+    kept = StreamingLoader(_image_dm(str(tmp_path), 2)._train, epoch_fn=lambda: epoch[0], num_workers=2,
+                           persistent_workers=True)
+    fresh = StreamingLoader(_image_dm(str(tmp_path), 2)._train, epoch_fn=lambda: epoch[0], num_workers=2)
+    seen = []
+    for e in range(3):
+        epoch[0] = e
+        seen.append([b["key"] for b in kept])
+        assert seen[-1] == [b["key"] for b in fresh]
+    assert seen[0] != seen[1] != seen[2]
+    epoch[0] = 1
+    first = StreamingLoader(_image_dm(str(tmp_path), 2)._train, epoch_fn=lambda: 1, progress_fn=lambda: 3,
+                            num_workers=2)
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = first.state_dict()
+    del it
+    kept.load_state_dict(state)
+    assert [b["key"] for b in kept] == seen[1][3:]

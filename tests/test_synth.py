@@ -171,7 +171,8 @@ def test_make_spoken_script_writes_the_generated_layout(tmp_path):
     # the same folder the datamodule generates: it reads it without generating anything
     from datamodules import AudioTextDataModule
 
-    dm = AudioTextDataModule(data_root=str(tmp_path), val_shards="spoken/test", generate="spoken", num_workers=0)
+    dm = AudioTextDataModule(shards={"data_root": str(tmp_path), "val": "spoken/test"}, stream={"num_workers": 0},
+                             generate="spoken")
     dm.prepare_data()
     dm.setup("validate")
     assert len(dm._eval["validate"]) == 2

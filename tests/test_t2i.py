@@ -94,8 +94,8 @@ def test_validation_logs_fd_and_judge_metrics_and_predict_writes_captioned_grids
                              fd={"network": {"kind": "open_clip", "checkpoint": path}, "num_samples": 16,
                                  "sample_steps": 2},
                              sampling={"steps": 2, "num_samples": 6, "grid_cols": 3, "out_dir": str(in_tmp / "grids")})
-    dm = ImageTextDataModule(data_root=data_root, train_shards="shapes/train", val_shards="shapes/val", batch_size=8,
-                             num_workers=0, preprocess=m.preprocess)
+    dm = ImageTextDataModule(shards={"data_root": data_root, "train": "shapes/train", "val": "shapes/val"},
+                             stream={"batch_size": 8, "num_workers": 0}, preprocess=m.preprocess)
     trainer = pl.Trainer(max_steps=2, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=2,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")

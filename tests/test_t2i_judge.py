@@ -18,7 +18,7 @@ def real_images(per_class: int = 1, seed: int = 0, size: int = 64):
     class, with their class index ``shape * 6 + colour`` (the data's combination id)."""
     from datamodules.generate import encode_image
     from datamodules.generate.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, render
-    from datamodules.shards import decode_image_bytes
+    from datamodules.samples import decode_image_bytes
 
     rng = random.Random(seed)
     images, classes = [], []

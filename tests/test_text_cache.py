@@ -14,7 +14,7 @@ CFG = {"embed_dim": 16,
 
 def _module(**kw):
     torch.manual_seed(0)
-    return CLIP(model_name="mmalign-test-rn-minilm", model_cfg=CFG, lock_text=True, **kw)
+    return CLIP(model={"name": "mmalign-test-rn-minilm", "cfg": CFG}, lock={"text": True, **kw})
 
 
 def test_cached_text_features_and_gradients_equal_the_locked_tower():
@@ -39,9 +39,9 @@ def test_cached_text_features_and_gradients_equal_the_locked_tower():
 
 
 def test_text_cache_refuses_a_trainable_or_native_text_tower():
-    with pytest.raises(ValueError, match="lock_text: true"):
-        CLIP(model_name="mmalign-test-rn-minilm", model_cfg=CFG, text_cache_size=10)
+    with pytest.raises(ValueError, match="lock.text: true"):
+        CLIP(model={"name": "mmalign-test-rn-minilm", "cfg": CFG}, lock={"text_cache_size": 10})
     native = {"embed_dim": 16, "vision_cfg": CFG["vision_cfg"],
               "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
     with pytest.raises(ValueError, match="needs an HF text tower"):
-        CLIP(model_name="mmalign-test-rn-native", model_cfg=native, lock_text=True, text_cache_size=10)
+        CLIP(model={"name": "mmalign-test-rn-native", "cfg": native}, lock={"text": True, "text_cache_size": 10})

@@ -29,15 +29,18 @@ def test_image_folder_to_labelled_shards(tmp_path):
             _img(tmp_path / "in" / c / f"{i}.png", 40 * i)
     (tmp_path / "in" / "dog" / "broken.jpg").write_bytes(b"not an image")
     info = _script().main(["--imagefolder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--shard-size", "2"])
-    assert info == {"samples": 5, "shards": 3, "skipped": 1, "examples": info["examples"], "classes": 2}
+    assert info == {"samples": 5, "shards": 3, "skipped": 1, "examples": info["examples"], "classes": 2,
+                    "renamed_keys": 0}
     assert json.load(open(tmp_path / "out" / "classes.json"))["classnames"] == ["big cat", "dog"]
     from datamodules import ImageLabelDataModule, ImageTextDataModule
 
-    dm = ImageLabelDataModule(test_shards=str(tmp_path / "out"), num_workers=0, batch_size=8, num_classes=2, image_size=8)
+    dm = ImageLabelDataModule(shards={"test": str(tmp_path / "out")}, stream={"num_workers": 0, "batch_size": 8},
+                              label={"num_classes": 2}, image={"size": 8})
     dm.setup("test")
     [batch] = list(dm.test_dataloader())
     assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1]
-    dm = ImageTextDataModule(test_shards=str(tmp_path / "out"), num_workers=0, batch_size=8, image_size=8)
+    dm = ImageTextDataModule(shards={"test": str(tmp_path / "out")}, stream={"num_workers": 0, "batch_size": 8},
+                             image={"size": 8})
     dm.setup("test")
     assert set(next(iter(dm.test_dataloader()))["text"]) == {"a photo of a big cat.", "a photo of a dog."}
 
@@ -53,7 +56,8 @@ def test_csv_to_caption_shards(tmp_path):
     assert info["samples"] == 4 and info["skipped"] == 0
     from datamodules import ImageTextDataModule
 
-    dm = ImageTextDataModule(train_shards=str(tmp_path / "out"), num_workers=0, batch_size=2, image_size=8)
+    dm = ImageTextDataModule(shards={"train": str(tmp_path / "out")}, stream={"num_workers": 0, "batch_size": 2},
+                             image={"size": 8})
     dm.setup("fit")
     texts = [t for b in dm.train_dataloader() for t in b["text"]]
     assert sorted(texts) == [f"caption number {i}" for i in range(4)]

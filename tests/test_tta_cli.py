@@ -15,8 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _tiny_checkpoint(path):
     from mmalign.classify import ImageClassifier
 
-    m = ImageClassifier("resnet18", num_classes=10, image_size=32,
-                        model_kwargs={"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8})
+    m = ImageClassifier({"name": "resnet18", "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}},
+                        num_classes=10, transform={"image_size": 32})
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
 
@@ -27,9 +27,10 @@ def test_adapt_cli_outputs_and_source_untouched(in_tmp):
     digest = hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
     cli.main(["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"),
               f"--model.init_args.source_checkpoint={ckpt}", "--model.init_args.methods=[source,tent_filter,cafa]",
-              "--data.init_args.corruptions=[gaussian_noise,contrast]", "--data.init_args.domains_dir=digits-c-cli",
-              "--data.init_args.source_max_samples=50", "--data.init_args.num_workers=0",
-              "--data.init_args.batch_size=8", "--max_batches=2", "--setting=reset", "--save_adapted=true",
+              "--data.init_args.benchmark.corruptions=[gaussian_noise,contrast]",
+              "--data.init_args.benchmark.dir=digits-c-cli",
+              "--data.init_args.adapt.source_max_samples=50", "--data.init_args.stream.num_workers=0",
+              "--data.init_args.stream.batch_size=8", "--max_batches=2", "--setting=reset", "--save_adapted=true",
               "--out_dir=out", "--trainer.enable_progress_bar=false"])
     assert hashlib.sha256(open(ckpt, "rb").read()).hexdigest() == digest
     assert os.path.isfile(in_tmp / "source.cafa_stats.pt")  # stored next to the checkpoint
@@ -70,8 +71,9 @@ def _image_folder(root, classes=("circle", "square"), per_class=6, labelled=True
 def _target_args(ckpt, spec, *extra):
     return ["adapt", "-c", os.path.join(ROOT, "configs/tta/digits_c.yaml"), "-c",
             os.path.join(ROOT, "configs/tta/target.yaml"), f"--model.init_args.source_checkpoint={ckpt}",
-            "--model.init_args.methods=[source,tent,tent_filter]", f"--data.init_args.test_shards={spec}",
-            "--data.init_args.num_workers=0", "--data.init_args.batch_size=4", "--trainer.enable_progress_bar=false",
+            "--model.init_args.methods=[source,tent,tent_filter]", f"--data.init_args.shards.test={spec}",
+            "--data.init_args.stream.num_workers=0", "--data.init_args.stream.batch_size=4",
+            "--trainer.enable_progress_bar=false",
             *extra]
 
 

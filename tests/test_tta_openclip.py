@@ -15,7 +15,7 @@ TINY = {"embed_dim": 16,
 
 def test_clip_checkpoint_adapts_as_zeroshot_classifier(tmp_path):
     torch.manual_seed(0)
-    clip = CLIP(model_name="mmalign-tta-tiny", model_cfg=TINY)
+    clip = CLIP(model={"name": "mmalign-tta-tiny", "cfg": TINY})
     ckpt = tmp_path / "clip.ckpt"
     torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, ckpt)
     spec = tmp_path / "classes.json"
@@ -44,7 +44,7 @@ def test_clip_checkpoint_adapts_as_zeroshot_classifier(tmp_path):
     # the adapted weights load back into a CLIP module
     out = tmp_path / "adapted.ckpt"
     torch.save(tta.adapted_checkpoint(methods["tent"]), out)
-    again = CLIP(model_name="mmalign-tta-tiny", model_cfg=TINY)
+    again = CLIP(model={"name": "mmalign-tta-tiny", "cfg": TINY})
     load_weights(again.model, str(out), prefix="model.")
     key = next(iter(changed)).removeprefix("backbone.clip.")
     assert torch.equal(again.model.state_dict()[key], after["backbone.clip." + key])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,59 +12,52 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.base import Preprocess
 from datamodules.transforms import default_image_transform
+from mmalign.checkpoint_layout import CLASSIFIER_MOVED
 from mmalign.models import compile_in_place
 from mmalign.models.timm_models import check_timm_name, create_timm_model
-from mmalign.optim import adamw_warmup_cosine
+from mmalign.specs import OptimSpec, coerce, store_specs
+from mmalign.training.spec_module import ClipsGradients, ReadsFlatCheckpoints
+
+from .specs import CLASSIFIER_OPTIM, ClassifierLossSpec, TimmNetworkSpec, TransformSpec, check_num_classes
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(ReadsFlatCheckpoints, ClipsGradients, pl.LightningModule):
     """Image classification with any timm model.
 
     Args:
-        model_name: timm model name (``timm.list_models()``); unknown names list close matches.
+        network: timm model name, starting weights, constructor kwargs (``specs.TimmNetworkSpec``).
         num_classes: Number of classes; labels must lie in ``[0, num_classes)``.
-        pretrained: Use timm's pretrained tag (needs the weights in the local HF cache).
-        checkpoint_path: Local weights file (timm/torchvision state dict, Lightning checkpoint or
-            safetensors). A head of another class count is re-initialised.
-        model_kwargs: Extra arguments of the timm constructor (e.g. ``layers``, ``channels``,
-            ``drop_rate``).
-        image_size: Input side of the transforms this model hands to the datamodule.
-        mean: Normalisation mean of the transforms (timm's ImageNet default).
-        std: Normalisation std of the transforms.
-        augment: Random resized crop (scale 0.7-1) during training.
-        lr: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay (not applied to norms and biases).
-        warmup_steps: Linear warm-up steps before cosine decay over the run.
-        label_smoothing: Cross-entropy label smoothing.
+        transform: Input side, normalisation, training augmentation (``specs.TransformSpec``).
+        optim: AdamW, warm-up, schedule (``mmalign.specs.OptimSpec``; default lr 1e-3, weight decay
+            0.05 on matrices only, cosine).
+        loss: Cross-entropy label smoothing (``specs.ClassifierLossSpec``).
         compile: ``torch.compile`` the network: ``true`` (inductor) or ``torch.compile`` arguments
             (``{mode: max-autotune}``); state-dict keys are unchanged.
     """
 
+    moved_options = CLASSIFIER_MOVED
+
     def __init__(
         self,
-        model_name: str = "resnet18",
+        network: TimmNetworkSpec = TimmNetworkSpec(),
         num_classes: int = 10,
-        pretrained: bool = False,
-        checkpoint_path: str | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        image_size: int = 64,
-        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
-        augment: bool = True,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        warmup_steps: int = 0,
-        label_smoothing: float = 0.0,
+        transform: TransformSpec = TransformSpec(),
+        optim: OptimSpec = CLASSIFIER_OPTIM,
+        loss: ClassifierLossSpec = ClassifierLossSpec(),
         compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
-        check_timm_name(model_name)
+        check_num_classes(num_classes)
+        self.cfg = cfg = SimpleNamespace(
+            network=coerce(network, TimmNetworkSpec, "network"), transform=coerce(transform, TransformSpec, "transform"),
+            optim=coerce(optim, OptimSpec, "optim", base=CLASSIFIER_OPTIM),
+            loss=coerce(loss, ClassifierLossSpec, "loss"))
+        check_timm_name(cfg.network.name)
         self.save_hyperparameters()
-        self.model = create_timm_model(model_name, num_classes, pretrained, checkpoint_path, **(model_kwargs or {}))
+        store_specs(self, vars(cfg))  # plain mappings: checkpoints load with weights_only=True
+        self.num_classes = num_classes
+        net = cfg.network
+        self.model = create_timm_model(net.name, num_classes, net.pretrained, net.checkpoint_path, **(net.kwargs or {}))
         compile_in_place(self.model, compile)
         top5 = min(5, num_classes)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -74,24 +68,24 @@ class ImageClassifier(pl.LightningModule):
 
     @property
     def preprocess(self) -> Preprocess:
-        h = self.hparams
+        t = self.cfg.transform
         return Preprocess(
-            train_transform=default_image_transform(h.image_size, True, h.mean, h.std, h.augment),
-            eval_transform=default_image_transform(h.image_size, False, h.mean, h.std),
+            train_transform=default_image_transform(t.image_size, True, t.mean, t.std, t.augment),
+            eval_transform=default_image_transform(t.image_size, False, t.mean, t.std),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     def _check_labels(self, labels: torch.Tensor) -> None:
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.hparams.num_classes):
-            raise ValueError(f"label {int(labels.max())} outside [0, {self.hparams.num_classes}): set num_classes "
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"label {int(labels.max())} outside [0, {self.num_classes}): set num_classes "
                              "to cover the data.")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self._check_labels(batch["label"])
         logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.cfg.loss.label_smoothing)
         self.train_acc(logits, batch["label"])
         bs = len(batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -127,6 +121,4 @@ class ImageClassifier(pl.LightningModule):
         return out
 
     def configure_optimizers(self):
-        h = self.hparams
-        return adamw_warmup_cosine(self.model.named_parameters(), self.trainer.estimated_stepping_batches, h.lr,
-                                   h.weight_decay, warmup_steps=h.warmup_steps)
+        return self.cfg.optim.build(self.model.named_parameters(), self.trainer.estimated_stepping_batches)

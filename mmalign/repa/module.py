@@ -278,6 +278,12 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         labels = torch.arange(n) % c
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(labels), batch_size=max(1, min(n, 64)))
 
+    def on_predict_start(self) -> None:
+        from mmalign.training.outputs import check_output_dir
+
+        # before the first image is sampled, not after the first batch's minutes of sampling
+        check_output_dir(self.cfg.sampling.out_dir, "sample grids", "model.init_args.sampling.out_dir")
+
     def predict_step(self, batch, batch_idx: int) -> dict:
         from torchvision.utils import save_image
 
@@ -286,7 +292,6 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         self._check_labels(labels)
         imgs = self.generate(labels, s.steps, s.sampler, s.cfg_scale, tuple(s.guidance_interval),
                              seed=batch_idx + 1000 * get_rank())
-        os.makedirs(s.out_dir, exist_ok=True)
         path = os.path.join(s.out_dir, f"samples_rank{get_rank()}_{batch_idx:04d}.png")
         save_image((imgs + 1) / 2, path, nrow=s.grid_cols)
         return {"path": path, "labels": labels.cpu()}

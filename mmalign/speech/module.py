@@ -17,115 +17,68 @@ greedy decoding plus the word-onset error of CTC forced alignment against the sy
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
 from datamodules.base import Preprocess
-from mmalign.evaluation.scaffold import EvalScaffold
+from mmalign.specs import OptimSpec, coerce, store_specs
+from mmalign.training.spec_module import ClipsGradients, ReadsFlatCheckpoints
+from mmalign.training.eval_scaffold import EvalScaffold
 
-from .tokenizer import DEFAULT_ALPHABET, CharTokenizer
+from .specs import (DEFAULT_SPEC_AUGMENT, SPEECH_MOVED, SPEECH_OPTIM, SpeechEvalSpec, SpeechFeatureSpec, SpeechLossSpec,
+                    TowerSpec)
+from .tokenizer import CharTokenizer
 
-_DEFAULT_SPEC_AUGMENT = {"freq_masks": 2, "freq_width": 15, "time_masks": 2, "time_width": 20,
-                         "time_width_ratio": 0.1}
 
-
-class SpeechTextAligner(EvalScaffold, pl.LightningModule):
+class SpeechTextAligner(ReadsFlatCheckpoints, ClipsGradients, EvalScaffold, pl.LightningModule):
     """Speech-text alignment with contrastive, CTC and best-alignment consistency losses.
 
     Args:
-        alphabet: Transcript characters (ids 1..n; 0 is padding and the CTC blank).
-        max_text_length: Longest transcript in characters; longer ones are rejected (skipped by the stream).
-        sample_rate: Audio rate the datamodule delivers.
-        n_mels: Log-mel bands (25 ms windows, 10 ms hop).
-        d_model: Width of both towers.
-        embed_dim: Width of the joint embedding space.
-        speech_layers: Speech tower blocks after the convolutional subsampling.
-        text_layers: Text tower Transformer blocks.
-        shared_layers: Upper blocks shared by both modalities (a joint encoder); 0 keeps two towers.
-        heads: Attention heads.
-        speech_block: ``conformer`` or ``transformer``.
-        conv_kernel: Conformer depthwise convolution kernel (in 40 ms frames).
-        dropout: Dropout in every block.
-        spec_augment: Apply SpecAugment to the training features.
-        spec_augment_kwargs: Overrides of the SpecAugment defaults (``mmalign.speech.features.SpecAugment``
-            arguments; defaults here: 2 frequency masks <= 15 bins, 2 time masks <= 20 frames and <= 10%).
-        contrastive_weight: Weight of the contrastive loss.
-        multi_positive: Clips sharing a transcript are all positives (else only the diagonal).
-        init_logit_scale: Initial log temperature scale (default log(1/0.07)).
-        max_logit_scale: The scale is clamped to at most this after each optimizer step.
-        ctc_weight: Weight of the CTC loss (0: no CTC head training and no WER/onset metrics).
-        consistency_weight: Weight of the alignment-consistency loss.
-        consistency_mode: ``dtw`` (hard DTW) or ``soft_dtw`` (soft-DTW divergence).
-        consistency_gamma: Soft-DTW temperature in cost units.
-        consistency_cost: ``cosine`` or ``sqeuclidean`` frame-token cost.
-        lr: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay (``mmalign.optim.decays``: matrices only).
-        betas: AdamW betas.
-        warmup_steps: Linear warm-up, then cosine decay over the run.
-        retrieval_chunk_size: Query chunk of the retrieval evaluator.
-        onset_tolerance_ms: Threshold of the ``onset_within_*`` metric.
+        towers: Speech and text encoders: widths, depths, shared blocks, block kind (``specs.TowerSpec``).
+        features: Log-mel front end, SpecAugment, character alphabet (``specs.SpeechFeatureSpec``).
+        losses: Contrastive / CTC / consistency weights and settings (``specs.SpeechLossSpec``).
+        optim: AdamW, warm-up, schedule (``mmalign.specs.OptimSpec``; default lr 1e-3, weight decay
+            0.05 on matrices only, betas (0.9, 0.98), cosine).
+        eval: Retrieval chunk and onset tolerance (``specs.SpeechEvalSpec``).
     """
+
+    moved_options = SPEECH_MOVED
 
     def __init__(
         self,
-        alphabet: str = DEFAULT_ALPHABET,
-        max_text_length: int = 200,
-        sample_rate: int = 16000,
-        n_mels: int = 80,
-        d_model: int = 128,
-        embed_dim: int = 128,
-        speech_layers: int = 2,
-        text_layers: int = 2,
-        shared_layers: int = 0,
-        heads: int = 4,
-        speech_block: Literal["conformer", "transformer"] = "conformer",
-        conv_kernel: int = 15,
-        dropout: float = 0.1,
-        spec_augment: bool = True,
-        spec_augment_kwargs: dict[str, Any] | None = None,
-        contrastive_weight: float = 1.0,
-        multi_positive: bool = True,
-        init_logit_scale: float | None = None,
-        max_logit_scale: float = 100.0,
-        ctc_weight: float = 0.0,
-        consistency_weight: float = 0.0,
-        consistency_mode: Literal["dtw", "soft_dtw"] = "soft_dtw",
-        consistency_gamma: float = 0.1,
-        consistency_cost: Literal["cosine", "sqeuclidean"] = "cosine",
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        warmup_steps: int = 0,
-        retrieval_chunk_size: int = 1024,
-        onset_tolerance_ms: float = 50.0,
+        towers: TowerSpec = TowerSpec(),
+        features: SpeechFeatureSpec = SpeechFeatureSpec(),
+        losses: SpeechLossSpec = SpeechLossSpec(),
+        optim: OptimSpec = SPEECH_OPTIM,
+        eval: SpeechEvalSpec = SpeechEvalSpec(),
     ) -> None:
         super().__init__()
-        for name, w in (("contrastive_weight", contrastive_weight), ("ctc_weight", ctc_weight),
-                        ("consistency_weight", consistency_weight)):
-            if w < 0:
-                raise ValueError(f"{name} must be >= 0, got {w}")
-        if contrastive_weight == 0 and ctc_weight == 0:
-            raise ValueError("contrastive_weight and ctc_weight are both 0: the consistency loss alone admits "
-                             "collapse (constant encoders have zero alignment cost). Give one of them a weight > 0.")
+        self.cfg = cfg = SimpleNamespace(
+            towers=coerce(towers, TowerSpec, "towers"), features=coerce(features, SpeechFeatureSpec, "features"),
+            losses=coerce(losses, SpeechLossSpec, "losses"),
+            optim=coerce(optim, OptimSpec, "optim", base=SPEECH_OPTIM),
+            eval=coerce(eval, SpeechEvalSpec, "eval"))
         self.save_hyperparameters()
-        from mmalign.speech.consistency import AlignmentConsistencyLoss
+        store_specs(self, vars(cfg))  # plain mappings: checkpoints load with weights_only=True
         from mmalign.losses.contrastive import init_logit_scale as make_scale
+        from mmalign.speech.consistency import AlignmentConsistencyLoss
         from mmalign.speech.multipositive import MultiPositiveContrastiveLoss
 
         from .features import SpecAugment
         from .model import SpeechFrontend, SpeechTextModel
 
-        self.tokenizer = CharTokenizer(alphabet, max_text_length)
-        augment = SpecAugment(**(_DEFAULT_SPEC_AUGMENT | dict(spec_augment_kwargs or {}))) if spec_augment else None
-        self.frontend = SpeechFrontend(sample_rate, n_mels, augment)
-        self.model = SpeechTextModel(self.tokenizer.vocab_size, d_model, embed_dim, speech_layers, text_layers,
-                                     shared_layers, heads, speech_block, n_mels, dropout, conv_kernel)
-        self.logit_scale = make_scale("clip", init_logit_scale)
-        self.contrastive = MultiPositiveContrastiveLoss(multi_positive)
-        self.consistency = AlignmentConsistencyLoss(consistency_mode, consistency_gamma, consistency_cost,
+        f, t, lo = cfg.features, cfg.towers, cfg.losses
+        self.tokenizer = CharTokenizer(f.alphabet, f.max_text_length)
+        augment = SpecAugment(**(DEFAULT_SPEC_AUGMENT | dict(f.spec_augment_kwargs or {}))) if f.spec_augment else None
+        self.frontend = SpeechFrontend(f.sample_rate, f.n_mels, augment)
+        self.model = SpeechTextModel(self.tokenizer.vocab_size, t.d_model, t.embed_dim, t.speech_layers, t.text_layers,
+                                     t.shared_layers, t.heads, t.speech_block, f.n_mels, t.dropout, t.conv_kernel)
+        self.logit_scale = make_scale("clip", lo.init_logit_scale)
+        self.contrastive = MultiPositiveContrastiveLoss(lo.multi_positive)
+        self.consistency = AlignmentConsistencyLoss(lo.consistency_mode, lo.consistency_gamma, lo.consistency_cost,
                                                     normalize=True, divergence=True)
 
     # ---- data hand-over -----------------------------------------------------------------------
@@ -156,7 +109,7 @@ class SpeechTextAligner(EvalScaffold, pl.LightningModule):
 
         tokens = self._tokens(batch)
         sp, tx = self(batch["audio"], batch["audio_lengths"], tokens)
-        h = self.hparams
+        h = self.cfg.losses
         out: dict[str, torch.Tensor] = {}
         if h.contrastive_weight > 0:
             ids = transcript_ids(batch["text"], self.device)
@@ -184,9 +137,9 @@ class SpeechTextAligner(EvalScaffold, pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         from mmalign.losses.contrastive import clamp_logit_scale_
 
-        clamp_logit_scale_(self.logit_scale.data, self.hparams.max_logit_scale)
+        clamp_logit_scale_(self.logit_scale.data, self.cfg.losses.max_logit_scale)
 
-    # ---- evaluation (mmalign.evaluation.EvalScaffold) ---------------------------------------
+    # ---- evaluation (mmalign.training.eval_scaffold) -----------------------------------------
     eval_progress_keys = ("speech2text_r1",)
     _RENAME = {"i2t": "text2speech", "t2i": "speech2text"}
 
@@ -197,10 +150,10 @@ class SpeechTextAligner(EvalScaffold, pl.LightningModule):
 
         from .metrics import OnsetError
 
-        m = {"retrieval": RetrievalRecall(chunk_size=self.hparams.retrieval_chunk_size),
+        m = {"retrieval": RetrievalRecall(chunk_size=self.cfg.eval.retrieval_chunk_size),
              "geometry": EmbeddingGeometry(max_samples=4096)}
-        if self.hparams.ctc_weight > 0:
-            m.update(wer=WordErrorRate(), cer=CharErrorRate(), onset=OnsetError(self.hparams.onset_tolerance_ms))
+        if self.cfg.losses.ctc_weight > 0:
+            m.update(wer=WordErrorRate(), cer=CharErrorRate(), onset=OnsetError(self.cfg.eval.onset_tolerance_ms))
         return m
 
     def eval_key(self, kind: str, key: str) -> str:
@@ -264,8 +217,4 @@ class SpeechTextAligner(EvalScaffold, pl.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        from mmalign.optim import adamw_warmup_cosine
-
-        h = self.hparams
-        return adamw_warmup_cosine(self.named_parameters(), self.trainer.estimated_stepping_batches, h.lr,
-                                   h.weight_decay, h.betas, warmup_steps=h.warmup_steps)
+        return self.cfg.optim.build(self.named_parameters(), self.trainer.estimated_stepping_batches)

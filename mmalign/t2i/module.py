@@ -292,11 +292,17 @@ class TextToImageDiffusion(FrozenChildren, pl.LightningModule):
         """Without predict shards: the prompt set's prompts, cycled to ``sampling.num_samples``."""
         prompts = self.prompt_set()
         if prompts is None:
-            raise ValueError("predict needs prompts: set judge.prompts (the prompt set) or data.init_args.predict_shards "
+            raise ValueError("predict needs prompts: set judge.prompts (the prompt set) or data.init_args.shards.predict "
                              "(captions of real samples).")
         texts = [prompts.prompts()[i % len(prompts.classnames)] for i in range(self.cfg.sampling.num_samples)]
         return torch.utils.data.DataLoader(texts, batch_size=max(1, min(len(texts), 64)),
                                            collate_fn=lambda b: {"text": list(b)})
+
+    def on_predict_start(self) -> None:
+        from mmalign.training.outputs import check_output_dir
+
+        # before the first image is sampled, not after the first batch's minutes of sampling
+        check_output_dir(self.cfg.sampling.out_dir, "sample grids", "model.init_args.sampling.out_dir")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         from .grid import save_captioned_grid

@@ -195,7 +195,7 @@ class T2IConfig:
         if self.judge.active:
             need(self.judge.prompts is not None,
                  "judge.checkpoint is set but judge.prompts is null: give the dataset folder (e.g. "
-                 "${data.init_args.data_root}/shapes) or a prompt-set json.")
+                 "${data.init_args.shards.data_root}/shapes) or a prompt-set json.")
 
 
 __all__ = ["FDSpec", "JudgeSpec", "NetworkSpec", "OptimSpec", "SamplingSpec", "SoftRepaSpec", "T2IConfig", "T2ISpec",

@@ -77,19 +77,67 @@ class DataHealthMonitor(pl.Callback):
         self._report(trainer, "predict")
 
 
+class NonFiniteStateError(NonFiniteLossError):
+    """A parameter or buffer holds NaN/inf (e.g. a BatchNorm running variance overflowed while the
+    loss was still finite); raised instead of writing a checkpoint that could not be resumed."""
+
+
+def _lower_lr_advice(pl_module) -> str:
+    key, lr = optimizer_hparam(getattr(pl_module, "hparams", {}), "lr")
+    lower = f"--model.init_args.{key}={lr / 2:g}" if isinstance(lr, (int, float)) else "--model.init_args.lr=..."
+    return (f"Resume from the last checkpoint with a lower learning rate (fit -c CONFIG --ckpt_path last {lower}), "
+            "gradient clipping (--trainer.gradient_clip_val=1.0) or bf16/fp32 instead of fp16.")
+
+
 class NaNGuard(pl.Callback):
     """Stops training at the first non-finite loss, before backward, so no bad update is applied
-    and the last checkpoint on disk stays the last good one."""
+    and the last checkpoint on disk stays the last good one. Parameters and buffers are checked by
+    ``RunCheckpoint`` just before each checkpoint is written (``check_finite_state``): a per-step
+    check of them would cost a device sync every step."""
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss.detach()).all():
-            key, lr = optimizer_hparam(getattr(pl_module, "hparams", {}), "lr")
-            lower = f"--model.init_args.{key}={lr / 2:g}" if isinstance(lr, (int, float)) else "--model.init_args.lr=..."
             raise NonFiniteLossError(
                 f"non-finite loss ({float(loss.detach().float().mean())}) at global step {trainer.global_step}, "
-                f"epoch {trainer.current_epoch}. No update was applied. Resume from the last checkpoint with a lower "
-                f"learning rate (fit -c CONFIG --ckpt_path last {lower}), gradient clipping "
-                "(--trainer.gradient_clip_val=1.0) or bf16/fp32 instead of fp16.")
+                f"epoch {trainer.current_epoch}. No update was applied. " + _lower_lr_advice(pl_module))
+
+
+def _state_tensors(module: torch.nn.Module):
+    """``(name, tensor)`` of what a checkpoint holds: parameters and persistent floating buffers
+    (non-persistent ones, such as open_clip's -inf attention mask, are never saved)."""
+    yield from module.named_parameters()
+    for prefix, m in module.named_modules():
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set and b.is_floating_point():
+                yield (f"{prefix}.{name}" if prefix else name), b
+
+
+def nonfinite_state(module: torch.nn.Module, exempt: frozenset[str] = frozenset()) -> list[str]:
+    """Names of parameters/persistent buffers holding NaN or inf. One fused reduction per device (a
+    single host sync when everything is finite); the names are looked up only when something is not."""
+    tensors = [(n, t.to_local() if hasattr(t, "to_local") else t) for n, t in _state_tensors(module) if n not in exempt]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, t in tensors:
+        by_device.setdefault(t.device, []).append(t.detach().isfinite().all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return []
+    return [n for n, t in tensors if not bool(t.detach().isfinite().all())]
+
+
+def check_finite_state(trainer, pl_module, exempt: frozenset[str] = frozenset(), collective: bool = True) -> None:
+    """Raise ``NonFiniteStateError`` when the module's parameters or buffers hold NaN/inf. With
+    ``collective`` every rank decides together (DDP ranks' buffers can differ between forwards)."""
+    bad = nonfinite_state(pl_module, exempt)
+    ok = not bad
+    if collective and trainer.world_size > 1:
+        ok = trainer.strategy.reduce_boolean_decision(ok, all=True)
+    if ok:
+        return
+    where = f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}" if bad else "another rank's parameters or buffers"
+    raise NonFiniteStateError(
+        f"non-finite values in {where} at global step {trainer.global_step}, epoch {trainer.current_epoch} (the loss "
+        "was still finite): the checkpoint of this step was NOT written, so the last checkpoint on disk is the last "
+        "good one. " + _lower_lr_advice(pl_module))
 
 
 # hyper-parameters whose new value a resumed run applies to the restored optimizer

@@ -8,6 +8,9 @@
   than the newest step checkpoint; it writes ``last.ckpt`` at the end of training and on a clean
   interrupt whatever ``every_n_train_steps`` is, and removes ``*.tmp-PID`` files that a killed
   write left behind.
+- A checkpoint is written only when every parameter and persistent buffer is finite (the NaN guard
+  sees only the loss; a BatchNorm running variance can overflow while the loss is still finite):
+  otherwise training stops with ``NonFiniteStateError`` and the last checkpoint stays the last good one.
 - Loads go through ``mmalign.models.weights.load_checkpoint_file`` (``weights_only=True``).
 """
 
@@ -82,8 +85,13 @@ def _alive(pid: int) -> bool:
 
 
 def checkpoint_step(path: str) -> int:
-    """The ``global_step`` stored in a checkpoint (-1 if it has none)."""
-    ck = load_checkpoint_file(path, mmap=True)
+    """The ``global_step`` stored in a checkpoint (-1 if it has none or cannot be read: a damaged copy
+    beside good checkpoints must not stop ``--ckpt_path last`` from finding them)."""
+    try:
+        ck = load_checkpoint_file(path, mmap=True)
+    except ValueError as exc:
+        log.warning("skipping %s: %s", path, exc)
+        return -1
     return int(ck.get("global_step", -1)) if isinstance(ck, dict) else -1
 
 
@@ -95,17 +103,50 @@ def newest_checkpoint(directory: str) -> str | None:
     return max(paths, key=lambda p: (checkpoint_step(p), os.path.basename(p) == "last.ckpt"))
 
 
+def check_checkpoint_options(options: Any) -> None:
+    """Refuse values of the ``checkpoint:`` group that make no sense, by name (the CLI calls this at parse
+    time; Lightning would take ``every_n_train_steps: 0`` as "never" and report others under its own names)."""
+    get = options.get if hasattr(options, "get") else lambda k, d=None: getattr(options, k, d)
+    for key in ("every_n_train_steps", "every_n_epochs"):
+        value = get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            unit = "step" if key == "every_n_train_steps" else "epoch-end"
+            raise ValueError(f"checkpoint.{key} must be >= 1 (null: no {unit} checkpoints), got {value}.")
+    top_k = get("save_top_k")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < -1):
+        raise ValueError(f"checkpoint.save_top_k must be >= -1 (-1 keeps every checkpoint, 0 none), got {top_k}.")
+    interval = get("train_time_interval")
+    if interval is not None and getattr(interval, "total_seconds", lambda: 1)() <= 0:
+        raise ValueError(f"checkpoint.train_time_interval must be a positive duration (e.g. 0:30:00), got {interval}.")
+
+
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` with mmalign's guarantees (see the module docstring). Every argument is
     ``ModelCheckpoint``'s; the CLI's defaults keep the newest 3 step checkpoints plus ``last.ckpt``."""
 
     _last_written_at: int = -1
+    _checked_at: int = -1
+    _exempt: frozenset[str] = frozenset()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit" and trainer.is_global_zero and self.dirpath and not is_url(self.dirpath) \
                 and os.path.isdir(self.dirpath):
             remove_orphan_temporaries(self.dirpath)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from .callbacks import nonfinite_state
+
+        super().on_train_start(trainer, pl_module)
+        # buffers that hold inf by design (a mask) before any update are not a divergence
+        self._exempt = frozenset(n for n in nonfinite_state(pl_module) if n not in dict(pl_module.named_parameters()))
+
+    def _check_state(self, trainer, collective: bool = True) -> None:
+        from .callbacks import check_finite_state
+
+        if self._checked_at != trainer.global_step:
+            check_finite_state(trainer, trainer.lightning_module, self._exempt, collective)
+            self._checked_at = trainer.global_step
 
     def _local(self) -> bool:
         return bool(self.dirpath) and not is_url(self.dirpath)
@@ -125,6 +166,7 @@ class RunCheckpoint(ModelCheckpoint):
             self._last_written_at = trainer.global_step
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
+        self._check_state(trainer)  # every rank reaches here: the decision is taken together
         last = self.last_model_path
         if (self._local() and self._last_written_at == trainer.global_step and last and filepath != last
                 and os.path.isfile(last)):
@@ -163,6 +205,13 @@ class RunCheckpoint(ModelCheckpoint):
         # every rank's weights identical; a sharded strategy cannot be saved this way).
         if trainer.is_global_zero and not getattr(trainer.strategy, "_sharded", False) \
                 and type(trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy"):
+            from .callbacks import NonFiniteStateError
+
+            try:
+                self._check_state(trainer, collective=False)
+            except NonFiniteStateError as exc:
+                log.warning("interrupted at step %d; last.ckpt not written: %s", trainer.global_step, exc)
+                return
             path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
             trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)

@@ -1,61 +1,23 @@
-"""Run folders and resuming, for the CLI: where a run writes, what ``--ckpt_path`` means, clean errors.
+"""Resuming, for the CLI: what ``--ckpt_path`` means, which checkpoint fits, clean parser errors.
+Where a run writes is ``rundirs``.
 
-- Loggers that share a save dir and name share one ``version_N`` folder (metrics, events, config
-  and checkpoints of a run sit together); ``trainer.default_root_dir`` moves the default ``runs/``.
 - ``--ckpt_path last`` is the newest checkpoint (by step) of the newest run that has one; a ``fit``
   resumed from a run's own checkpoint continues in that run's folder, dropping the metric rows
   logged after the checkpoint (that work was lost with the process).
 - The config's model options win over the checkpoint's hyper-parameters; the differences are
   printed, so an override on a resumed run is visible and applied (see ``ResumeOverrides``).
-- A run that fails before it wrote anything leaves no empty ``version_N`` folder behind.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import difflib
-import glob
 import os
 import re
-import shutil
 import sys
 from typing import Any
 
-DEFAULT_SAVE_DIR = "runs"
-_NEW_RUN_DIRS: list[str] = []  # folders this process planned to create; removed again if it fails early
-
-
-def _get(ns: Any, key: str, default: Any = None) -> Any:
-    if ns is None:
-        return default
-    try:
-        value = ns.get(key, default) if hasattr(ns, "get") else getattr(ns, key, default)
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None else value
-
-
-def _logger_inits(trainer_cfg: Any) -> list[Any]:
-    """The ``init_args`` of configured loggers, with the default save dir moved to ``default_root_dir``."""
-    loggers = _get(trainer_cfg, "logger")
-    if not isinstance(loggers, list):
-        return []
-    root = _get(trainer_cfg, "default_root_dir", DEFAULT_SAVE_DIR)
-    inits = []
-    for lg in loggers:
-        init = getattr(lg, "init_args", None)
-        if init is None or "save_dir" not in init:
-            continue
-        if str(init.save_dir) == DEFAULT_SAVE_DIR and str(root) != DEFAULT_SAVE_DIR:
-            init.save_dir = str(root)
-        inits.append(init)
-    return inits
-
-
-def _versions(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for d in os.listdir(root) if (m := re.fullmatch(r"version_(\d+)", d)))
+from .rundirs import _get
 
 
 def _norm(v: Any) -> Any:
@@ -74,29 +36,82 @@ def find_last_checkpoint(cfg: Any) -> str | None:
     from mmalign.models.weights import is_url
 
     from .checkpointing import newest_checkpoint
+    from .rundirs import logger_inits, versions
 
     dirpath = _get(_get(cfg, "checkpoint"), "dirpath")
     if dirpath:
         return None if is_url(str(dirpath)) else newest_checkpoint(str(dirpath))
-    for init in _logger_inits(_get(cfg, "trainer"))[:1]:
+    for init in logger_inits(_get(cfg, "trainer"))[:1]:
         root = os.path.join(str(init.save_dir), str(_get(init, "name", "")))
-        for v in reversed(_versions(root)):
+        for v in reversed(versions(root)):
             found = newest_checkpoint(os.path.join(root, f"version_{v}", "checkpoints"))
             if found:
                 return found
     return None
 
 
-def read_hparams(path: str) -> dict:
+#: model options (``group.field`` inside a spec) that take a weights file, in the order a plain state dict is
+#: best given to them; the flat names are those of modules whose options are not grouped
+WEIGHT_OPTIONS = ("network.checkpoint_path", "model.pretrained", "model.init_checkpoint", "source.checkpoint",
+                  "checkpoint_path", "pretrained", "init_checkpoint", "source_checkpoint")
+
+
+def _option(init: Any, dotted: str) -> tuple[bool, Any]:
+    """``(present, value)`` of a ``group.field`` (or flat) option in a model's ``init_args``."""
+    node = init
+    for part in dotted.split("."):
+        if node is None:
+            return False, None
+        try:
+            present = part in node
+        except TypeError:
+            return False, None
+        if not present:
+            return False, None
+        node = _get(node, part)
+    return True, node
+
+
+def read_hparams(path: str, model: Any = None) -> tuple[dict, int]:
+    """``(hyper-parameters, global step)`` of a Lightning checkpoint; anything else (a plain state dict,
+    a foreign file) is refused in one line that says where such a file belongs."""
     from mmalign.models.weights import load_checkpoint_file
 
     ck = load_checkpoint_file(path, mmap=True)
-    return dict(ck.get("hyper_parameters") or {}) if isinstance(ck, dict) else {}
+    if isinstance(ck, dict) and isinstance(ck.get("state_dict"), dict) and "pytorch-lightning_version" in ck:
+        return dict(ck.get("hyper_parameters") or {}), int(ck.get("global_step", -1))
+    init = _get(model, "init_args", {}) or {}
+    option = next((k for k in WEIGHT_OPTIONS if _option(init, k)[0] and not isinstance(_option(init, k)[1], bool)),
+                  None)
+    plain = isinstance(ck, dict) and ck and all(hasattr(v, "shape") for v in ck.values())
+    what = f"holds a plain state dict of {len(ck)} tensors" if plain else "is not a Lightning checkpoint"
+    where = (f"give it to the model instead: --model.init_args.{option}={path}" if option and plain
+             else "give the last.ckpt (or a step checkpoint) of an mmalign run")
+    raise ValueError(f"ckpt_path '{path}' {what}: --ckpt_path continues or evaluates a run saved by mmalign fit. To "
+                     f"start from these weights, {where}.")
 
 
-#: init_args that fix a network's shapes: evaluation subcommands (zeroshot, test, predict, ...) take these
-#: from the checkpoint when the config differs; ``fit`` keeps the config's (a mismatch is then an error)
-ARCHITECTURE_KEYS = frozenset({"model_name", "model_cfg", "model_kwargs", "num_classes", "image_size", "diffusion"})
+#: init_args (``group.field`` inside a spec) that fix a network's shapes: evaluation subcommands (zeroshot,
+#: test, predict, ...) take these from the checkpoint when the config differs; ``fit`` keeps the config's
+#: (a mismatch is then an error). A group named whole (``diffusion``) counts for each of its fields.
+ARCHITECTURE_KEYS = frozenset({"model_name", "model_cfg", "model_kwargs", "num_classes", "image_size", "diffusion",
+                               "towers", "model.name", "model.cfg", "model.image_size", "network.name",
+                               "network.kwargs", "transform.image_size"})
+
+
+def _leaves(init: dict) -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``: one level, the fields of a spec group."""
+    out: dict[str, Any] = {}
+    for k, v in init.items():
+        if isinstance(v, dict) and k not in ARCHITECTURE_KEYS:
+            out.update({f"{k}.{f}": x for f, x in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _is_architecture(key: str) -> bool:
+    return key in ARCHITECTURE_KEYS or key.split(".")[0] in ARCHITECTURE_KEYS
 
 
 def resolve_resume(config: Any) -> dict | None:
@@ -107,8 +122,6 @@ def resolve_resume(config: Any) -> dict | None:
     if not ckpt:
         return None
     from mmalign.models.weights import is_url
-
-    from .checkpointing import checkpoint_step
 
     if ckpt == "last":
         found = find_last_checkpoint(cfg)
@@ -124,18 +137,23 @@ def resolve_resume(config: Any) -> dict | None:
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"ckpt_path '{ckpt}' does not exist. Give a checkpoint file, or --ckpt_path last for "
                                 "the newest checkpoint of the newest run.")
-    hp = read_hparams(ckpt)
     model = _get(cfg, "model")
+    hp, step = read_hparams(ckpt, model)
     class_path = _get(model, "class_path")
     if hp.get("_class_path") and class_path and hp["_class_path"] != class_path:
         raise ValueError(f"ckpt_path '{ckpt}' was trained with model {hp['_class_path']}, but the config builds "
                          f"{class_path}. Use the config the checkpoint was trained with.")
-    given = _norm(_get(model, "init_args", {})) or {}
-    diffs = {k: (hp[k], v) for k, v in given.items() if k in hp and _norm(hp[k]) != v}
-    arch = sorted(k for k in diffs if k in ARCHITECTURE_KEYS) if sub != "fit" else []
+    cls = _import_class(class_path) if class_path else None
+    if cls is not None:  # a checkpoint saved before the options were grouped
+        from mmalign.specs import migrate_flat
+
+        hp = migrate_flat(cls, hp)
+    given, saved = _leaves(_norm(_get(model, "init_args", {})) or {}), _leaves(hp)
+    diffs = {k: (saved[k], v) for k, v in given.items() if k in saved and _norm(saved[k]) != v}
+    arch = sorted(k for k in diffs if _is_architecture(k)) if sub != "fit" else []
     if arch:  # evaluating a checkpoint: build the network it holds, not the one the config describes
         for k in arch:
-            model.init_args[k] = hp[k]
+            model.init_args[k] = saved[k]
             del diffs[k]
         print(f"[{sub}] architecture taken from the checkpoint ({', '.join(arch)} differ from the config).",
               file=sys.stderr)
@@ -146,67 +164,43 @@ def resolve_resume(config: Any) -> dict | None:
     version = None
     if len(parts) >= 3 and parts[-2] == "checkpoints" and (m := re.fullmatch(r"version_(\d+)", parts[-3])):
         version = (os.sep.join(parts[:-3]), int(m.group(1)))
-    return {"path": ckpt, "step": checkpoint_step(ckpt), "version": version, "subcommand": sub}
+    return {"path": ckpt, "step": step, "version": version, "subcommand": sub}
 
 
-def prepare_run_dirs(config: Any, resume: dict | None) -> None:
-    """Point the loggers of one save dir/name at one shared ``version_N`` (the resumed run's for a
-    resumed ``fit``), and remember new folders so an early failure can remove them."""
-    _NEW_RUN_DIRS.clear()
+def require_weights(config: Any, resuming: bool) -> None:
+    """``predict``/``zeroshot`` report a model's outputs as results: refuse to score random weights
+    unless a checkpoint or a weights option is given, or ``--allow_random_weights=true``."""
     sub = _get(config, "subcommand")
-    trainer_cfg = _get(_get(config, sub), "trainer") if sub else _get(config, "trainer")
-    groups: dict[tuple, list] = {}
-    for init in _logger_inits(trainer_cfg):
-        if _get(init, "version") is not None:
-            continue
-        groups.setdefault((str(init.save_dir), str(_get(init, "name", ""))), []).append(init)
-    for (save_dir, name), inits in groups.items():
-        root = os.path.abspath(os.path.join(save_dir, name))
-        version = None
-        if resume and resume.get("version") and resume.get("subcommand") == "fit":
-            run_root, v = resume["version"]
-            if os.path.normpath(run_root) == os.path.normpath(root):
-                version = v
-                _trim_metrics(os.path.join(root, f"version_{v}", "metrics.csv"), resume.get("step", -1))
-        if version is None:
-            version = max(_versions(root), default=-1) + 1
-        for init in inits:
-            init.version = version
-        path = os.path.join(root, f"version_{version}")
-        if not os.path.exists(path):
-            _NEW_RUN_DIRS.append(path)
-
-
-def _trim_metrics(path: str, step: int) -> None:
-    """Drop the metric rows a killed run logged after the checkpoint it is resumed from."""
-    if step < 0 or not os.path.isfile(path):
+    cfg = _get(config, sub)
+    if resuming or _get(cfg, "ckpt_path") or _get(cfg, "allow_random_weights"):
         return
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames or [], list(reader)
-    kept = [r for r in rows if not r.get("step") or int(float(r["step"])) <= step]
-    if len(kept) == len(rows):
+    init = _get(_get(cfg, "model"), "init_args", {}) or {}
+    options = [k for k in WEIGHT_OPTIONS if _option(init, k)[0]]
+    if any(_option(init, k)[1] for k in options):
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
-    os.replace(tmp, path)
+    weights = " or weights (" + ", ".join(f"--model.init_args.{k}" for k in options) + ")" if options else ""
+    raise ValueError(f"{sub} would score a randomly initialised model: give a checkpoint (--ckpt_path PATH, or "
+                     f"--ckpt_path last){weights}; --allow_random_weights=true runs it anyway (a smoke test).")
 
 
-def remove_failed_run_dirs() -> None:
-    """Remove run folders created by this process that hold no checkpoint and no metric row."""
-    for path in _NEW_RUN_DIRS:
-        if not os.path.isdir(path):
-            continue
-        if glob.glob(os.path.join(glob.escape(path), "**", "*.ckpt"), recursive=True):
-            continue
-        metrics = os.path.join(path, "metrics.csv")
-        if os.path.isfile(metrics) and sum(1 for _ in open(metrics)) > 1:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-    _NEW_RUN_DIRS.clear()
+def describe_config_error(exc: BaseException, args: list[str]) -> str | None:
+    """One line for a config value OmegaConf cannot resolve (an unset ``${oc.env:X}``), naming the
+    variable, the key, the config file and the fix; ``None`` for any other error."""
+    if not type(exc).__module__.startswith("omegaconf"):
+        return None
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    key = getattr(exc, "full_key", None) or "?"
+    var = re.search(r"Environment variable '([^']+)' not found", text)
+    needle = f"oc.env:{var.group(1)}" if var else None
+    files = [a for i, a in enumerate(args) if i and args[i - 1] in ("-c", "--config")]
+    files += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    found = [f for f in files if needle and os.path.isfile(f) and needle in open(f).read()]
+    where = f"{found[0]}: " if found else ""
+    if var:
+        name = var.group(1)
+        return (f"{where}{key}: ${{oc.env:{name}}}: the environment variable {name} is not set. Set it "
+                f"(export {name}=...) or give the config a default: ${{oc.env:{name},<default>}}.")
+    return f"{where}{key}: the config value cannot be resolved ({text})."
 
 
 _NOISE = ("Given value type:", "Given value:", "Subtypes:", "Errors:", "Does not validate against any of the Union",
@@ -218,10 +212,12 @@ def condense_parser_error(message: str) -> str:
     lines = [ln.strip() for ln in message.splitlines()]
     kept = [ln.lstrip("- ").strip() for ln in lines if ln and not ln.startswith(_NOISE)]
     text = " ".join(kept)
-    m = re.search(r"class_path '([\w.]+)'.*?(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)", text)
+    m = re.search(r"class_path '([\w.]+)'.*?(?:(?:Option|Key) ['\"]([\w.]+)['\"] is not (?:accepted|expected)"
+                  r"|unrecognized arguments: --([\w.]+))", text)  # the latter: a field inside a spec group
     if m:
-        moved = _moved_option(m.group(1), m.group(2))
-        hint = None if moved else _close_options(m.group(1), m.group(2))
+        name = m.group(2) or m.group(3)
+        moved = _moved_option(m.group(1), name)
+        hint = None if moved else _close_options(m.group(1), name)
         if moved:
             text += f" This {moved}."
         elif hint:
@@ -243,8 +239,10 @@ def _moved_option(class_path: str, name: str) -> str | None:
     """An option of an older config that now lives in a group (``lr`` -> ``optim.lr``)."""
     from mmalign.specs import moved_option_hint
 
+    if "." in name:  # already inside a group: a typo of that group's field, not an old flat option
+        return None
     cls = _import_class(class_path)
-    return None if cls is None else moved_option_hint(cls, name.split(".")[-1])
+    return None if cls is None else moved_option_hint(cls, name)
 
 
 def _close_options(class_path: str, name: str) -> str:
@@ -257,6 +255,14 @@ def _close_options(class_path: str, name: str) -> str:
     for klass in inspect.getmro(cls):
         init = klass.__dict__.get("__init__")
         if init is not None:
-            names += [p for p in inspect.signature(init).parameters if p not in ("self", "args", "kwargs")]
-    close = difflib.get_close_matches(name.split(".")[-1], names, n=3)
-    return " or ".join(f"'{c}'" for c in close)
+            for p, param in inspect.signature(init).parameters.items():
+                if p not in ("self", "args", "kwargs"):
+                    names.append(p)
+                    spec = type(param.default)  # a spec group: its fields, as group.field
+                    if dataclasses.is_dataclass(spec):
+                        names += [f"{p}.{f.name}" for f in dataclasses.fields(spec)]
+    head, _, leaf = name.rpartition(".")
+    names = ([n for n in names if n.startswith(head + ".")] or names) if head else names  # same group first
+    by_leaf = {n.split(".")[-1]: n for n in reversed(names)}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=3)
+    return " or ".join(f"'{by_leaf[c]}'" for c in close)

@@ -3,13 +3,15 @@
 ``DomainStream`` is what the adaptation loop needs (``domain_names`` and ``domain_batches``), with
 labelled or unlabelled samples; two sources are built in:
 
-- ``CorruptionStream``: the CIFAR-10-C style benchmark, ``domains_dir/{corruption}/{severity}/*.tar``
-  written on first use from ``test_shards`` (``datamodules.corrupt``), in the benchmark order;
+- ``CorruptionStream``: the CIFAR-10-C style benchmark, ``benchmark.dir/{corruption}/{severity}/*.tar``
+  written on first use from ``shards.test`` (``datamodules.corrupt``), in the benchmark order; or the
+  published CIFAR-10-C / CIFAR-100-C arrays and ImageNet-C folders read as they are
+  (``benchmark.layout``, ``datamodules.benchmarks``);
 - ``TargetStream``: your own data, tar shards or an image folder (``datamodules.folders``), one
   domain per entry of ``domains`` in the order given, labelled (errors reported) or not
   (predictions written, entropy tracked).
 
-Inside a domain the samples may be permuted by ``seed`` (a fixed permutation: every round and every
+Inside a domain the samples may be permuted by ``stream.seed`` (a fixed permutation: every round and every
 method sees the same batches); batches never straddle two domains, so reset-each-shift is exact.
 """
 
@@ -20,30 +22,138 @@ from collections.abc import Iterator
 
 import torch
 
+from dataclasses import dataclass, field
+from typing import Literal
+
+from datamodules.base import Preprocess
+from datamodules.benchmarks import check_cifar_c, cifar_c_url
 from datamodules.eval_sets import EvalLoader, InMemoryDataset
 from datamodules.image_label import ImageLabelDataModule
 from datamodules.shards import expand_shards
+from datamodules.specs import EvalSpec, GenerateSpec, ImageSpec, LabelSpec, ShardsSpec, StreamSpec
+from mmalign.specs import coerce, need, one_of, positive
 
 UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class AdaptStreamSpec:
+    """How a domain is read during adaptation.
+
+    Args:
+        shuffle: Permute samples inside each domain with ``stream.seed`` (a fixed permutation: every
+            round and method sees the same batches). Null: the stream's default (``CorruptionStream``
+            shuffles, since shards are often class-sorted; ``TargetStream`` keeps a real stream's order).
+        cache_decoded: Keep decoded domains in memory (fast repeated rounds; ~12 KB per 32 px image).
+        source_max_samples: Cap on labelled source samples (``shards.train``) for CAFA statistics.
+    """
+
+    shuffle: bool | None = None
+    cache_decoded: bool = False
+    source_max_samples: int = 2000
+
+    def __post_init__(self) -> None:
+        positive("adapt.source_max_samples", self.source_max_samples)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A corruption benchmark: one domain per (corruption, severity), in the order given.
+
+    Args:
+        dir: Folder of the benchmark (relative to ``shards.data_root``).
+        layout: ``shards``: ``<dir>/<corruption>/<severity>/*.tar``, written from ``shards.test`` on first
+            use; ``cifar_c``: the published CIFAR-10-C / CIFAR-100-C folder (``<corruption>.npy`` holding
+            severities 1..5 in consecutive blocks, plus ``labels.npy``); ``imagenet_c``: the published
+            ImageNet-C tree (``<corruption>/<severity>/<wnid>/*.JPEG``; classes = the sorted wnids, or a
+            class-index file as ``label.classes``). Both read as they are, never converted.
+        corruptions: ``all`` (the 15 benchmark corruptions in benchmark order) or a list, streamed
+            in the given order (a published folder may hold more, e.g. ``speckle_noise``: list them).
+        severities: Severity or severities (1..5); each corruption visits them in the given order.
+        seed: Seed of the corruptions written on first use.
+    """
+
+    dir: str = "corrupted"
+    layout: Literal["shards", "cifar_c", "imagenet_c"] = "shards"
+    corruptions: str | list[str] = "all"
+    severities: int | list[int] = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        need(bool(self.dir), "benchmark.dir must name a folder.")
+        one_of("benchmark.layout", self.layout, ("shards", "cifar_c", "imagenet_c"))
+        need(isinstance(self.corruptions, str) or len(self.corruptions) > 0,
+             "benchmark.corruptions must be 'all' or name at least one corruption, got [].")
+        sev = [self.severities] if isinstance(self.severities, int) else list(self.severities)
+        need(bool(sev), "benchmark.severities must name at least one severity (1..5).")
+        for s in sev:
+            need(isinstance(s, int) and 1 <= s <= 5, f"benchmark.severities must be in 1..5, got {s!r}.")
+        positive("benchmark.seed", self.seed, zero=True)
+
+    @property
+    def corruption_list(self) -> list[str]:
+        from datamodules.corruptions import CORRUPTIONS
+
+        if self.corruptions == "all":
+            return list(CORRUPTIONS)
+        return [self.corruptions] if isinstance(self.corruptions, str) else list(self.corruptions)
+
+    @property
+    def severity_list(self) -> list[int]:
+        return [self.severities] if isinstance(self.severities, int) else list(self.severities)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Your own data as the adaptation stream.
+
+    Args:
+        domains: Domains in stream order, ``{name: spec}`` (a spec is anything ``shards.train`` takes:
+            shard files, a brace pattern, a directory of shards, or an image folder). Null: one domain
+            ``target`` holding ``shards.test``.
+        labelled: ``auto`` (labelled when every sample of the first domain carries a label: ``.cls``,
+            ``label.key``, or a class sub-folder), ``true`` (required; a sample without one is skipped
+            and counted) or ``false`` (ignore labels: only predictions and entropy are reported).
+    """
+
+    domains: dict[str, str | list[str]] | None = None
+    labelled: Literal["auto"] | bool = "auto"
+
+    def __post_init__(self) -> None:
+        need(self.labelled in ("auto", True, False), f"target.labelled must be 'auto', true or false, got "
+                                                     f"{self.labelled!r}.")
+        need(self.domains is None or len(self.domains) > 0,
+             "target.domains: give at least one {name: shards} entry, or leave it null to use shards.test.")
+
+
+#: the flat options of the older TTA streams and where they live now
+ADAPT_MOVED = {"shuffle": "adapt.shuffle", "cache_decoded": "adapt.cache_decoded",
+               "source_max_samples": "adapt.source_max_samples"}
 
 
 class DomainStream(ImageLabelDataModule):
     """Base of the adaptation streams: domains held in memory (still encoded), read in order.
 
     Args:
-        shuffle: Permute samples inside each domain with ``seed``.
-        cache_decoded: Keep decoded domains in memory (fast repeated rounds; ~12 KB per 32 px image).
-        source_max_samples: Cap on labelled source samples (``train_shards``) for CAFA statistics.
-        **kwargs: ``ImageLabelDataModule``/``StreamingDataModule`` arguments; ``train_shards`` is the
-            labelled source data CAFA's statistics come from.
+        shards: ``train`` is the labelled source data CAFA's statistics come from; ``test`` the clean
+            test set (see ``StreamingDataModule`` for the rest, and for ``stream``, ``eval``,
+            ``generate``, ``preprocess``). ``eval.batch_size`` is the adaptation batch size.
+        label, image: See ``ImageLabelDataModule``; ``label.num_classes`` is taken from the model.
+        adapt: Order inside a domain, decoded cache, source-sample cap (``AdaptStreamSpec``).
     """
 
     labelled = True
+    default_shuffle = True
+    moved_options = {**ImageLabelDataModule.moved_options, **ADAPT_MOVED}
 
-    def __init__(self, shuffle: bool = True, cache_decoded: bool = False, source_max_samples: int = 2000,
-                 **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.shuffle, self.cache_decoded, self.source_max_samples = shuffle, cache_decoded, source_max_samples
+    def __init__(self, shards: ShardsSpec = ShardsSpec(), stream: StreamSpec = StreamSpec(),
+                 eval: EvalSpec = EvalSpec(), generate: GenerateSpec | str | None = None,
+                 preprocess: Preprocess | None = None, label: LabelSpec = LabelSpec(), image: ImageSpec = ImageSpec(),
+                 adapt: AdaptStreamSpec = AdaptStreamSpec()) -> None:
+        super().__init__(shards, stream, eval, generate, preprocess, label, image)
+        self.cfg.adapt = a = coerce(adapt, AdaptStreamSpec, "adapt")
+        self.shuffle = self.default_shuffle if a.shuffle is None else a.shuffle
+        self.cache_decoded, self.source_max_samples = a.cache_decoded, a.source_max_samples
         self._raw: dict[str, InMemoryDataset] = {}
         self._decoded: dict[str, dict] = {}
 
@@ -57,7 +167,7 @@ class DomainStream(ImageLabelDataModule):
     def _dataset(self, domain: str) -> InMemoryDataset:
         if domain not in self._raw:
             urls = expand_shards(self.domain_spec(domain), f"domain {domain}")
-            self._raw[domain] = InMemoryDataset(urls, self._decode_eval, self.max_eval_samples)
+            self._raw[domain] = InMemoryDataset(urls, self._decode_eval, self.cfg.eval.max_samples)
             if len(self._raw[domain]) == 0:
                 raise ValueError(f"domain {domain} holds no samples.")
         return self._raw[domain]
@@ -99,37 +209,41 @@ class CorruptionStream(DomainStream):
     """Corrupted test domains for test-time adaptation.
 
     Args:
-        domains_dir: Folder written by ``scripts/make_corrupted.py`` (relative to ``data_root``).
-        corruptions: ``all`` (the 15 benchmark corruptions in benchmark order) or a list, streamed
-            in the given order.
-        severities: Severity or severities (1..5); each corruption visits them in the given order.
-        corruption_seed: Seed of the corruptions written on first use.
-        **kwargs: ``DomainStream`` arguments (``shuffle`` defaults to true: shards are often
-            class-sorted, and a single-class batch is a label shift TTA was not meant to face).
-            ``test_shards`` is the clean test set corrupted on first use.
+        shards, stream, eval, generate, preprocess, label, image, adapt: See ``DomainStream``
+            (``adapt.shuffle`` defaults to true: shards are often class-sorted, and a single-class batch
+            is a label shift TTA was not meant to face). ``shards.test`` is the clean test set
+            corrupted on first use.
+        benchmark: Folder, corruptions, severities and seed of the benchmark (``BenchmarkSpec``).
     """
 
-    def __init__(self, domains_dir: str, corruptions: str | list[str] = "all", severities: int | list[int] = 5,
-                 corruption_seed: int = 0, **kwargs) -> None:
-        super().__init__(**kwargs)
-        from datamodules.corruptions import CORRUPTIONS, check_name_severity
+    moved_options = {**DomainStream.moved_options, "domains_dir": "benchmark.dir",
+                     "corruptions": "benchmark.corruptions", "severities": "benchmark.severities",
+                     "corruption_seed": "benchmark.seed"}
 
-        self.corruptions = list(CORRUPTIONS) if corruptions == "all" else (
-            [corruptions] if isinstance(corruptions, str) else list(corruptions))
-        self.severities = [severities] if isinstance(severities, int) else list(severities)
-        if not self.corruptions or not self.severities:
-            raise ValueError("corruptions and severities must name at least one domain.")
-        for c in self.corruptions:
-            for s in self.severities:
-                check_name_severity(c, s)
-        self.domains_dir = self._rooted(domains_dir)
-        self.corruption_seed = corruption_seed
+    def __init__(self, shards: ShardsSpec = ShardsSpec(), stream: StreamSpec = StreamSpec(),
+                 eval: EvalSpec = EvalSpec(), generate: GenerateSpec | str | None = None,
+                 preprocess: Preprocess | None = None, label: LabelSpec = LabelSpec(), image: ImageSpec = ImageSpec(),
+                 adapt: AdaptStreamSpec = AdaptStreamSpec(), benchmark: BenchmarkSpec = BenchmarkSpec()) -> None:
+        super().__init__(shards, stream, eval, generate, preprocess, label, image, adapt)
+        from datamodules.corruptions import check_name_severity
+
+        self.cfg.benchmark = b = coerce(benchmark, BenchmarkSpec, "benchmark")
+        self.corruptions, self.severities = b.corruption_list, b.severity_list
+        if b.layout == "shards":  # written by us: only the corruptions we can write (published files may hold more)
+            for c in self.corruptions:
+                for s in self.severities:
+                    check_name_severity(c, s)
+        self.domains_dir = self._rooted(b.dir)
+        self.corruption_seed = b.seed
 
     @property
     def domain_names(self) -> list[str]:
         return [f"{c}/{s}" for c in self.corruptions for s in self.severities]
 
     def domain_spec(self, domain: str) -> str:
+        if self.cfg.benchmark.layout == "cifar_c":
+            corruption, _, severity = domain.partition("/")
+            return cifar_c_url(self.domains_dir, corruption, int(severity))
         return os.path.join(self.domains_dir, domain)
 
     def _missing(self) -> list[str]:
@@ -139,12 +253,14 @@ class CorruptionStream(DomainStream):
 
     def prepare_data(self) -> None:
         super().prepare_data()  # generates the built-in clean data when configured
+        if self.cfg.benchmark.layout != "shards":
+            return  # published benchmark files: read as they are
         missing = self._missing()
         if not missing:
             return
         if self.shards["test"] is None:
             raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}. Write them with "
-                                    "scripts/make_corrupted.py, or set test_shards to the clean test set.")
+                                    "scripts/make_corrupted.py, or set shards.test to the clean test set.")
         from datamodules.corrupt import corrupt_shards
 
         corrs = sorted({d.split("/")[0] for d in missing}, key=self.corruptions.index)
@@ -152,36 +268,41 @@ class CorruptionStream(DomainStream):
         corrupt_shards(self.shards["test"], self.domains_dir, corrs, sevs, seed=self.corruption_seed, verbose=False)
 
     def setup(self, stage: str) -> None:
-        missing = self._missing()
+        layout = self.cfg.benchmark.layout
+        if layout == "cifar_c":
+            check_cifar_c(self.domains_dir, self.corruptions, self.severities)
+            return
+        missing = self._missing() if layout == "shards" else \
+            [d for d in self.domain_names if not os.path.isdir(os.path.join(self.domains_dir, d))]
         if missing:
-            raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}; run "
-                                    "prepare_data() or scripts/make_corrupted.py first.")
+            fix = ("run prepare_data() or scripts/make_corrupted.py first" if layout == "shards" else
+                   "layout imagenet_c reads <dir>/<corruption>/<severity>/<wnid>/*.JPEG; fix benchmark.dir or "
+                   "benchmark.corruptions")
+            raise FileNotFoundError(f"domains {missing[:3]} are missing under {self.domains_dir!r}; {fix}.")
+        if layout == "imagenet_c":  # every domain must index the same wnids (or label.classes maps them)
+            self.check_folder_classes({f"domain {d}": self.domain_spec(d) for d in self.domain_names})
 
 
 class TargetStream(DomainStream):
     """Your own target data as the adaptation stream.
 
     Args:
-        domains: Domains in stream order, ``{name: spec}`` (a spec is anything ``train_shards`` takes:
-            shard files, a brace pattern, a directory of shards, or an image folder). Default: one
-            domain ``target`` holding ``test_shards``.
-        labels: ``auto`` (labelled when every sample of the first domain carries a label: ``.cls``,
-            ``label_key``, or a class sub-folder), ``true`` (required; a sample without one is skipped
-            and counted) or ``false`` (ignore labels: only predictions and entropy are reported).
-        **kwargs: ``DomainStream`` arguments (``shuffle`` defaults to false here: a real stream keeps
-            its order). ``num_classes`` is taken from the model.
+        shards, stream, eval, generate, preprocess, label, image, adapt: See ``DomainStream``
+            (``adapt.shuffle`` defaults to false here: a real stream keeps its order).
+        target: The domains in stream order and whether they are labelled (``TargetSpec``).
     """
 
-    def __init__(self, domains: dict[str, str | list[str]] | None = None, labels: str | bool = "auto",
-                 shuffle: bool = False, **kwargs) -> None:
-        super().__init__(shuffle=shuffle, **kwargs)
-        if labels not in ("auto", True, False):
-            raise ValueError(f"labels must be 'auto', true or false, got {labels!r}.")
-        if domains is not None and not domains:
-            raise ValueError("domains: give at least one {name: shards} entry, or leave it unset to use test_shards.")
-        self._domains = {k: self._rooted(v) for k, v in (domains or {}).items()}
-        self.labels = labels
-        self._labelled: bool | None = None if labels == "auto" else bool(labels)
+    default_shuffle = False
+    moved_options = {**DomainStream.moved_options, "domains": "target.domains", "labels": "target.labelled"}
+
+    def __init__(self, shards: ShardsSpec = ShardsSpec(), stream: StreamSpec = StreamSpec(),
+                 eval: EvalSpec = EvalSpec(), generate: GenerateSpec | str | None = None,
+                 preprocess: Preprocess | None = None, label: LabelSpec = LabelSpec(), image: ImageSpec = ImageSpec(),
+                 adapt: AdaptStreamSpec = AdaptStreamSpec(), target: TargetSpec = TargetSpec()) -> None:
+        super().__init__(shards, stream, eval, generate, preprocess, label, image, adapt)
+        self.cfg.target = t = coerce(target, TargetSpec, "target")
+        self._domains = {k: self._rooted(v) for k, v in (t.domains or {}).items()}
+        self._labelled: bool | None = None if t.labelled == "auto" else bool(t.labelled)
 
     @property
     def domain_names(self) -> list[str]:
@@ -191,7 +312,7 @@ class TargetStream(DomainStream):
         if self._domains:
             return self._domains[domain]
         if self.shards["test"] is None:
-            raise ValueError("TargetStream needs domains ({name: shards or image folder}) or test_shards.")
+            raise ValueError("TargetStream needs target.domains ({name: shards or image folder}) or shards.test.")
         return self.shards["test"]
 
     @property
@@ -212,8 +333,7 @@ class TargetStream(DomainStream):
         if self.labelled:
             return super().decode(sample, train)
         # unlabelled: the image only; a label the data may carry anyway is ignored
-        from datamodules.image_text import find_image, read_json
-        from datamodules.shards import decode_image_bytes
+        from datamodules.samples import decode_image_bytes, find_image, read_json
         from datamodules.transforms import default_image_transform
 
         transform = self.preprocess.eval_transform or default_image_transform(self.image_size, False)

@@ -39,7 +39,7 @@ class TTAModel(pl.LightningModule):
         small_batch: Batches of one image with BatchNorm: ``error`` (default) or ``source_stats``
             (predict with the source running statistics, no update).
         cafa_stats: Source statistics file; default ``<checkpoint stem>.cafa_stats.pt`` next to the
-            checkpoint, computed from ``data.init_args.train_shards`` when missing.
+            checkpoint, computed from ``data.init_args.shards.train`` when missing.
         cafa_covariance: ``auto`` (class-wise unless C*d*d > 5e7), ``shared`` or ``classwise``.
         cafa_shrinkage: Shrinkage towards a scaled identity, in [0, 1].
         cafa_denominator: ``all`` (sum over every class) or ``others`` (c != y); unverified in
@@ -81,7 +81,7 @@ class TTAModel(pl.LightningModule):
                                                        zeroshot_classes)
         self.source.eval()
         self.num_classes = int(self.source_hparams["num_classes"])
-        hp = self.source_hparams
+        hp = self.source_hparams.get("transform") or {}  # an ImageClassifier checkpoint's (grouped) transform
         self._transform = (image_size or hp.get("image_size", 32), tuple(mean or hp.get("mean", (0.485, 0.456, 0.406))),
                            tuple(std or hp.get("std", (0.229, 0.224, 0.225))))
 
@@ -119,9 +119,10 @@ class TTAModel(pl.LightningModule):
             hp = dict(self.source_hparams["contrastive_hparams"])
             return {"state_dict": sd, "hyper_parameters": hp, "tta": {"method": method.name,
                     "updates": method.updates, "source_checkpoint": self.hparams.source_checkpoint}}
+        from mmalign.checkpoint_layout import standalone_classifier_hparams
+
         sd = {"model." + k.removeprefix("net."): v for k, v in method.adapted_state_dict().items()}
-        hp = {k: v for k, v in self.source_hparams.items()}
-        hp.update(pretrained=False, checkpoint_path=None)
+        hp = standalone_classifier_hparams(self.source_hparams)
         return {"state_dict": sd, "hyper_parameters": hp, "pytorch-lightning_version": lightning.__version__,
                 "tta": {"method": method.name, "updates": method.updates,
                         "source_checkpoint": self.hparams.source_checkpoint}}

@@ -22,9 +22,9 @@ def labelled_batches(datamodule, max_samples: int | None, batch_size: int = 256)
     from datamodules.eval_sets import EvalLoader, InMemoryDataset
 
     if datamodule.shards.get("fit") is None:
-        raise ValueError("CAFA statistics need labelled source data: set data.init_args.train_shards "
+        raise ValueError("CAFA statistics need labelled source data: set data.init_args.shards.train "
                          "(e.g. digits/train) or give a precomputed cafa_stats file.")
-    ds = InMemoryDataset(expand_shards(datamodule.shards["fit"], "train_shards"), datamodule._decode_eval,
+    ds = InMemoryDataset(expand_shards(datamodule.shards["fit"], "shards.train"), datamodule._decode_eval,
                          max_samples)
     return EvalLoader(ds, datamodule.collate, "source", datamodule.health, batch_size=batch_size,
                       num_workers=datamodule.num_workers)
@@ -69,8 +69,9 @@ def check_labels_fit(model: TTAModel, datamodule) -> None:
     if hasattr(datamodule, "num_classes"):
         given = datamodule.num_classes
         if given is not None and given != model.num_classes:
-            raise ValueError(f"data.init_args.num_classes={given} but the source model has {model.num_classes} "
-                             "classes; drop num_classes (it is taken from the model) or fix the source checkpoint.")
+            raise ValueError(f"data.init_args.label.num_classes={given} but the source model has {model.num_classes} "
+                             "classes; drop label.num_classes (it is taken from the model) or fix the source "
+                             "checkpoint.")
         datamodule.num_classes = model.num_classes
 
 

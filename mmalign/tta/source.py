@@ -91,14 +91,15 @@ def load_open_clip_zeroshot(checkpoint: str, hp: dict[str, Any], classes: str | 
     from mmalign.evaluation import build_zeroshot_weights, load_class_spec
     from mmalign.models.weights import load_weights
 
-    clip = create_open_clip(hp["model_name"], hp.get("model_cfg"))
+    m = hp["model"]  # hp: mmalign.checkpoint_layout.clip_hparams
+    clip = create_open_clip(m["name"], m.get("cfg"))
     load_weights(clip, checkpoint, prefix="model.")
     clip.eval()
     spec = load_class_spec(classes)
-    weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(hp["model_name"]), spec.classnames,
+    weights = build_zeroshot_weights(clip.encode_text, open_clip.get_tokenizer(m["name"]), spec.classnames,
                                      spec.templates)
-    _, eval_transform = open_clip_transforms(clip, hp.get("image_size"))
-    info = {"kind": "open_clip_zeroshot", "model_name": hp["model_name"], "model_cfg": hp.get("model_cfg"),
+    _, eval_transform = open_clip_transforms(clip, m.get("image_size"))
+    info = {"kind": "open_clip_zeroshot", "model_name": m["name"], "model_cfg": m.get("cfg"),
             "num_classes": spec.num_classes, "classes": classes, "eval_transform": eval_transform,
             "contrastive_hparams": {k: v for k, v in hp.items() if not k.startswith("_")}}
     return SplitClassifier(ImageTower(clip), ZeroShotHead(weights)), info
@@ -123,21 +124,25 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
                                     "source_checkpoint at runs/mmalign/version_N/checkpoints/last.ckpt.")
         from mmalign.models.weights import load_checkpoint_file
 
+        from mmalign.checkpoint_layout import classifier_hparams, clip_hparams
+
         raw = load_checkpoint_file(checkpoint, mmap=True)  # weights_only: a crafted file cannot run code
-        hp = raw.get("hyper_parameters") if isinstance(raw, dict) else None
-        if hp and hp.get("loss") in ("clip", "siglip"):
+        saved = raw.get("hyper_parameters") if isinstance(raw, dict) else None
+        if (hp := clip_hparams(saved)) is not None:
             return load_open_clip_zeroshot(checkpoint, hp, zeroshot_classes)
-        if hp and "model_name" in hp:
-            for key, given in (("model_name", model_name), ("num_classes", num_classes)):
-                if given is not None and given != hp[key]:
-                    raise ValueError(f"{key}={given!r} disagrees with the checkpoint's {hp[key]!r}; "
+        if (hp := classifier_hparams(saved)) is not None:
+            for key, given, have in (("model_name", model_name, hp["network"]["name"]),
+                                     ("num_classes", num_classes, hp["num_classes"])):
+                if given is not None and given != have:
+                    raise ValueError(f"{key}={given!r} disagrees with the checkpoint's {have!r}; "
                                      f"leave {key} unset when source_checkpoint is an ImageClassifier checkpoint.")
             from mmalign.models.weights import load_weights
             from mmalign.models.timm_models import create_timm_model
 
             # rebuilt from the checkpoint's own hyper-parameters: the classifier's network is its
             # ``model`` attribute, so its weights are the state-dict keys under "model."
-            net = create_timm_model(hp["model_name"], hp["num_classes"], False, None, **(hp.get("model_kwargs") or {}))
+            net = create_timm_model(hp["network"]["name"], hp["num_classes"], False, None,
+                                    **(hp["network"].get("kwargs") or {}))
             load_weights(net, checkpoint, prefix="model.")
             return TimmClassifier(net), dict(hp)
     if model_name is None or num_classes is None:
@@ -150,5 +155,5 @@ def load_source(checkpoint: str | None, model_name: str | None = None, num_class
 
         print("[tta] source_checkpoint is null: using RANDOM weights (smoke test only).", file=sys.stderr)
     net = create_timm_model(model_name, num_classes, False, checkpoint, **(model_kwargs or {}))
-    hparams.update(model_name=model_name, num_classes=num_classes, model_kwargs=model_kwargs or {})
+    hparams.update(network={"name": model_name, "kwargs": model_kwargs or {}}, num_classes=num_classes)
     return TimmClassifier(net), hparams

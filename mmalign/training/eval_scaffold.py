@@ -2,7 +2,7 @@
 
 A module lists its metrics for a split (``build_eval_metrics``) and updates them in its step; the
 scaffold creates them at the start of every validation/test epoch (``val`` plus each
-``extra_val_shards`` name the datamodule declares), computes and logs them at the end as
+``shards.extra_val`` name the datamodule declares), computes and logs them at the end as
 ``<split>/<key>`` (a metric returning a dict contributes one key per entry), keeps the values in
 ``eval_results`` (also non-scalar ones, e.g. per-class accuracy), and prints the final validation
 numbers after ``fit``. The metrics synchronise across ranks themselves, at ``compute``, which every
