@@ -6,7 +6,7 @@ YAML under ``configs/`` must appear in it. One case per method is the smoke fit 
 Overrides may name ``{teacher_ckpt}`` / ``{fd_ckpt}``: tiny ``ImageClassifier`` checkpoints written
 once per session, standing in for the trained teacher and FD network that REPA configs point at;
 ``{mobilenet_ckpt}``: randomly initialised timm ``mobilenetv2_100`` weights in place of the quick
-start's ImageNet file.
+start's ImageNet file; ``{t2i_ckpt}``: an untrained text-to-image base for the SoftREPA overlay.
 """
 
 from __future__ import annotations
@@ -80,6 +80,10 @@ CASES = {
     "repa-unet-urepa": Case(("repa/unet_base.yaml", "repa/urepa.yaml"), quick=TEACHER_QUICK),
     "repa-teacher-resnet": Case(("repa/teacher_resnet_shapes.yaml",)),
     "repa-teacher-vit": Case(("repa/teacher_vit_shapes.yaml",)),
+    "t2i-mmdit": Case(("t2i/shapes_t2i.yaml",), smoke=True),
+    "t2i-unet": Case(("t2i/shapes_t2i.yaml", "t2i/unet.yaml")),
+    "t2i-softrepa": Case(("t2i/shapes_t2i.yaml", "t2i/softrepa.yaml"),
+                         quick=("--model.init_args.init_checkpoint={t2i_ckpt}",)),
 }
 
 
@@ -105,7 +109,23 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
 
     out["{mobilenet_ckpt}"] = str(root / "mobilenetv2_100.pth")
     torch.save(timm.create_model("mobilenetv2_100", pretrained=False).state_dict(), out["{mobilenet_ckpt}"])
+    out["{t2i_ckpt}"] = _t2i_base(root)
     return out
+
+
+def _t2i_base(root) -> str:
+    """An untrained checkpoint of configs/t2i/shapes_t2i.yaml's backbone: the base softrepa.yaml needs."""
+    import torch
+    import yaml
+
+    from mmalign.t2i import TextToImageDiffusion
+
+    with open(os.path.join(ROOT, "configs", "t2i", "shapes_t2i.yaml")) as f:
+        diffusion = yaml.safe_load(f)["model"]["init_args"]["diffusion"]
+    m = TextToImageDiffusion(diffusion=diffusion)
+    path = str(root / "t2i_base.ckpt")
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, path)
+    return path
 
 
 def _args(case: Case, checkpoints: dict[str, str]) -> list[str]:

@@ -154,3 +154,33 @@ def test_torchvision_weights_convert_to_timm_by_position():
         torch.testing.assert_close(model(x), tv(x))
     with pytest.raises(CheckpointMismatchError, match="not the same architecture"):
         convert_by_position(tv.state_dict(), timm.create_model("resnet18", pretrained=False))
+
+
+def test_clip_timm_image_tower_teaches(tmp_path):
+    """The quick start's kind of CLIP (a timm image tower) teaches through kind open_clip with only its checkpoint:
+    the trunk's final feature map is the token grid, with the CLIP's own weights; trunk_kwargs dilate it."""
+    from mmalign.contrastive import CLIP
+
+    cfg = {"embed_dim": 16, "custom_text": True,
+           "vision_cfg": {"timm_model_name": "mobilenetv2_035", "timm_model_pretrained": False, "timm_pool": "avg",
+                          "timm_proj": "linear", "image_size": 64},
+           "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    clip = CLIP(model={"name": "mmalign-timm-tower-tiny", "cfg": cfg})
+    with torch.no_grad():  # non-trivial BN statistics, so a buffer left at its default would show
+        for m in clip.model.visual.trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    path = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": clip.state_dict(), "hyper_parameters": dict(clip.hparams)}, path)
+    plain = build_teacher("open_clip", None, str(path))
+    x = torch.randn(2, 3, 64, 64)
+    trunk = clip.model.visual.trunk.eval()
+    with torch.no_grad():
+        ref = trunk.forward_features(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(plain.forward_tokens(x), ref)
+    assert plain.grid_size == 2 and plain.input_size == 64  # stride 32 at the CLIP's 64 px
+    dilated = build_teacher("open_clip", None, str(path), grid=8, trunk_kwargs={"output_stride": 8})
+    assert dilated.grid_size == 8 and dilated.input_size == 64 and "mmalign-timm-tower-tiny" in dilated.describe()
+    with pytest.raises(ValueError, match="not 'ViT-B-32'"):
+        build_teacher("open_clip", "ViT-B-32", str(path))

@@ -8,8 +8,9 @@ import copy
 import torch
 from torch import nn
 
-from mmalign.tta.methods import TTAConfig, TentFilter
+from mmalign.tta.methods import TentFilter
 from mmalign.tta.source import SplitClassifier
+from _tta import conf
 
 
 def _tiny_cnn():
@@ -45,7 +46,7 @@ def _kept_by_hand(source, adapted_bn, x):
 def test_filter_runs_the_real_frozen_original():
     source = _tiny_cnn()
     snapshot = copy.deepcopy(source)
-    method = TentFilter(source, TTAConfig(lr=0.2))
+    method = TentFilter(source, conf(lr=0.2))  # prior 0: pure test-batch statistics, as computed by hand
     gen = torch.Generator().manual_seed(1)
     kept = []
     for step in range(6):

@@ -26,7 +26,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("classify", "contrastive", "repa", "tta", "speech")
+METHODS = ("classify", "contrastive", "repa", "t2i", "tta", "speech")
 CLI = ("mmalign.cli", "mmalign.__main__")
 BASE_MODULES = ("mmalign", "mmalign.specs", "mmalign.optim", "mmalign.distributed")
 BASE, DATA, CORE, METHOD, TOP = 0, 1, 2, 3, 4

@@ -5,8 +5,8 @@ import torch
 
 from mmalign.repa.losses import manifold_loss, repa_cosine_loss
 from mmalign.repa.projector import AlignmentHead, upsample_tokens
-from mmalign.repa.ema import EMA
-from mmalign.repa.sampling import sample
+from mmalign.diffusion.ema import EMA
+from mmalign.diffusion.sampling import sample
 
 
 def test_cosine_is_minus_one_and_manifold_zero_at_target():

@@ -132,6 +132,22 @@ def test_predict_writes_png_grids(tmp_path):
     assert Image.open(files[0]).size[0] >= 6 * 32
 
 
+def test_predict_refuses_an_unwritable_sample_folder_before_sampling(tmp_path):
+    import lightning.pytorch as pl
+
+    from mmalign.training.outputs import OutputLocationError
+
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    m = FlowMatchingDiffusion(diffusion=DiffusionSpec(num_classes=6, backbone="dit", backbone_kwargs=DIT),
+                              sampling=SamplingSpec(num_samples=6, out_dir=str(tmp_path / "taken"), steps=2))
+    sampled = []
+    m.generate = lambda *a, **k: sampled.append(1)  # would record any sampling before the check
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(OutputLocationError, match="sampling.out_dir"):
+        trainer.predict(m)
+    assert sampled == []
+
+
 def test_vae_latent_path(tmp_path):
     from diffusers import AutoencoderKL
 
@@ -347,3 +363,16 @@ def test_validation_logs_fd_from_ema_samples(tmp_path):
     out = trainer.validate(m, _loader(8))
     assert int(m.fd_metric.real_features_num_samples) == 6  # capped at num_samples, kept for the next validation
     assert out[0]["val/fd"] > 0 and int(m.fd_metric.fake_features_num_samples) == 0  # fakes reset after compute
+
+
+def test_precompute_teacher_covers_every_training_key(tmp_path, data_root):
+    """400 training images in batches of 64: the last 16 are written too (training shuffles, so any key is drawn)."""
+    from datamodules import ImageLabelDataModule
+    from mmalign.repa.precompute_command import precompute_teacher
+
+    m = make(diffusion={"num_classes": 36})
+    dm = ImageLabelDataModule(shards={"data_root": data_root, "train": "shapes/train"},
+                              label={"key": "cls", "num_classes": 36}, stream={"batch_size": 64, "num_workers": 0},
+                              preprocess=m.preprocess)
+    meta = precompute_teacher(None, m, dm, out_dir=str(tmp_path / "feats"))
+    assert meta["num_samples"] == 400

@@ -5,8 +5,9 @@
 ``encode(images_in_[-1,1], grid=None)`` and a pooled ``forward`` usable as an FD feature network.
 
 Kinds: ``classifier`` (an ``ImageClassifier`` checkpoint: the timm architecture is read from its
-saved hyper-parameters, only the path is given), ``timm`` (any timm model) and ``open_clip`` (an
-open_clip image tower). Other packages add
+saved hyper-parameters, only the path is given), ``timm`` (any timm model) and ``open_clip`` (the
+image tower of an open_clip model or of an mmalign CLIP checkpoint: a ViT's patch tokens, or a timm
+tower's final feature map, e.g. the quick start's MobileNetV2). Other packages add
 kinds with ``@register_teacher("kind")`` on a builder ``fn(name, checkpoint_path, **kwargs)``
 (e.g. mmalign's own CLIP checkpoints). Heavy libraries are imported inside the builders only.
 """
@@ -53,10 +54,12 @@ def _classifier(name: str | None, checkpoint_path: str | None = None, **kwargs: 
 
 
 @register_teacher("open_clip")
-def _open_clip(name: str, checkpoint_path: str | None = None, **kwargs: Any) -> TeacherEncoder:
-    from .open_clip_teacher import OpenClipTeacher
+def _open_clip(name: str | None, checkpoint_path: str | None = None, **kwargs: Any) -> TeacherEncoder:
+    # an open_clip ViT tower, or a timm tower's trunk (the quick start's MobileNetV2); the name may be
+    # omitted for an mmalign CLIP checkpoint, which records it
+    from .open_clip_teacher import clip_image_teacher
 
-    return OpenClipTeacher(name, checkpoint_path, **kwargs)
+    return clip_image_teacher(name, checkpoint_path, **kwargs)
 
 
 def build_teacher(kind: str, name: str | None, checkpoint_path: str | None = None, grid: int | None = None,

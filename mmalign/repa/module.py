@@ -9,7 +9,7 @@ during the same forward that computes the velocity loss (no second pass), an ``A
 projects them to the teacher width (U-REPA: then upsamples to the teacher grid), and
 ``L = L_velocity + weight * (L_cos + manifold_weight * L_manifold)``.
 
-The teacher, the FD network and the VAE are frozen registered submodules (``frozen.py``): moved by
+The teacher, the FD network and the VAE are frozen registered submodules (``mmalign.diffusion.frozen``): moved by
 Lightning, outside the optimizer, the EMA and the checkpoint. The options are the specs of
 ``specs.py``.
 """
@@ -30,24 +30,17 @@ from datamodules.base import Preprocess
 from mmalign.distributed import get_rank
 from mmalign.models import compile_in_place
 
+from mmalign.diffusion.ema import EMA
+from mmalign.diffusion.frozen import FrozenChildren, load_vae
+from mmalign.diffusion.sampling import sample
+from mmalign.diffusion.transforms import diffusion_transform
+
 from .backbones import DiffusionBackbone, HookCapture, probe_hook
-from .ema import EMA
-from .frozen import FrozenChildren, load_vae
 from .losses import manifold_loss, repa_cosine_loss
 from .projector import AlignmentHead
-from .sampling import sample
 from .specs import REPA_OPTIM, AlignSpec, DiffusionSpec, FDSpec, OptimSpec, RepaConfig, SamplingSpec, TeacherSpec
 
 log = logging.getLogger(__name__)
-
-
-def diffusion_transform(image_size: int):
-    """Resize + center crop + ``[-1, 1]`` tensor; no augmentation (the module flips, so that
-    precomputed teacher features can follow the flip)."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size), T.ToTensor(),
-                      T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 
 
 class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
@@ -101,7 +94,7 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
             self._setup_alignment()
         self.fd_metric, self.fd_network = None, None
         if cfg.fd.num_samples:
-            from .fid import build_fd_metric
+            from mmalign.diffusion.fid import build_fd_metric
 
             self.fd_metric, self.fd_network = build_fd_metric(cfg.fd_network, "fd.network" if cfg.fd.network else "teacher")
             log.info("FD feature network: %s", self.fd_network)
@@ -239,7 +232,7 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         self.log(f"{prefix}/loss_velocity", F.mse_loss(pred.float(), (noise - x).float()), batch_size=len(labels),
                  sync_dist=True)
         if self.fd_metric is not None and not self.trainer.sanity_checking:
-            from .fid import add_real
+            from mmalign.diffusion.fid import add_real
 
             add_real(self.fd_metric, images, self.cfg.fd.num_samples)
 
@@ -264,7 +257,7 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         fd = self.fd_metric
         if fd is None or self.trainer.sanity_checking or int(fd.real_features_num_samples) < 2:
             return
-        from .fid import fd_of_samples
+        from mmalign.diffusion.fid import fd_of_samples
 
         spec = self.cfg.fd
         value = fd_of_samples(fd, lambda labels, seed: self.generate(labels, spec.sample_steps, "euler", spec.cfg_scale,
@@ -285,6 +278,12 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         labels = torch.arange(n) % c
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(labels), batch_size=max(1, min(n, 64)))
 
+    def on_predict_start(self) -> None:
+        from mmalign.training.outputs import check_output_dir
+
+        # before the first image is sampled, not after the first batch's minutes of sampling
+        check_output_dir(self.cfg.sampling.out_dir, "sample grids", "model.init_args.sampling.out_dir")
+
     def predict_step(self, batch, batch_idx: int) -> dict:
         from torchvision.utils import save_image
 
@@ -293,7 +292,6 @@ class FlowMatchingDiffusion(FrozenChildren, pl.LightningModule):
         self._check_labels(labels)
         imgs = self.generate(labels, s.steps, s.sampler, s.cfg_scale, tuple(s.guidance_interval),
                              seed=batch_idx + 1000 * get_rank())
-        os.makedirs(s.out_dir, exist_ok=True)
         path = os.path.join(s.out_dir, f"samples_rank{get_rank()}_{batch_idx:04d}.png")
         save_image((imgs + 1) / 2, path, nrow=s.grid_cols)
         return {"path": path, "labels": labels.cpu()}

@@ -12,6 +12,10 @@ def precompute_teacher(trainer, model, datamodule, out_dir: str = "teacher_featu
     if teacher is None:
         raise ValueError("precompute_teacher needs a model with align.mode != none and a teacher network "
                          "(teacher.checkpoint or teacher.name, not teacher.features).")
+    # every key, the last partial batch too: training shuffles, so any sample may be drawn
+    import dataclasses
+
+    datamodule.cfg.stream = dataclasses.replace(datamodule.cfg.stream, drop_last=False)
     datamodule.setup("fit")
     # the module flips images itself, so the train transform is deterministic: one epoch covers every key
     loader = datamodule.train_dataloader()
@@ -26,3 +30,7 @@ def precompute_teacher(trainer, model, datamodule, out_dir: str = "teacher_featu
                           interpolate=model.cfg.teacher.interpolate_tokens)
     print(f"wrote {meta['num_samples']} samples in {meta['shards']} shard(s) to {out_dir}: {meta['teacher']}")
     return meta
+
+
+#: the result-folder option the CLI checks before anything is built (mmalign.training.rundirs)
+precompute_teacher.outputs = {"out_dir": "precomputed teacher features"}
