@@ -97,8 +97,8 @@ def run(root: str, arm: str, seed: int, lr: float, steps: int, batch: int, heldo
 
 
 def _cached(rows: list, fn, **key) -> dict:
-    for r in rows:
-        if all(r.get(k) == v for k, v in key.items()):
+    for r in rows:  # a run row records ``heldout`` as ``heldout_read``
+        if all(r.get("heldout_read" if k == "heldout" else k) == v for k, v in key.items()):
             return r
     rows.append(fn(**key))
     print(json.dumps(rows[-1]), flush=True)
