@@ -1,6 +1,9 @@
 import sys
 
+from mmalign.quiet import plain_notices
 from mmalign.tools import dispatch
+
+plain_notices()
 
 # A tool runs without importing Lightning; the console script (mmalign.cli:main) dispatches the same way.
 if (status := dispatch(sys.argv[1:])) is not None:

@@ -420,6 +420,9 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI | None:
 def console_main() -> int:
     """The installed ``mmalign`` script: its wrapper does ``sys.exit(console_main())``, so this returns
     the exit status (``main`` returns the CLI object, which ``sys.exit`` would print and read as 1)."""
+    from mmalign.quiet import plain_notices
+
+    plain_notices()
     main()
     exit_fast(0)
     return 0

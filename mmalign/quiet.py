@@ -17,6 +17,9 @@ imports mmalign gets the libraries' defaults.
   per rank and worker on purpose (``mmalign.distributed`` slot arithmetic), which is what it warns about.
 - Lightning's "Found N module(s) in eval mode at the start of training": the locked towers (and the
   frozen BatchNorm of a locked image tower) are in eval mode on purpose.
+- Lightning's "GPU available: False, used: False" / "TPU available: False, using: 0 TPU cores" on a
+  machine without them (an accelerator that is present still prints), and "Loading `train_dataloader`
+  to estimate number of stepping batches." (a step of its own set-up, not news to a user).
 - Lightning's ``isinstance(treespec, LeafSpec)`` deprecation: Lightning's own use of a torch API,
   nothing a user can change.
 """
@@ -57,9 +60,28 @@ class _OpenClipPartialInit(logging.Filter):
                     and "open_clip" in record.pathname)
 
 
+_LIGHTNING_NOTHING_NEW = (re.compile(r"^(GPU available: False, used: False|TPU available: False, using: 0 TPU cores)$"),
+                          re.compile(r"^Loading `train_dataloader` to estimate number of stepping batches\.$"))
+
+
 class _LitLoggerTip(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "try installing [litlogger]" not in record.getMessage()
+        message = record.getMessage()
+        return "try installing [litlogger]" not in message and not any(p.match(message) for p in _LIGHTNING_NOTHING_NEW)
+
+
+def plain_notices() -> None:
+    """mmalign's own notices (data generation, resume, skipped samples) as ``[mmalign] message`` lines:
+    once a library configures the root logger (open_clip does), they would read ``WARNING:datamodules...``.
+    Called by the process entry points only (``python -m mmalign``, the ``mmalign`` script): in a process
+    that imports mmalign, the records keep propagating to the host's handlers (and pytest's caplog)."""
+    for name in ("datamodules", "mmalign"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("[mmalign] %(message)s"))
+            logger.addHandler(handler)
+            logger.propagate = False
 
 
 def quiet_third_party() -> None:

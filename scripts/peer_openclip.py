@@ -282,13 +282,13 @@ def summarise(runs: list[dict], claims=None) -> tuple[str, dict]:
     lines = [f"peer run [{arm}]: {len(runs)} seed(s), {runs[0]['steps']} steps of batch {runs[0]['batch']} on both "
              f"sides (checked from both checkpoints and logs), {runs[0].get('workers')} workers, "
              f"{runs[0].get('threads')} torch threads",
-             f"{'':<12}{'wall s':>14}{'samples/s':>14}{'fixed s':>12}{'step ms':>12}{'held-out top-1':>18}{'seen top-1':>14}"]
+             f"{'':<12}{'wall s':>14}{'samples/s':>14}{'fixed s':>13}{'step ms':>15}{'held-out top-1':>18}{'seen top-1':>14}"]
     has_fixed = all("fixed_s" in r["mmalign"] for r in runs)
     for who in ("mmalign", "open_clip"):
         fixed = cell([r[who]["fixed_s"] for r in runs]) if has_fixed else "n/a"
         step = cell([1000 * r[who]["step_s"] for r in runs]) if has_fixed else "n/a"
         lines.append(f"{who:<12}{cell([r[who]['seconds'] for r in runs]):>14}"
-                     f"{cell([r[who]['samples_per_s'] for r in runs]):>14}{fixed:>12}{step:>12}"
+                     f"{cell([r[who]['samples_per_s'] for r in runs]):>14}  {fixed:>11}  {step:>13}"
                      f"{cell([100 * r[who]['heldout'] for r in runs]):>18}{cell([100 * r[who]['val'] for r in runs]):>14}")
     held = compare([r["mmalign"]["heldout"] for r in runs], [r["open_clip"]["heldout"] for r in runs], paired=True)
     seen = compare([r["mmalign"]["val"] for r in runs], [r["open_clip"]["val"] for r in runs], paired=True)

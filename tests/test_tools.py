@@ -57,7 +57,7 @@ def test_data_generate_writes_what_the_datamodules_read(tmp_path):
     for split, n in info["splits"].items():
         sizes = json.loads((tmp_path / "digits" / split / "sizes.json").read_text())
         assert sum(sizes.values()) == n > 0
-    assert "generating built-in dataset 'digits'" in res.stderr  # the notice a user sees on first use
+    assert "[mmalign] generating built-in dataset 'digits'" in res.stderr  # the notice a user sees, as one plain line
 
 
 @pytest.mark.parametrize("args, needles", [
