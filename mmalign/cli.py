@@ -269,10 +269,7 @@ def _cli_classes() -> tuple[type, type]:
             text = super().format_help()
             if getattr(self, "_subcommands_action", None) is None or "fit" not in self._subcommands_action.choices:
                 return text
-            from mmalign.tools import listing
-
-            return (f"{text}\ntools (plain commands, no config; each has its own --help, see docs/cli.md):\n"
-                    f"{listing('    ')}\n")
+            return text + _tools_section()
 
         def error(self, message: str, ex: Exception | None = None):
             if not self.exit_on_error:
@@ -340,9 +337,14 @@ def print_help(out=None) -> None:
               "subcommands (python -m mmalign SUBCOMMAND --help lists every option of one):\n")
     for name, doc in rows.items():
         out.write(f"  {name:<{width}}{doc}\n")
+    out.write(_tools_section())
+
+
+def _tools_section() -> str:
+    """The end of the top-level help (the fast path and the full parser's): the tools, one per line."""
     from mmalign.tools import listing
 
-    out.write(f"\ntools (plain commands, no config; each has its own --help, see docs/cli.md):\n{listing('    ')}\n")
+    return f"\ntools (plain commands, no config; each has its own --help, see docs/cli.md):\n{listing('    ')}\n"
 
 
 def exit_fast(code: int = 0) -> None:

@@ -286,17 +286,13 @@ def main(argv=None):
     t0 = time.time()
     if args.mode in ("tune", "sensitivity"):
         from tta_tuning import sensitivity_seed, summarise_sensitivity, summarise_tuning, tune_seed
-    if args.mode == "tune":
-        runs = [tune_seed(s, args) for s in seeds]
-        text = summarise_tuning(runs)
+
+        run_seed, summarise = {"tune": (tune_seed, summarise_tuning),
+                               "sensitivity": (sensitivity_seed, summarise_sensitivity)}[args.mode]
+        runs = [run_seed(s, args) for s in seeds]
+        text = summarise(runs)
         print(text)
-        save(args.out or "outputs/bench/tta_tune.json", {"args": vars(args), "runs": runs, "table": text})
-        return
-    if args.mode == "sensitivity":
-        runs = [sensitivity_seed(s, args) for s in seeds]
-        text = summarise_sensitivity(runs)
-        print(text)
-        save(args.out or "outputs/bench/tta_sensitivity.json", {"args": vars(args), "runs": runs, "table": text})
+        save(args.out or f"outputs/bench/tta_{args.mode}.json", {"args": vars(args), "runs": runs, "table": text})
         return
     recipe = {"rounds": args.rounds, "mild_rounds": args.mild_rounds, "severities": list(args.severities),
               "arms": list(args.arms), "batch_size": args.batch_size, "max_batches": args.max_batches,
