@@ -422,10 +422,13 @@ def main(args: list[str] | None = None, run: bool = True) -> MMAlignCLI | None:
 def console_main() -> int:
     """The installed ``mmalign`` script: its wrapper does ``sys.exit(console_main())``, so this returns
     the exit status (``main`` returns the CLI object, which ``sys.exit`` would print and read as 1)."""
-    from mmalign.quiet import plain_notices
+    from mmalign.quiet import plain_notices, reader_closed_early
 
     plain_notices()
-    main()
+    try:
+        main()
+    except BrokenPipeError as e:
+        return reader_closed_early(e)
     exit_fast(0)
     return 0
 

@@ -84,6 +84,19 @@ def plain_notices() -> None:
             logger.propagate = False
 
 
+def reader_closed_early(exc: BrokenPipeError) -> int:
+    """``mmalign --help | head``: the reader closed the pipe. Later writes (and the interpreter's final flush)
+    go to /dev/null, and the exit status is a pipe writer's killed by SIGPIPE (141), as ``yes | head``
+    reports it, instead of a BrokenPipeError traceback."""
+    del exc
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or replaced: nothing left to flush
+        pass
+    return 141
+
+
 def quiet_third_party() -> None:
     """Install the filters above (idempotent)."""
     global _applied

@@ -33,6 +33,18 @@ def test_help_lists_subcommands_and_stays_light():
     assert "EXIT 0" in out.stdout and "HEAVY []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["data", "--help"]])
+def test_help_into_a_closed_pipe_exits_quietly(argv):
+    # `python -m mmalign --help | head -1`: the reader is gone before the help is written
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "mmalign", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_print_config_resolves_interpolation(in_tmp, capsys, data_root):
     with pytest.raises(SystemExit):
         run_cli("fit", "-c", DIGITS, "--print_config")

@@ -130,6 +130,8 @@ def dispatch(argv: list[str]) -> int | None:
     except ToolError as exc:
         sys.stderr.write(f"{name}: error: {exc}\n")
         return 2
+    except BrokenPipeError:  # the reader closed stdout (`| head`): the entry point exits quietly
+        raise
     except (ValueError, OSError) as exc:  # the library's own one-line errors (a bad checkpoint, a full disk)
         sys.stderr.write(f"{name}: error: {type(exc).__name__}: {exc}\n")
         return 1
