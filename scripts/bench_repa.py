@@ -73,10 +73,13 @@ BASELINE = {"dit_repa": "dit_none", "unet_urepa": "unet_none", "unet_cos": "unet
 
 
 class Recorder(pl.Callback):
-    """Step wall times (after warm-up) and every val/fd with its global step."""
+    """Step wall times (after warm-up), every val/fd with its global step, and the alignment terms
+    (``train/loss_cos``, ``train/loss_manifold``: minus the mean cosine and the manifold loss) every ``every`` steps,
+    so a run shows whether its alignment term moved at all."""
 
-    def __init__(self, skip: int = 10) -> None:
-        self.times, self.fd, self.skip, self._t = [], [], skip, 0.0
+    def __init__(self, skip: int = 10, every: int = 25) -> None:
+        self.times, self.fd, self.skip, self._t, self.every = [], [], skip, 0.0, every
+        self.align: dict[str, list] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if torch.cuda.is_available():
@@ -88,6 +91,10 @@ class Recorder(pl.Callback):
             torch.cuda.synchronize()
         if trainer.global_step > self.skip:
             self.times.append(time.perf_counter() - self._t)
+        if trainer.global_step % self.every == 0 or trainer.global_step == 1:
+            for key in ("train/loss_cos", "train/loss_manifold"):
+                if (v := trainer.callback_metrics.get(key)) is not None:
+                    self.align.setdefault(key.split("/")[1], []).append((trainer.global_step, float(v)))
 
     def on_validation_end(self, trainer, pl_module):
         fd = trainer.callback_metrics.get("val/fd")
@@ -288,7 +295,7 @@ def run_arm(name: str, seed: int, args, teacher: dict, probes: dict | None) -> d
     res = {"arm": name, "seed": seed, "fd": rec.fd, "step_s_median": statistics.median(rec.times),
            "wall_s": time.time() - t0, "fd_network": model.fd_network,
            "teacher": getattr(model, "teacher_description", None), "hook": getattr(model, "hook_name", None),
-           "params": sum(p.numel() for p in model.backbone.parameters())}
+           "params": sum(p.numel() for p in model.backbone.parameters()), "align_loss": rec.align}
     if probes is not None:
         from mmalign.repa.probes import probe_report
 

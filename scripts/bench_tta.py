@@ -149,7 +149,8 @@ def run_arms(model, stream, arms, stats, fisher, rounds, guard_spec=None, settin
     t0 = time.time()
     res = run_stream(methods, stream, setting, rounds, max_batches, guards=guards, reference=model.source,
                      baseline=Norm(model.source, model.cfg), fallback=fallback,
-                     small_batch=model.cfg.adapt.small_batch, min_batch=model.cfg.adapt.min_batch)
+                     small_batch=model.cfg.adapt.small_batch, min_batch=model.cfg.adapt.min_batch,
+                     min_class_spread=spec.min_class_spread)
     return {"error_by_round": res.round_errors(), "domain_errors_last": res.domain_errors(rounds - 1),
             "agreement_by_round": res.round_agreement(), "resets": res.resets,
             "fallback_batches": {a: m.fallbacks for a, m in methods.items()},

@@ -14,12 +14,16 @@ from tta_shifts import REPORT_MILD, VAL_MILD, VAL_STRONG, write_shift_folders
 
 COLLAPSE_LR = (100, 1000)  # tent at these multiples of the learning rate: the guard's positive cases
 PRIORS = (0.0, 64.0, 256.0, 1024.0, 2048.0, math.inf)
+#: the class-spread rule's threshold (guard.min_class_spread), fixed before tuning: a batch of 200 over 6 of
+#: 10 classes scores 0.79, a class-balanced batch of 16 or more about 0.93-1.0 (mmalign.tta.guard.class_spread)
+SPREAD = 0.85
 SENSITIVITY_PRIORS = (0.0, 256.0, 1024.0)
 
 
 def prior_grid(model, stream, priors) -> dict:
-    """Error of norm and tent per prior strength N, without and with the guard's source fallback (+fb);
-    one continual round, each N with its own baseline."""
+    """Error of norm and tent per prior strength N, without and with the guard's source fallback (+fb), and
+    with the fallback plus the class-spread rule (+fbs, ``SPREAD``); one continual round, each N with its
+    own baseline. ``fallbacks@N``: the batches the +fbs arms took with the source statistics, of all."""
     from mmalign.tta.methods import Norm, Tent, TTAMethod
     from mmalign.tta.stream import run_stream
 
@@ -31,8 +35,13 @@ def prior_grid(model, stream, priors) -> dict:
         res = run_stream(methods, stream, "continual", 1, reference=model.source, baseline=Norm(model.source, cfg),
                          fallback=["norm+fb", "tent+fb"])
         errs = {a: e[0] for a, e in res.round_errors().items()}
+        spread = {"norm+fbs": Norm(model.source, cfg), "tent+fbs": Tent(model.source, cfg)}
+        res_s = run_stream(spread, stream, "continual", 1, reference=model.source, baseline=Norm(model.source, cfg),
+                           fallback=list(spread), min_class_spread=SPREAD)
+        errs.update({a: e[0] for a, e in res_s.round_errors().items()})
         out["source"] = errs.pop("source")
         out.update({f"{a}@{n:g}": e for a, e in errs.items()})
+        out[f"fallbacks@{n:g}"] = [spread["norm+fbs"].fallbacks, sum(r["n"] > 0 for r in res_s.records) // 2]
     return out
 
 
@@ -97,19 +106,24 @@ def summarise_tuning(runs) -> str:
     def mean(k, arm):
         return sum(r["priors"][k][arm] for r in runs) / len(runs)
 
-    for method in ("norm", "norm+fb", "tent", "tent+fb"):
+    for method in ("norm", "norm+fb", "norm+fbs", "tent", "tent+fb", "tent+fbs"):
         for k in keys:
             lines.append(f"{method + ' ' + k:<24}{mean(k, 'source'):>8.1f}" +
                          "".join(f"{mean(k, f'{method}@{n:g}'):>9.1f}" for n in PRIORS))
     lines.append("\nN: worst mild excess over source (points, mean over seeds, either order) | share of norm@N=0's "
                  "strong gain kept (both orders)")
-    for fb in ("", "+fb"):
+    for fb in ("", "+fb", "+fbs"):
         for n in PRIORS:
             worst = max(mean(k, f"{m}{fb}@{n:g}") - mean(k, "source") for k in keys if k.startswith("mild")
                         for m in ("norm", "tent"))
             gain0 = sum(mean(k, "source") - mean(k, "norm@0") for k in keys if k.startswith("strong"))
             gain = sum(mean(k, "source") - mean(k, f"norm{fb}@{n:g}") for k in keys if k.startswith("strong"))
-            lines.append(f"  norm/tent{fb or '   '} N={n:<6g}: {worst:+.2f} | {100 * gain / gain0:.0f}%")
+            lines.append(f"  norm/tent{fb:<4} N={n:<6g}: {worst:+.2f} | {100 * gain / gain0:.0f}%")
+    lines.append(f"\nclass-spread rule (min_class_spread {SPREAD}): batches taken with the source statistics by the "
+                 "+fbs arms, of all batches (sum over seeds and N)")
+    for k in keys:
+        fb = [sum(r["priors"][k][f"fallbacks@{n:g}"][i] for r in runs for n in PRIORS) for i in (0, 1)]
+        lines.append(f"  {k:<16} {fb[0]} of {fb[1]}")
     for key in ("agreement", "class_gain", "entropy_ratio"):
         pick = min if key != "class_gain" else max
         healthy = [g[key] for r in runs for fam in r["guard"].values() for g in fam.values() if g]

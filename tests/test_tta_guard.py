@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from mmalign.tta.guard import Guard, batch_signals
+from mmalign.tta.guard import Guard, batch_signals, class_spread, uniform_histogram_entropy
 from mmalign.tta.methods import Norm, Tent
 from mmalign.tta.specs import GuardSpec
 from mmalign.tta.stream import UNLABELLED, run_stream
 
-from _tta import conf, tiny_cnn
+from _tta import bn_mlp, conf, tiny_cnn
 
 
 def test_batch_signals_by_hand():
@@ -122,3 +122,60 @@ def test_source_fallback_takes_the_batches_whose_statistics_leave_the_model_less
     assert preds[0]["confidence"] == pytest.approx(preds[1]["confidence"], abs=1e-6)
     sig = res.domain_signals(0)
     assert sig["tent"]["a"]["source_fallback_batches"] + sig["tent"]["b"]["source_fallback_batches"] == sum(expected)
+
+
+def test_class_spread_by_hand():
+    # 4 samples over 2 of 4 classes, evenly: histogram entropy ln 2; a balanced batch of 4 over 4 classes:
+    # the expected entropy of a uniform multinomial histogram, enumerated exactly over all 4^4 label draws
+    import itertools
+
+    def h(labels):
+        q = [labels.count(c) / len(labels) for c in range(4)]
+        return -sum(x * math.log(x) for x in q if x > 0)
+
+    exact = sum(h(list(d)) for d in itertools.product(range(4), repeat=4)) / 4 ** 4
+    assert uniform_histogram_entropy(4, 4, draws=20000) == pytest.approx(exact, rel=0.02)
+    assert class_spread(torch.tensor([0, 0, 1, 1]), 4) == pytest.approx(math.log(2) / exact, rel=0.02)
+    assert class_spread(torch.tensor([3, 3, 3, 3]), 4) == 0.0
+    # a shuffled balanced batch scores about 1, a class-sorted one (3 of 10 classes) far below
+    balanced = torch.randperm(200) % 10
+    assert 0.97 < class_spread(balanced, 10) < 1.03
+    assert class_spread(torch.arange(200) // 67, 10) < 0.5
+
+
+def test_class_spread_rule_falls_back_on_batches_of_few_classes():
+    """With ``min_class_spread`` the adapting methods take a batch with the source statistics when the source
+    model's predictions on it cover few classes, whatever the entropy comparison says; without it they do
+    not. Decided per batch exactly as an independent computation decides it."""
+    model = bn_mlp(d=4, num_classes=4)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        pool = torch.randn(4000, 4) * 1.5
+        pred = model(pool).argmax(-1)
+    assert len(set(pred.tolist())) == 4, "the test needs a source model that predicts every class"
+    # one class of a shrunken domain (a class-sorted folder under a shift): the test-batch statistics make
+    # the model more certain, which the entropy comparison takes for a real shift
+    few = pool[pred == 0] * 0.1
+    stream = RandomStream(labelled=True, batches=6, n=32)
+    for d in stream.domain_names:
+        stream.data[d] = [(few[32 * i:32 * (i + 1)] if (d == "a" and i % 2 == 0) else torch.randn(32, 4) * 1.5, y)
+                          for i, (_, y) in enumerate(stream.data[d])]
+    twin = Norm(model, conf())
+
+    def mean_entropy(logits):
+        p = logits.softmax(-1)
+        return float(-(p * p.log()).sum(-1).mean())
+
+    batches = [x for d in stream.domain_names for x, _ in stream.data[d]]
+    by_entropy = [mean_entropy(twin(x)) > mean_entropy(model(x)) for x in batches]
+    by_spread = [class_spread(model(x).argmax(-1), 4) < 0.5 for x in batches]
+    assert any(s and not e for s, e in zip(by_spread, by_entropy)), "the test needs batches only the rule takes"
+    assert not all(by_spread), "the test needs batches of many classes too"
+    for threshold, expected in ((0.0, by_entropy), (0.5, [e or s for e, s in zip(by_entropy, by_spread)])):
+        tent = Tent(model, conf(lr=0.1))
+        res = run_stream({"source": Norm(model, conf(prior=math.inf)), "tent": tent}, stream, reference=model,
+                         baseline=Norm(model, conf()), fallback=["tent"],
+                         min_class_spread=threshold)
+        assert [r["fallback"] for r in res.records if r["method"] == "tent"] == expected
+    with pytest.raises(ValueError, match="guard.min_class_spread"):
+        GuardSpec(min_class_spread=1.5)

@@ -29,6 +29,36 @@ import torch
 from .specs import GuardSpec
 
 
+_UNIFORM_ENTROPY: dict[tuple[int, int], float] = {}
+
+
+def uniform_histogram_entropy(n: int, c: int, draws: int = 2000) -> float:
+    """Expected entropy of the class histogram of ``n`` labels drawn uniformly from ``c`` classes (Monte
+    Carlo with a fixed generator, cached): what a class-balanced batch of that size shows, below ``ln c``
+    when ``n`` is small."""
+    key = (n, c)
+    if key not in _UNIFORM_ENTROPY:
+        g = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, c, (draws, n), generator=g)
+        counts = torch.zeros(draws, c).scatter_add_(1, labels, torch.ones(draws, n))
+        q = counts / n
+        _UNIFORM_ENTROPY[key] = float(-(q * q.clamp_min(1e-12).log()).sum(-1).mean())
+    return _UNIFORM_ENTROPY[key]
+
+
+def class_spread(pred: torch.Tensor, num_classes: int) -> float:
+    """Entropy of the batch's predicted-class histogram over what a class-balanced batch of the same size
+    would show: about 1 for a shuffled stream of balanced classes, lower when the batch holds a few
+    classes (a class-sorted folder, a label-shifted stream), whose normalisation statistics then carry
+    its labels rather than its domain."""
+    n = len(pred)
+    if n < 2 or num_classes < 2:
+        return 1.0
+    q = torch.bincount(pred, minlength=num_classes).float() / n
+    h = float(-(q * q.clamp_min(1e-12).log()).sum())
+    return h / max(uniform_histogram_entropy(n, num_classes), 1e-12)
+
+
 def batch_signals(p_adapt: torch.Tensor, p_source: torch.Tensor) -> dict[str, float]:
     """The three per-batch signals from the adapted and the reference softmax outputs, shape (B, C)."""
     a, s = p_adapt.argmax(-1), p_source.argmax(-1)

@@ -119,7 +119,8 @@ def adapt(model: TTAModel, datamodule, setting: str = "continual", rounds: int =
     result = run_stream(built, datamodule, setting, rounds, max_batches, device, batch_size=batch_size, log=log,
                         on_predictions=on_predictions, reference=model.source.to(device), baseline=baseline,
                         guards=guards, fallback=fallback,
-                        small_batch=a.small_batch, min_batch=a.min_batch, result=result)
+                        small_batch=a.small_batch, min_batch=a.min_batch, result=result,
+                        min_class_spread=spec.min_class_spread if spec.source_fallback else 0.0)
     return result, built
 
 

@@ -269,7 +269,10 @@ class GuardSpec:
     normalisation (the ``norm`` method) and the source model predict it; when the former is less certain
     (higher mean entropy) than the source, the test-batch statistics are judged misleading (a mild shift,
     or a class-sorted batch whose statistics carry its labels): every adapting method predicts that
-    batch with the source statistics and learns nothing from it. Counted per domain.
+    batch with the source statistics and learns nothing from it. The same happens when the source
+    model's predictions on the batch spread over the classes less than a class-balanced batch of that
+    size would (``class_spread`` below ``min_class_spread``: a class-sorted or label-shifted batch, whose
+    statistics carry its labels). Counted per domain.
 
     Every batch the adapted model is compared with the frozen source model; moving averages (decay
     ``average``) of three signals trip a reset of the parameters, optimiser and norm statistics:
@@ -281,6 +284,8 @@ class GuardSpec:
     Args:
         source_fallback: Fall back to the source statistics on batches where the test-batch statistics
             leave the un-adapted model less certain than the source model.
+        min_class_spread: With ``source_fallback``, also fall back on batches whose source predictions
+            have a class-histogram entropy below this fraction of a class-balanced batch's (0: never).
         reset: Reset on collapse (false: only report the signals).
         min_agreement: Floor of the agreement with the source (fraction of samples).
         max_class_gain: Ceiling of the adapted top-class share minus the source's (fraction).
@@ -290,6 +295,7 @@ class GuardSpec:
     """
 
     source_fallback: bool = True
+    min_class_spread: float = 0.0
     reset: bool = True
     min_agreement: float = 0.5
     max_class_gain: float = 0.3
@@ -298,6 +304,7 @@ class GuardSpec:
     warmup: int = 3
 
     def __post_init__(self) -> None:
+        unit_interval("guard.min_class_spread", self.min_class_spread, closed_top=True)
         unit_interval("guard.min_agreement", self.min_agreement, closed_top=True)
         unit_interval("guard.max_class_gain", self.max_class_gain, closed_top=True)
         positive("guard.min_entropy_ratio", self.min_entropy_ratio, zero=True)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from .domains import UNLABELLED, CorruptionStream, DomainStream, TargetStream  # noqa: F401 (re-exported)
-from .guard import Guard
+from .guard import Guard, class_spread
 from .results import StreamResult
 
 SETTINGS = ("continual", "reset", "episodic")
@@ -50,7 +50,7 @@ def run_stream(methods: dict, stream: DomainStream, setting: str = "continual", 
                batch_size: int | None = None, log=None, on_predictions: Callable[[dict], None] | None = None,
                reference: torch.nn.Module | None = None, baseline=None, guards: dict[str, Guard] | None = None,
                fallback: Sequence[str] = (), small_batch: str = "merge", min_batch: int = 2,
-               result: StreamResult | None = None) -> StreamResult:
+               result: StreamResult | None = None, min_class_spread: float = 0.0) -> StreamResult:
     """Adapt every method of ``methods`` ({name: TTAMethod}) along the stream, in lockstep.
 
     ``setting``: ``continual`` (never reset), ``reset`` (reset at every domain shift) or
@@ -60,7 +60,9 @@ def run_stream(methods: dict, stream: DomainStream, setting: str = "continual", 
     un-adapted model under the methods' normalisation (a ``norm`` method), which the guard compares
     each adapted model with; ``guards``: a ``Guard`` per method, reset on collapse; ``fallback``: the
     methods that take a batch with the source statistics, and do not learn from it, when the baseline
-    is less certain on it than the source model (``guard.source_fallback``).
+    is less certain on it than the source model, or when the source model's predictions spread over the
+    classes less than ``min_class_spread`` of a class-balanced batch's (``guard.source_fallback``,
+    ``guard.min_class_spread``).
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r}; choose one of {list(SETTINGS)}.")
@@ -73,7 +75,8 @@ def run_stream(methods: dict, stream: DomainStream, setting: str = "continual", 
     result = result or StreamResult([], [], rounds, setting)
     result.methods, result.domains, result.rounds, result.setting = list(methods), stream.domain_names, rounds, setting
     result.seconds = {m: 0.0 for m in methods}
-    loop = _Loop(methods, device, reference, baseline, guards or {}, set(fallback), on_predictions, log, result)
+    loop = _Loop(methods, device, reference, baseline, guards or {}, set(fallback), on_predictions, log, result,
+                 min_class_spread)
     try:
         for rnd in range(rounds):
             for domain in stream.domain_names:
@@ -107,8 +110,10 @@ def _softmax(model, images: torch.Tensor) -> torch.Tensor | None:
 class _Loop:
     """One batch for every method: the references first, then each method, then guard and records."""
 
-    def __init__(self, methods, device, reference, baseline, guards, fallback, on_predictions, log, result):
+    def __init__(self, methods, device, reference, baseline, guards, fallback, on_predictions, log, result,
+                 min_class_spread=0.0):
         self.methods, self.device, self.reference, self.baseline = methods, device, reference, baseline
+        self.min_class_spread = min_class_spread
         self.guards, self.fallback, self.on_predictions, self.log = guards, fallback, on_predictions, log
         self.result = result
         self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -140,8 +145,11 @@ class _Loop:
         ref = outputs["source"][0] if "source" in outputs else _softmax(self.reference, images)
         base = _softmax(self.baseline, images)
         # the test-batch statistics are used only when they leave the un-adapted model at most as
-        # uncertain as the source statistics do (on a mild shift or a class-sorted batch they do not)
-        use_source = bool(self.fallback) and float(_entropy(base).mean()) > float(_entropy(ref).mean())
+        # uncertain as the source statistics do (on a mild shift or a class-sorted batch they do not),
+        # and when the batch is not one of a few classes (its statistics would carry its labels)
+        use_source = bool(self.fallback) and (
+            float(_entropy(base).mean()) > float(_entropy(ref).mean())
+            or (self.min_class_spread > 0 and class_spread(ref.argmax(-1), ref.shape[-1]) < self.min_class_spread))
         for name, m in self.methods.items():
             if name != "source":
                 outputs[name] = self._run(name, m, images, labels, labelled, episodic,
