@@ -55,7 +55,8 @@ def sensitivity_seed(seed: int, args) -> dict:
     out["priors"]["mild"] = prior_grid(model, make_stream(model, seed, args, folders=folders, shuffle=False),
                                        SENSITIVITY_PRIORS)
     out["priors"]["severity5"] = prior_grid(model, make_stream(model, seed, args, severity=5), SENSITIVITY_PRIORS)
-    log(f"sensitivity seed {seed}: " + "  ".join(f"{k}: " + " ".join(f"{a} {e:.1f}" for a, e in v.items())
+    log(f"sensitivity seed {seed}: " + "  ".join(f"{k}: " + " ".join(f"{a} {e:.1f}" for a, e in v.items()
+                                                                   if not a.startswith("fallbacks"))
                                                  for k, v in out["priors"].items()))
     return out
 
@@ -77,7 +78,8 @@ def tune_seed(seed: int, args) -> dict:
             key = f"{family}/{order}"
             stream = make_stream(model, seed, args, folders={s: folders[s] for s in shifts}, shuffle=order == "shuffled")
             out["priors"][key] = prior_grid(model, stream, PRIORS)
-            log(f"tune seed {seed} {key}: " + "  ".join(f"{a} {e:.1f}" for a, e in out["priors"][key].items()))
+            log(f"tune seed {seed} {key}: " + "  ".join(f"{a} {e:.1f}" for a, e in out["priors"][key].items()
+                                                         if not a.startswith("fallbacks")))
             if key in ("mild/sorted", "strong/shuffled"):  # the guard on healthy runs: how near each threshold
                 healthy = run_arms(model, stream, DEFAULT_ARMS, stats, fisher, 2, GuardSpec(reset=False))
                 out["guard"][key] = healthy["guard_extremes"]
