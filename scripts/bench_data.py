@@ -8,7 +8,8 @@ ratio ``datamodule / plain`` says what the streaming machinery costs (0 workers)
 
 Each of ``--repeats`` rounds times every reader once, in turn, so load on the machine hits all rows
 alike; the table gives the mean ± 95% interval over the rounds (``benchstats``) of samples/s and of
-the per-round ratio, and whether each reader differs significantly from the plain loop.
+the per-round ratio, and whether each reader differs significantly from the plain loop (paired by
+round: the readers of a round share its load).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--repeats", type=int, default=3, help="timing rounds (>= 3 for an interval)")
+    p.add_argument("--repeats", type=int, default=5, help="timing rounds, fixed before running (>= 3 for an interval)")
     p.add_argument("--out", default="outputs/bench/data.json")
     a = p.parse_args()
     torch.set_num_threads(1)  # decoding is per-process; keep the plain loop on one core like a worker
@@ -82,7 +83,7 @@ def main() -> None:
              "interval": interval(plain), "ratio_vs_plain": [1.0] * len(plain)}]
     for w in a.workers:
         ratios = [x / y for x, y in zip(timings[w], plain)]
-        c = compare(timings[w], plain)
+        c = compare(timings[w], plain, paired=True)  # a round times every reader in turn
         rows.append({"reader": "ImageTextDataModule", "workers": w, "samples_per_s": timings[w],
                      "interval": interval(timings[w]), "ratio_vs_plain": ratios, "ratio_interval": interval(ratios),
                      "vs_plain": {"p": c.p_value, "significant": c.significant, "verdict": c.verdict()}})
