@@ -1,18 +1,7 @@
 import sys
 
-from mmalign.quiet import plain_notices, reader_closed_early
-from mmalign.tools import dispatch
+from mmalign.cli import console_main  # light: Lightning is imported only when a training command needs it
 
-plain_notices()
-
-try:
-    # A tool runs without importing Lightning; the console script (mmalign.cli:console_main) dispatches the same way.
-    if (status := dispatch(sys.argv[1:])) is not None:
-        sys.exit(status)
-
-    from mmalign.cli import exit_fast, main
-
-    main()
-except BrokenPipeError as e:
-    sys.exit(reader_closed_early(e))
-exit_fast(0)  # a finished command: skip the interpreter's teardown (errors and SystemExit never get here)
+# One entry point with the installed ``mmalign`` script: tools are dispatched before Lightning is imported,
+# a finished command skips the interpreter's teardown, a reader closing the pipe ends it quietly.
+sys.exit(console_main())

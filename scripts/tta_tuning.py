@@ -41,7 +41,8 @@ def prior_grid(model, stream, priors) -> dict:
         errs.update({a: e[0] for a, e in res_s.round_errors().items()})
         out["source"] = errs.pop("source")
         out.update({f"{a}@{n:g}": e for a, e in errs.items()})
-        out[f"fallbacks@{n:g}"] = [spread["norm+fbs"].fallbacks, sum(r["n"] > 0 for r in res_s.records) // 2]
+        batches = sum(r["method"] == "norm+fbs" for r in res_s.records)
+        out[f"fallbacks@{n:g}"] = [spread["norm+fbs"].fallbacks, batches]
     return out
 
 
