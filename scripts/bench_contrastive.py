@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import time
 
 import torch
-from benchstats import REPORT_SEEDS, ClaimTable, cell, compare, interval, load_rows
+from benchstats import REPORT_SEEDS, TUNING_SEEDS, ClaimTable, cell, compare, interval, load_rows
 
 MODEL_CFG = {"embed_dim": 128,
              "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32,
@@ -234,16 +235,20 @@ def siglip_exchange(world: int, exchange: str, batch: int, dim: int, iters: int)
 
 # ---- (c) quality ----------------------------------------------------------------------------
 def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str = "minilm", tower: str = "rn",
-            lr: float = 2e-3, bias: float | None = None) -> dict:
+            lr: float = 2e-3, bias: float | None = None, scale: float | None = None, heldout: bool = True) -> dict:
     """Train ``steps`` steps of ``batch`` from seed ``seed``; zero-shot top-1 on val (seen
-    combinations: the tuning split) and heldout (unseen combinations: the reported split)."""
+    combinations: the tuning split) and, unless ``heldout`` is false (tuning runs), on heldout (unseen
+    combinations: the reported split, read once per chosen recipe). ``bias``: SigLIP's initial logit
+    bias; ``scale``: the initial log logit scale (None: the loss's default)."""
     import lightning.pytorch as pl
 
     objective = {"init_logit_bias": bias} if loss == "siglip" and bias is not None else {}
+    if scale is not None:
+        objective["init_logit_scale"] = scale
     module = make_module(loss, seed=seed, text=text, tower=tower, objective=objective,
                          optim={"lr": lr, "weight_decay": 0.1, "warmup_steps": min(50, steps // 5)},
                          eval={"zeroshot_classes": os.path.join(root, "shapes", "classes.json")})
-    dm = datamodule(root, batch, module)
+    dm = datamodule(root, batch, module, split_val=heldout)
     dm.resampled, dm.samples_per_epoch = True, steps * batch  # exactly `steps` steps, whatever the batch
     pl.seed_everything(seed)
     t0 = time.perf_counter()
@@ -251,9 +256,12 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str =
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          logger=False, limit_val_batches=1.0)
     trainer.fit(module, dm)
-    m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    minutes = (time.perf_counter() - t0) / 60
+    # the resampled stream has no end, so fit stops at max_steps without its end-of-epoch validation:
+    # validate the final weights explicitly
+    m = {k: float(v) for res in trainer.validate(module, datamodule=dm, verbose=False) for k, v in res.items()}
     return {"loss": loss, "text": text, "tower": tower, "batch": batch, "steps": steps, "seed": seed, "lr": lr,
-            "bias": bias if loss == "siglip" else None, "minutes": (time.perf_counter() - t0) / 60,
+            "bias": bias if loss == "siglip" else None, "scale": scale, "minutes": minutes,
             "heldout_zeroshot_top1": m.get("heldout/zeroshot_top1"), "val_zeroshot_top1": m.get("val/zeroshot_top1"),
             "heldout_i2t_r1": m.get("heldout/i2t_r1")}
 
@@ -268,40 +276,54 @@ def _cached(rows: list, run, **key):
     return rows[-1]
 
 
+def c_grids(a) -> dict:
+    """Equal grids: each loss gets len(lrs) x 2 cells, lr crossed with its second knob: SigLIP's
+    initial bias (``--c-biases``) and CLIP's initial log logit scale (``--c-scales``)."""
+    return {"clip": [(lr, None, sc) for lr in a.c_lrs for sc in a.c_scales],
+            "siglip": [(lr, b, None) for lr in a.c_lrs for b in a.c_biases]}
+
+
 def siglip_vs_clip(a, rows: list, save) -> dict:
-    """(c): tune lr (and SigLIP's bias init) on val at the tuning batch with seed 0, then run both
-    tuned losses at every batch over the seeds; compare held-out and seen top-1 per batch."""
-    grid = {"clip": [(lr, None) for lr in a.c_lrs],
-            "siglip": [(lr, b) for lr in a.c_lrs for b in a.c_biases]}
-    tuned = {}
-    for loss, cands in grid.items():
-        scored = []
-        for lr, bias in cands:
-            r = _cached(rows, lambda **k: quality(a.root, **k), loss=loss, batch=a.c_tune_batch, steps=a.c_steps,
-                        seed=0, lr=lr, bias=bias, text="minilm", tower="rn")
-            scored.append((r["val_zeroshot_top1"], lr, bias))
-            save()
-        best = max(scored)
-        tuned[loss] = {"lr": best[1], "bias": best[2], "val_top1": best[0],
-                       "grid": [{"lr": lr, "bias": b, "val_top1": v} for v, lr, b in scored]}
-    table = []
+    """(c), under the protocol: at EACH batch size, both losses are tuned on val over grids of equal size
+    (``c_grids``) with the tuning seed (never reported; held-out not evaluated), then the chosen recipe
+    of each runs on the report seeds and is read on held-out once. SigLIP >= CLIP is decided per batch,
+    paired by seed (both arms of a seed share its data order), Holm over the batches."""
+    grids = c_grids(a)
+    assert len(grids["clip"]) == len(grids["siglip"]), "unequal tuning grids"
+    tuned, table = {}, []
+    claims = ClaimTable()
     for batch in a.c_batches:
-        per = {}
-        for loss in ("clip", "siglip"):
+        tuned[batch], per = {}, {}
+        for loss, cands in grids.items():
+            scored = []
+            for lr, bias, scale in cands:
+                r = _cached(rows, lambda **k: quality(a.root, **k), loss=loss, batch=batch, steps=a.c_steps,
+                            seed=a.c_tune_seed, lr=lr, bias=bias, scale=scale, text="minilm", tower="rn",
+                            heldout=False)
+                scored.append((r["val_zeroshot_top1"], lr, bias, scale))
+                save()
+            best = max(scored, key=lambda x: x[0])  # ties: the first cell in grid order
+            tuned[batch][loss] = {"lr": best[1], "bias": best[2], "scale": best[3], "val_top1": best[0],
+                                  "grid": [{"lr": lr, "bias": b, "scale": sc, "val_top1": v} for v, lr, b, sc in scored]}
+            t = tuned[batch][loss]
             per[loss] = [_cached(rows, lambda **k: quality(a.root, **k), loss=loss, batch=batch, steps=a.c_steps,
-                                 seed=seed, lr=tuned[loss]["lr"], bias=tuned[loss]["bias"], text="minilm", tower="rn")
-                         for seed in a.c_seeds]
+                                 seed=seed, lr=t["lr"], bias=t["bias"], scale=t["scale"], text="minilm", tower="rn",
+                                 heldout=True) for seed in a.c_seeds]
             save()
         row = {"batch": batch}
         for split in ("heldout", "val"):
             vals = {loss: [r[f"{split}_zeroshot_top1"] for r in per[loss]] for loss in per}
-            c = compare(vals["siglip"], vals["clip"])
             row[split] = {"clip": interval(vals["clip"]), "siglip": interval(vals["siglip"]),
-                          "siglip_minus_clip": c.diff, "p": c.p_value, "significant": c.significant,
-                          "holds": bool(c.diff >= 0 or not c.significant),
-                          "verdict": c.verdict(names=("SigLIP", "CLIP"))}
+                          "siglip_minus_clip": interval(vals["siglip"]).mean - interval(vals["clip"]).mean}
+        claims.better(f"SigLIP > CLIP held-out, batch {batch}",
+                      [r["heldout_zeroshot_top1"] for r in per["siglip"]],
+                      [r["heldout_zeroshot_top1"] for r in per["clip"]], paired=True)
         table.append(row)
-    return {"tuned": tuned, "steps": a.c_steps, "seeds": a.c_seeds, "table": table}
+    decided = claims.decide()
+    for row, d in zip(table, decided):
+        row["claim"] = d
+    return {"tuned": tuned, "steps": a.c_steps, "seeds": a.c_seeds, "tune_seed": a.c_tune_seed, "table": table,
+            "claims": decided}
 
 
 def text_tower(a, rows: list, save) -> dict:
@@ -345,10 +367,12 @@ def main() -> None:
     p.add_argument("--b-dim", type=int, default=256)
     p.add_argument("--c-batches", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--c-steps", type=int, default=300)
-    p.add_argument("--c-seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of parts c and d")
-    p.add_argument("--c-tune-batch", type=int, default=64, help="batch at which lr / bias are tuned (seed 0, val)")
-    p.add_argument("--c-lrs", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
+    p.add_argument("--c-seeds", type=int, nargs="+", default=list(REPORT_SEEDS), help="reported seeds of parts c and d")
+    p.add_argument("--c-tune-seed", type=int, default=TUNING_SEEDS[0], help="seed of part c's tuning runs (never reported)")
+    p.add_argument("--c-lrs", type=float, nargs="+", default=[1e-3, 2e-3])
     p.add_argument("--c-biases", type=float, nargs="+", default=[-10.0, -5.0], help="SigLIP bias inits tried")
+    p.add_argument("--c-scales", type=float, nargs="+", default=[math.log(1 / 0.07), math.log(10.0)],
+                   help="CLIP initial log logit scales tried (as many as --c-biases: equal grids)")
     p.add_argument("--d-batch", type=int, default=128)
     p.add_argument("--d-steps", type=int, default=300)
     p.add_argument("--d-lr", type=float, default=2e-3)
@@ -416,16 +440,20 @@ def main() -> None:
         rows = result.setdefault("runs", [])
         res = siglip_vs_clip(a, rows, save)
         result["c_siglip_vs_clip"] = res
-        t = res["tuned"]
-        print(f"\n(c) SigLIP vs CLIP, ResNet + locked MiniLM, {a.c_steps} steps, mean ± 95% interval over seeds "
-              f"{a.c_seeds}; tuned on val at batch {a.c_tune_batch}: CLIP lr {t['clip']['lr']:g}, "
-              f"SigLIP lr {t['siglip']['lr']:g} bias {t['siglip']['bias']:g}")
-        print(f"  {'batch':>5} {'CLIP held-out':>14} {'SigLIP held-out':>16} {'CLIP seen':>12} {'SigLIP seen':>12}  sigmoid >= softmax?")
+        print(f"\n(c) SigLIP vs CLIP, ResNet + locked MiniLM, {a.c_steps} steps; each loss tuned on val at each "
+              f"batch with seed {a.c_tune_seed} over {len(c_grids(a)['clip'])} cells; held-out mean ± 95% interval "
+              f"over seeds {a.c_seeds}, paired by seed, Holm over the batches")
+        print(f"  {'batch':>5} {'CLIP recipe':>22} {'SigLIP recipe':>22} {'CLIP held-out':>14} {'SigLIP held-out':>16} "
+              f"{'CLIP seen':>10} {'SigLIP seen':>12}  verdict")
+        fmt = lambda i: f"{100 * i.mean:.1f} ± {100 * i.half_width:.1f}"
         for r in res["table"]:
+            t = res["tuned"][r["batch"]]
+            rc = f"lr {t['clip']['lr']:g} scale {math.exp(t['clip']['scale']):.3g}"
+            rs = f"lr {t['siglip']['lr']:g} bias {t['siglip']['bias']:g}"
             h, v = r["heldout"], r["val"]
-            fmt = lambda i: f"{100 * i.mean:.1f} ± {100 * i.half_width:.1f}"
-            print(f"  {r['batch']:>5} {fmt(h['clip']):>14} {fmt(h['siglip']):>16} {fmt(v['clip']):>12} "
-                  f"{fmt(v['siglip']):>12}  held-out: {h['verdict']}; seen: {v['verdict']}")
+            print(f"  {r['batch']:>5} {rc:>22} {rs:>22} {fmt(h['clip']):>14} {fmt(h['siglip']):>16} {fmt(v['clip']):>10} "
+                  f"{fmt(v['siglip']):>12}  {r['claim']['verdict']} (diff {100 * r['claim']['diff']:+.1f}, "
+                  f"Holm p {r['claim']['p_holm']:.3g})")
         save()
     if "d" in a.parts:
         rows = result.setdefault("runs", [])
