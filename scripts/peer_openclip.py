@@ -74,7 +74,13 @@ def recipe(config: str, data_root: str) -> dict:
     stream = d.get("stream") or {}
     sizes = json.load(open(os.path.join(data_root, "shapes", "train", "sizes.json")))
     batch = int(stream.get("batch_size", 64))
-    return {"model": m["model"], "optim": m.get("optim") or {}, "batch": batch, "n_train": sum(sizes.values()),
+    overrides = []
+    for key in ("image_tower_checkpoint", "init_checkpoint"):  # relative to where the user runs fit: here, ROOT
+        if m["model"].get(key) and not os.path.isabs(m["model"][key]):
+            m["model"][key] = os.path.join(ROOT, m["model"][key])
+            overrides.append(f"--model.init_args.model.{key}={m['model'][key]}")
+    return {"model": m["model"], "lock": m.get("lock") or {}, "optim": m.get("optim") or {}, "batch": batch,
+            "n_train": sum(sizes.values()), "mmalign_overrides": overrides,
             "shards": sorted(sizes), "epochs": int(cfg["trainer"]["max_epochs"]),
             "precision": cfg["trainer"].get("precision", "32-true"),
             "steps_per_epoch": sum(sizes.values()) // batch}  # mmalign: drop_last, one rank
@@ -120,12 +126,54 @@ def openclip_command(rec: dict, data_root: str, seed: int, workers: int, run_dir
         argv += ["--precision", precision]
     if "scale" in aug:
         argv += ["--aug-cfg", f"scale=({aug['scale'][0]}, {aug['scale'][1]})"]
+    model_cfg, extra_init = openclip_model(rec, cfg_dir, seed)
     cfg_path = os.path.join(cfg_dir, f"{name}.json")
     if model_cfg:
         json.dump(model_cfg, open(cfg_path, "w"))
     code = ("import sys, open_clip\n" + (f"open_clip.add_model_config({cfg_path!r})\n" if model_cfg else "")
             + "from open_clip_train.main import main\nmain(sys.argv[1:])\n")
-    return [sys.executable, "-c", code, *argv, *extra]
+    return [sys.executable, "-c", code, *argv, *extra_init, *extra]
+
+
+def openclip_model(rec: dict, cfg_dir: str, seed: int) -> tuple[dict | None, list[str]]:
+    """The model config open_clip_train registers, and the options that give it mmalign's starting point.
+
+    * ``pkg:NAME`` text towers become the folder the package ships (open_clip reads HF folders as they are);
+    * ``image_tower_checkpoint`` / ``init_checkpoint`` (mmalign-only keys): mmalign's model is built from the
+      config here, exactly as ``fit`` builds it (ImageNet trunk loaded, pretrained text tower, random
+      projections drawn under ``seed``), and its weights are saved as one open_clip checkpoint passed as
+      ``--pretrained``; ``pretrained`` (an open_clip tag or file) is passed through;
+    * ``lock.text`` -> ``--lock-text --lock-text-unlocked-layers N --lock-text-freeze-layer-norm`` (mmalign's
+      lock freezes the tower's LayerNorms too); ``lock.image`` -> ``--lock-image`` with its groups.
+    mmalign-only speed options (the locked tower's feature cache, channels-last) have no open_clip_train
+    flag: they are what the comparison measures, and the docs say so."""
+    net, lock = rec["model"], rec.get("lock") or {}
+    model_cfg, extra = net.get("cfg"), []
+    if model_cfg:
+        from mmalign.models.open_clip_models import resolve_text_paths
+
+        model_cfg = resolve_text_paths(model_cfg)
+    if net.get("image_tower_checkpoint") or net.get("init_checkpoint"):
+        import torch
+
+        from mmalign.contrastive import CLIP
+
+        torch.manual_seed(seed)
+        spec = {k: v for k, v in net.items() if k not in ("channels_last", "compile")}
+        model = CLIP(model=spec).model
+        path = os.path.join(cfg_dir, "init.pt")
+        torch.save({"state_dict": {k: v.contiguous() for k, v in model.state_dict().items()}}, path)
+        extra += ["--pretrained", path]
+    elif net.get("pretrained"):
+        extra += ["--pretrained", str(net["pretrained"])]
+    if lock.get("text"):
+        extra += ["--lock-text", "--lock-text-unlocked-layers", str(int(lock.get("text_unlocked_layers", 0))),
+                  "--lock-text-freeze-layer-norm"]
+    if lock.get("image"):
+        extra += ["--lock-image", "--lock-image-unlocked-groups", str(int(lock.get("image_unlocked_groups", 0)))]
+        if lock.get("image_freeze_bn_stats"):
+            extra.append("--lock-image-freeze-bn-stats")
+    return model_cfg, extra
 
 
 def peer_env(data_root: str, threads: int, deps: str | None = None) -> dict:
@@ -213,7 +261,8 @@ def _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, tag
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         cap = (f"--data.init_args.shards.samples_per_epoch={steps_per_epoch * rec['batch']}",) if short else ()
-        mm_cmd = mmalign_command(config, seed, workers, mm_dir, epochs=epochs, precision=mm_prec, extra=cap)
+        mm_cmd = mmalign_command(config, seed, workers, mm_dir, epochs=epochs, precision=mm_prec,
+                                 extra=(*rec["mmalign_overrides"], *cap))
         oc_cmd = openclip_command(rec, data_root, seed, workers, oc_dir, tmp, epochs, steps_per_epoch, oc_prec)
         for who in order:
             if who == "mmalign":
