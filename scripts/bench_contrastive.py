@@ -261,7 +261,7 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str =
     # validate the final weights explicitly
     m = {k: float(v) for res in trainer.validate(module, datamodule=dm, verbose=False) for k, v in res.items()}
     return {"loss": loss, "text": text, "tower": tower, "batch": batch, "steps": steps, "seed": seed, "lr": lr,
-            "bias": bias if loss == "siglip" else None, "scale": scale, "minutes": minutes,
+            "bias": bias if loss == "siglip" else None, "scale": scale, "heldout": heldout, "minutes": minutes,
             "heldout_zeroshot_top1": m.get("heldout/zeroshot_top1"), "val_zeroshot_top1": m.get("val/zeroshot_top1"),
             "heldout_i2t_r1": m.get("heldout/i2t_r1")}
 
