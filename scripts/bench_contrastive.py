@@ -71,13 +71,16 @@ def make_module(loss: str, seed: int = 0, text: str = "scratch", tower: str = "v
     return module
 
 
-def datamodule(root: str, batch: int, module, split_val: bool = True):
+def datamodule(root: str, batch: int, module, split_val: bool = True, steps: int | None = None):
+    """The shapes datamodule; with ``steps``, a resampled stream of exactly ``steps`` batches per epoch."""
     from datamodules import ImageTextDataModule
 
-    return ImageTextDataModule(shards={"data_root": root, "train": "shapes/train", "val": "shapes/val",
-                                       "extra_val": {"heldout": "shapes/heldout"} if split_val else None},
-                               stream={"batch_size": batch, "num_workers": 1}, generate="shapes",
-                               preprocess=module.preprocess)
+    shards = {"data_root": root, "train": "shapes/train", "val": "shapes/val",
+              "extra_val": {"heldout": "shapes/heldout"} if split_val else None}
+    stream = {"batch_size": batch, "num_workers": 1}
+    if steps is not None:
+        shards["samples_per_epoch"], stream["resampled"] = steps * batch, True
+    return ImageTextDataModule(shards=shards, stream=stream, generate="shapes", preprocess=module.preprocess)
 
 
 # ---- (a) throughput -------------------------------------------------------------------------
@@ -248,8 +251,7 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str =
     module = make_module(loss, seed=seed, text=text, tower=tower, objective=objective,
                          optim={"lr": lr, "weight_decay": 0.1, "warmup_steps": min(50, steps // 5)},
                          eval={"zeroshot_classes": os.path.join(root, "shapes", "classes.json")})
-    dm = datamodule(root, batch, module, split_val=heldout)
-    dm.resampled, dm.samples_per_epoch = True, steps * batch  # exactly `steps` steps, whatever the batch
+    dm = datamodule(root, batch, module, split_val=heldout, steps=steps)  # exactly `steps` steps, whatever the batch
     pl.seed_everything(seed)
     t0 = time.perf_counter()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, enable_checkpointing=False,
@@ -257,6 +259,8 @@ def quality(root: str, loss: str, batch: int, steps: int, seed: int, text: str =
                          logger=False, limit_val_batches=1.0)
     trainer.fit(module, dm)
     minutes = (time.perf_counter() - t0) / 60
+    if trainer.global_step != steps:  # equal steps is the comparison: a shorter run compares nothing
+        raise RuntimeError(f"{loss} batch {batch} seed {seed}: trained {trainer.global_step} steps, not {steps}")
     # the resampled stream has no end, so fit stops at max_steps without its end-of-epoch validation:
     # validate the final weights explicitly
     m = {k: float(v) for res in trainer.validate(module, datamodule=dm, verbose=False) for k, v in res.items()}
