@@ -292,8 +292,7 @@ def siglip_vs_clip(a, rows: list, save) -> dict:
     (``c_grids``) with the tuning seed (never reported; held-out not evaluated), then the chosen recipe
     of each runs on the report seeds and is read on held-out once. SigLIP >= CLIP is decided per batch,
     paired by seed (both arms of a seed share its data order), Holm over the batches."""
-    grids = c_grids(a)
-    assert len(grids["clip"]) == len(grids["siglip"]), "unequal tuning grids"
+    grids = c_grids(a)  # equal sizes: main refuses --c-scales and --c-biases of different lengths
     tuned, table = {}, []
     claims = ClaimTable()
     for batch in a.c_batches:
@@ -316,9 +315,8 @@ def siglip_vs_clip(a, rows: list, save) -> dict:
             save()
         row = {"batch": batch}
         for split in ("heldout", "val"):
-            vals = {loss: [r[f"{split}_zeroshot_top1"] for r in per[loss]] for loss in per}
-            row[split] = {"clip": interval(vals["clip"]), "siglip": interval(vals["siglip"]),
-                          "siglip_minus_clip": interval(vals["siglip"]).mean - interval(vals["clip"]).mean}
+            ci = {loss: interval([r[f"{split}_zeroshot_top1"] for r in per[loss]]) for loss in per}
+            row[split] = {**ci, "siglip_minus_clip": ci["siglip"].mean - ci["clip"].mean}
         claims.better(f"SigLIP > CLIP held-out, batch {batch}",
                       [r["heldout_zeroshot_top1"] for r in per["siglip"]],
                       [r["heldout_zeroshot_top1"] for r in per["clip"]], paired=True)
@@ -393,6 +391,9 @@ def main() -> None:
                    help="earlier --parts peer outputs whose runs join this summary (add seeds without re-running)")
     p.add_argument("--out", default="outputs/bench/contrastive.json")
     a = p.parse_args()
+    if len(a.c_scales) != len(a.c_biases):
+        p.error(f"--c-scales ({len(a.c_scales)}) and --c-biases ({len(a.c_biases)}) need as many values each: "
+                "part c compares the losses on tuning grids of equal size")
     if "peer" in a.parts and not a.peer_deps:
         p.error("--parts peer needs --peer-deps (see the module docstring)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -110,10 +110,12 @@ def mmalign_command(config: str, seed: int, workers: int, run_dir: str, epochs: 
 
 
 def openclip_command(rec: dict, data_root: str, seed: int, workers: int, run_dir: str, cfg_dir: str,
-                     epochs: int, steps_per_epoch: int, precision: str | None = None, extra: tuple = ()) -> list[str]:
-    """``open_clip_train.main`` with the recipe of ``rec`` for ``epochs`` epochs of ``steps_per_epoch`` batches."""
+                     epochs: int, steps_per_epoch: int, precision: str | None = None, extra: tuple = (),
+                     model: tuple | None = None) -> list[str]:
+    """``open_clip_train.main`` with the recipe of ``rec`` for ``epochs`` epochs of ``steps_per_epoch`` batches.
+    ``model``: ``openclip_model(rec, cfg_dir, seed)`` when the caller already made it (built here otherwise)."""
     net, opt = rec["model"], rec["optim"]
-    name, model_cfg = net["name"], net.get("cfg")
+    name = net["name"]
     aug = net.get("augment") or {}
     argv = ["--train-data", os.path.join(data_root, "shapes", "train", "{" + ",".join(rec["shards"]) + "}"),
             "--train-num-samples", str(steps_per_epoch * rec["batch"]), "--dataset-type", "webdataset",
@@ -126,7 +128,7 @@ def openclip_command(rec: dict, data_root: str, seed: int, workers: int, run_dir
         argv += ["--precision", precision]
     if "scale" in aug:
         argv += ["--aug-cfg", f"scale=({aug['scale'][0]}, {aug['scale'][1]})"]
-    model_cfg, extra_init = openclip_model(rec, cfg_dir, seed)
+    model_cfg, extra_init = model or openclip_model(rec, cfg_dir, seed)
     cfg_path = os.path.join(cfg_dir, f"{name}.json")
     if model_cfg:
         json.dump(model_cfg, open(cfg_path, "w"))
@@ -248,7 +250,7 @@ def _zeroshot(weights_arg: list[str], model_args: list[str], data_root: str, spl
 
 
 def _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, tag, epochs, steps_per_epoch,
-          short, arm, order) -> dict:
+          short, arm, order, cfg_dir, oc_model) -> dict:
     """One mmalign run and one open_clip run of ``epochs`` x ``steps_per_epoch`` steps; wall times and the
     checked step counts. ``short``: both run WHOLE epochs of ``steps_per_epoch`` batches (mmalign through
     ``shards.samples_per_epoch``), so neither pays for stopping its loader workers mid-epoch."""
@@ -259,16 +261,16 @@ def _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, tag
     for stale in (mm_dir, oc_dir):
         shutil.rmtree(stale, ignore_errors=True)
     seconds = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        cap = (f"--data.init_args.shards.samples_per_epoch={steps_per_epoch * rec['batch']}",) if short else ()
-        mm_cmd = mmalign_command(config, seed, workers, mm_dir, epochs=epochs, precision=mm_prec,
-                                 extra=(*rec["mmalign_overrides"], *cap))
-        oc_cmd = openclip_command(rec, data_root, seed, workers, oc_dir, tmp, epochs, steps_per_epoch, oc_prec)
-        for who in order:
-            if who == "mmalign":
-                seconds[who] = _run(mm_cmd, env, workdir, mm_dir + ".log")
-            else:
-                seconds[who] = _run(oc_cmd, oc_env, workdir, oc_dir + ".log")
+    cap = (f"--data.init_args.shards.samples_per_epoch={steps_per_epoch * rec['batch']}",) if short else ()
+    mm_cmd = mmalign_command(config, seed, workers, mm_dir, epochs=epochs, precision=mm_prec,
+                             extra=(*rec["mmalign_overrides"], *cap))
+    oc_cmd = openclip_command(rec, data_root, seed, workers, oc_dir, cfg_dir, epochs, steps_per_epoch, oc_prec,
+                              model=oc_model)
+    for who in order:
+        if who == "mmalign":
+            seconds[who] = _run(mm_cmd, env, workdir, mm_dir + ".log")
+        else:
+            seconds[who] = _run(oc_cmd, oc_env, workdir, oc_dir + ".log")
     expected = epochs * steps_per_epoch
     mm, oc = mmalign_steps(mm_dir), openclip_steps(oc_dir, oc_dir + ".log", epochs, rec["batch"])
     check_equal_work(mm, oc, expected)
@@ -291,16 +293,19 @@ def peer_run(config: str, data_root: str, deps: str, seed: int, workers: int, th
     os.makedirs(workdir, exist_ok=True)
     # alternate which runs first, so a slow drift of the machine's load does not favour one side
     order = ["mmalign", "open_clip"] if seed % 2 == 0 else ["open_clip", "mmalign"]
-    long = _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, f"{arm}-{seed}", epochs, spe,
-                 False, arm, order)
+    with tempfile.TemporaryDirectory() as cfg_dir:
+        # open_clip's model config and starting weights: built once for the seed, used by its long and short run
+        oc_model = openclip_model(rec, cfg_dir, seed)
+        long = _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, f"{arm}-{seed}", epochs, spe,
+                     False, arm, order, cfg_dir, oc_model)
+        short = None
+        if short_steps:
+            # both: one whole epoch of n batches (n a multiple of the workers, as open_clip rounds up to one)
+            n = max(workers, short_steps - short_steps % max(1, workers))
+            short = _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, f"{arm}-{seed}-short", 1,
+                          n, True, arm, order[::-1], cfg_dir, oc_model)
     row = {"seed": seed, "arm": arm, "steps": long["steps"], "batch": rec["batch"], "epochs": epochs,
            "workers": workers, "threads": threads, "order": order}
-    short = None
-    if short_steps:
-        # both: one whole epoch of n batches (n a multiple of the workers, as open_clip rounds up to one)
-        n = max(workers, short_steps - short_steps % max(1, workers))
-        short = _pair(rec, config, data_root, deps, seed, workers, env, oc_env, workdir, f"{arm}-{seed}-short", 1, n,
-                      True, arm, order[::-1])
     net = rec["model"]
     model_args = [f"--model.init_args.model.name={net['name']}"] + (
         [f"--model.init_args.model.cfg={json.dumps(net['cfg'])}"] if net.get("cfg") else [])
