@@ -112,11 +112,15 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=276, help="steps per run (default: the config's 6 epochs of 46)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="the lr grid of every arm")
+    p.add_argument("--tuning-seeds", type=int, default=len(TUNING_SEEDS),
+                   help=f"how many of the tuning seeds {list(TUNING_SEEDS)} each grid cell is run on (fix it before running)")
     p.add_argument("--out", default="outputs/bench/bench_recipes.json")
     p.add_argument("--smoke", action="store_true", help="2 steps, batch 8, 2 seeds, tiny generated data: "
                                                         "checks the script end to end, decides nothing")
     a = p.parse_args(argv)
-    tuning, report = TUNING_SEEDS, REPORT_SEEDS
+    if not 1 <= a.tuning_seeds <= len(TUNING_SEEDS):
+        p.error(f"--tuning-seeds must be 1 to {len(TUNING_SEEDS)}")
+    tuning, report = TUNING_SEEDS[:a.tuning_seeds], REPORT_SEEDS
     if not a.smoke:
         a.root = a.root or os.environ.get("MMALIGN_DATA", "data")
     if a.smoke:
@@ -133,7 +137,11 @@ def main(argv=None) -> dict:
                 "batch": a.batch, "tuning_seeds": list(tuning), "report_seeds": list(report), "smoke": a.smoke,
                 "runs": rows, **(extra or {})}
 
-    fn = lambda **k: run(a.root, smoke=a.smoke, **k)  # noqa: E731
+    def fn(**k) -> dict:  # one run; the rows so far are saved after it, so an interrupted benchmark resumes
+        row = run(a.root, smoke=a.smoke, **k)
+        save(a.out, payload({"runs": rows + [row]}))
+        return row
+
     tuned = {}
     for arm in ARMS:  # tuning: val only, TUNING_SEEDS only
         scores = []

@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchstats import against, cell, compare, load_rows, save  # noqa: E402
+from benchstats import ClaimTable, against, cell, compare, load_rows, save  # noqa: E402
 
 ARMS = {
     "contrastive": dict(contrastive_weight=1.0, ctc_weight=0.0, consistency_weight=0.0),
@@ -94,8 +94,11 @@ QUESTIONS = [("contrastive+ctc", "contrastive", "speech2text_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "text2speech_r1", "higher"),
              ("contrastive+ctc+sdtw", "contrastive+ctc", "wer", "lower")]
 TARGETS = [("speech2text_r1", 0.9, "higher"), ("text2speech_r1", 0.9, "higher"), ("wer", 0.3, "lower")]
+# the claim table decided under the protocol (paired over shared seeds, Holm across its rows): the targets
+# of the CTC recipe on test, and whether each consistency term run helps it on test
+CLAIM_BASE = "contrastive+ctc"
 # what must agree before --merge joins earlier seeds to this run's
-RECIPE = ("num_train", "num_test", "num_val", "steps", "batch_size", "d_model", "speech_layers", "text_layers",
+RECIPE = ("data_seed", "num_train", "num_test", "num_val", "steps", "batch_size", "d_model", "speech_layers", "text_layers",
           "shared_layers", "block", "lr")
 
 
@@ -112,7 +115,8 @@ def table(rows: list[dict]) -> str:
 
 
 def verdicts(rows: list[dict]) -> dict:
-    """Welch's tests between arms (QUESTIONS) and the issue's targets (TARGETS) per arm."""
+    """Descriptive: Welch's tests between arms (QUESTIONS, test and val) and the targets (TARGETS) per arm,
+    uncorrected. The verdicts reported under the protocol come from ``claims``."""
     by = {}
     for r in rows:
         by.setdefault(r["arm"], []).append(r)
@@ -132,6 +136,31 @@ def verdicts(rows: list[dict]) -> dict:
     return out
 
 
+def claims(rows: list[dict]) -> list[dict]:
+    """The protocol's claim table: targets of the CTC arm and each consistency arm against it, on the test
+    split, paired over the seeds both arms ran (a seed missing from one arm stops it), Holm over the rows."""
+    by: dict = {}
+    for r in rows:
+        by.setdefault(r["arm"], {})[r["seed"]] = r
+    if CLAIM_BASE not in by:
+        return []
+    base = by[CLAIM_BASE]
+    seeds = sorted(base)
+    t = ClaimTable()
+    for metric, target, better in TARGETS:
+        t.target(f"{CLAIM_BASE}: test {metric} {'>=' if better == 'higher' else '<='} {target}",
+                 [base[s][metric] for s in seeds], target, better)
+    for a, b, metric, better in QUESTIONS:
+        if b != CLAIM_BASE or a not in by:
+            continue
+        if sorted(by[a]) != seeds:
+            raise SystemExit(f"arm {a} ran seeds {sorted(by[a])} but {CLAIM_BASE} ran {seeds}: run the same seeds "
+                             "for both (--seeds) so the comparison is paired")
+        t.better(f"{a} beats {b}: test {metric}", [by[a][s][metric] for s in seeds],
+                 [base[s][metric] for s in seeds], higher_is_better=better == "higher", paired=True)
+    return t.print("claims (test split, paired, Holm)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.path.join(os.environ.get("MMALIGN_DATA", "data"), "spoken"),
@@ -140,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-test", type=int, default=100, help="held-out-voice/text clips when generating")
     p.add_argument("--num-val", type=int, default=0,
                    help="validation clips when generating (own held-out voices and texts; 0: no val split)")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the generated data (voices, texts, split) when generating; a new seed is a fresh draw")
     p.add_argument("--arms", default="contrastive,contrastive+ctc,contrastive+ctc+dtw",
                    help=f"comma-separated subset of {list(ARMS)}")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per arm")
@@ -167,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = ensure_data(args.data, args.num_train, args.num_test, seed=0, num_val=args.num_val)  # one dataset; seeds vary the runs
+    info = ensure_data(args.data, args.num_train, args.num_test, seed=args.data_seed, num_val=args.num_val)  # one dataset; seeds vary the runs
     print(f"data {args.data}: {info['splits']}", flush=True)
     rows = load_rows(args.merge, "rows", match={k: getattr(args, k) for k in RECIPE})
     done = {(r["seed"], r["arm"]) for r in rows}
@@ -187,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {k}: {c['diff']:+.3f}, {c['verdict']}")
     for k, t in v["targets"].items():
         print(f"  target {k}: {t.verdict}")
-    result = {"config": vars(args), "data": info.get("splits"), "rows": rows, **v}
+    result = {"config": vars(args), "data": info.get("splits"), "rows": rows, **v, "claims": claims(rows)}
     if args.out:
         save(args.out, result)
     return result
