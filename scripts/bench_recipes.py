@@ -149,11 +149,9 @@ def main(argv=None) -> dict:
             vals = [_cached(rows, fn, arm=arm, seed=s, lr=lr, heldout=False, **common)["val_zeroshot_top1"]
                     for s in tuning]
             scores.append((sum(vals) / len(vals), lr))
-            save(a.out, payload())
         tuned[arm] = {"lr": max(scores)[1], "grid": [{"lr": lr, "val_top1": v} for v, lr in scores]}
     final = {arm: [_cached(rows, fn, arm=arm, seed=s, lr=tuned[arm]["lr"], heldout=True, **common) for s in report]
              for arm in ARMS}
-    save(a.out, payload({"tuned": tuned}))
 
     print(f"\nfrom-scratch CLIP config, {a.steps} steps x batch {a.batch}, {len(report)} seeds "
           f"(lr per arm tuned on val over seeds {list(tuning)})")
